@@ -1,0 +1,71 @@
+"""Assembles one tick's Readings from sysfs, /proc and the VM collector.
+
+Failure policy, explicit: KSM sysfs or /proc/meminfo unreadable -> the tick is skipped
+(CollectionFailed; the policy cannot decide without them). PSI, ksmd CPU, per-VM data
+and mergeable memory are optional: a failure leaves that part None and is recorded in
+Readings.errors, so the exporter counts it and drops only those series.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, List, Optional, Tuple
+
+from ..errors import KsmctlError, ReadError
+from ..readings import Readings
+from .procfs import ProcFs
+from .sysfs import KsmSysfs
+
+log = logging.getLogger("ksmctl.collect")
+
+
+class CollectionFailed(KsmctlError):
+    """A reading the policy cannot do without failed: skip this tick."""
+
+    def __init__(self, source: str, message: str) -> None:
+        super().__init__(message)
+        self.source = source
+
+
+class HostCollector:
+    def __init__(self, sysfs: KsmSysfs, procfs: ProcFs, vms: Optional[object] = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 track_mergeable: bool = True) -> None:
+        self.sysfs = sysfs
+        self.procfs = procfs
+        self.vms = vms  # anything with .collect() -> Tuple[VmReading, ...]
+        self.clock = clock
+        self.wall = wall
+        self.track_mergeable = track_mergeable
+        self.merge_potential: Optional[int] = None  # set by the periodic estimator
+
+    def collect(self) -> Readings:
+        errors: List[Tuple[str, str]] = []
+        try:
+            ksm = self.sysfs.read()
+        except KsmctlError as e:
+            raise CollectionFailed("sysfs", e.message) from None
+        for name, why in ksm.unreadable.items():
+            errors.append(("sysfs", why))
+        try:
+            meminfo = self.procfs.meminfo()
+        except ReadError as e:
+            raise CollectionFailed("proc", e.message) from None
+        psi = self._optional("proc", self.procfs.psi, errors)
+        cpu = self._optional("proc", self.procfs.ksmd_cpu_seconds, errors)
+        vms = self._optional("libvirt", self.vms.collect, errors) if self.vms is not None else ()
+        mergeable = self._optional("proc", self.procfs.mergeable_rss, errors) if self.track_mergeable else None
+        return Readings(monotonic=self.clock(), wall=self.wall(), ksm=ksm, meminfo=meminfo, psi=psi,
+                        ksmd_cpu_seconds=cpu, vms=tuple(vms) if vms is not None else None,
+                        mergeable_rss=mergeable, merge_potential=self.merge_potential,
+                        errors=tuple(errors))
+
+    @staticmethod
+    def _optional(source: str, fn: Callable[[], object], errors: List[Tuple[str, str]]):
+        try:
+            return fn()
+        except KsmctlError as e:
+            errors.append((source, e.message))
+        except OSError as e:
+            errors.append((source, "%s: %s" % (getattr(e, "filename", "") or source, e.strerror or e)))
+        return None

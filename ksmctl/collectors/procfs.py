@@ -1,0 +1,183 @@
+"""Reads /proc: meminfo, memory PSI, ksmd's CPU time and per-process ksm_stat."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, Iterator, Optional, Tuple
+
+from ..errors import ReadError
+from ..readings import KsmStat, MemInfo, Psi
+
+_MEMINFO_FIELDS = {
+    "MemTotal": "total", "MemAvailable": "available", "MemFree": "free",
+    "Buffers": "buffers", "Cached": "cached", "SwapTotal": "swap_total",
+    "SwapFree": "swap_free", "AnonPages": "anon_pages",
+}
+_REQUIRED_MEMINFO = ("MemTotal", "MemFree")
+
+
+def parse_meminfo(text: str, where: str = "/proc/meminfo") -> MemInfo:
+    found: Dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key not in _MEMINFO_FIELDS:
+            continue
+        parts = rest.split()
+        try:
+            value = int(parts[0])
+        except (IndexError, ValueError):
+            raise ReadError("%s: %s: expected '<number> kB', found %r" % (where, key, rest.strip()[:40])) from None
+        unit = parts[1] if len(parts) > 1 else ""
+        found[_MEMINFO_FIELDS[key]] = value * 1024 if unit == "kB" else value
+    for key in _REQUIRED_MEMINFO:
+        if _MEMINFO_FIELDS[key] not in found:
+            raise ReadError("%s: %s is missing" % (where, key))
+    if "available" not in found:  # kernels before 3.14: approximate as ksmtuned does
+        found["available"] = found["free"] + found.get("buffers", 0) + found.get("cached", 0)
+    return MemInfo(**found)
+
+
+def parse_psi(text: str, where: str = "/proc/pressure/memory") -> Psi:
+    vals: Dict[str, float] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0] not in ("some", "full"):
+            continue
+        for word in words[1:]:
+            k, _, v = word.partition("=")
+            if k in ("avg10", "avg60"):
+                try:
+                    vals["%s_%s" % (words[0], k)] = float(v)
+                except ValueError:
+                    raise ReadError("%s: %s %s: expected a number, found %r" % (where, words[0], k, v)) from None
+    if "some_avg10" not in vals or "some_avg60" not in vals:
+        raise ReadError("%s: no 'some avg10=.. avg60=..' line" % where)
+    # 'full' is absent for memory on very old PSI kernels: treat as no full stall seen.
+    return Psi(some_avg10=vals["some_avg10"], some_avg60=vals["some_avg60"],
+               full_avg10=vals.get("full_avg10", 0.0), full_avg60=vals.get("full_avg60", 0.0))
+
+
+def parse_ksm_stat(text: str) -> KsmStat:
+    """Both line formats: 'ksm_rmap_items 12' and 'ksm_mergeable: yes'."""
+    ints: Dict[str, int] = {}
+    bools: Dict[str, bool] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            key, _, value = line.partition(" ")
+        key, value = key.strip(), value.strip()
+        if value in ("yes", "no"):
+            bools[key] = value == "yes"
+        else:
+            try:
+                ints[key] = int(value)
+            except ValueError:
+                continue  # an unknown future field: ignore rather than lose the rest
+    return KsmStat(
+        rmap_items=ints.get("ksm_rmap_items"), zero_pages=ints.get("ksm_zero_pages"),
+        merging_pages=ints.get("ksm_merging_pages"), process_profit=ints.get("ksm_process_profit"),
+        merge_any=bools.get("ksm_merge_any"), mergeable=bools.get("ksm_mergeable"))
+
+
+class ProcFs:
+    """Reader of /proc. `proc_root` lets tests point it at a fixture tree."""
+
+    def __init__(self, proc_root: str = "/proc") -> None:
+        self.root = Path(proc_root)
+        self._ksmd_pid: Optional[int] = None
+        self.clock_ticks = os.sysconf("SC_CLK_TCK")
+        self.page_size = os.sysconf("SC_PAGE_SIZE")
+
+    def _read(self, rel: str) -> str:
+        path = self.root / rel
+        try:
+            return path.read_text()
+        except OSError as e:
+            raise ReadError("cannot read %s: %s" % (path, e.strerror or e)) from None
+
+    def meminfo(self) -> MemInfo:
+        return parse_meminfo(self._read("meminfo"), str(self.root / "meminfo"))
+
+    def has_psi(self) -> bool:
+        return (self.root / "pressure/memory").exists()
+
+    def psi(self) -> Optional[Psi]:
+        """None when the kernel has no PSI (CONFIG_PSI off or psi=0): not an error."""
+        if not self.has_psi():
+            return None
+        return parse_psi(self._read("pressure/memory"), str(self.root / "pressure/memory"))
+
+    def pids(self) -> Iterator[int]:
+        try:
+            names = os.listdir(self.root)
+        except OSError as e:
+            raise ReadError("cannot list %s: %s" % (self.root, e.strerror)) from None
+        for name in names:
+            if name.isdigit():
+                yield int(name)
+
+    def comm(self, pid: int) -> Optional[str]:
+        try:
+            return (self.root / str(pid) / "comm").read_text().strip()
+        except OSError:
+            return None
+
+    def cmdline(self, pid: int) -> Optional[Tuple[str, ...]]:
+        try:
+            raw = (self.root / str(pid) / "cmdline").read_bytes()
+        except OSError:
+            return None
+        return tuple(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a)
+
+    def ksmd_pid(self) -> Optional[int]:
+        """The ksmd kernel thread (kthread: comm 'ksmd', empty cmdline). Cached, re-checked."""
+        if self._ksmd_pid is not None and self.comm(self._ksmd_pid) == "ksmd":
+            return self._ksmd_pid
+        self._ksmd_pid = None
+        for pid in self.pids():
+            if self.comm(pid) == "ksmd":
+                self._ksmd_pid = pid
+                break
+        return self._ksmd_pid
+
+    def cpu_seconds(self, pid: int) -> float:
+        """utime+stime of a process from /proc/<pid>/stat (comm may hold spaces)."""
+        text = self._read("%d/stat" % pid)
+        try:
+            fields = text[text.rindex(")") + 2:].split()
+            return (int(fields[11]) + int(fields[12])) / self.clock_ticks
+        except (ValueError, IndexError):
+            raise ReadError("%s: unexpected format" % (self.root / str(pid) / "stat")) from None
+
+    def ksmd_cpu_seconds(self) -> Optional[float]:
+        pid = self.ksmd_pid()
+        if pid is None:
+            return None
+        return self.cpu_seconds(pid)
+
+    def ksm_stat(self, pid: int) -> Optional[KsmStat]:
+        """None when the process is gone or the kernel has no ksm_stat (before 6.1)."""
+        try:
+            text = (self.root / str(pid) / "ksm_stat").read_text()
+        except OSError:
+            return None
+        return parse_ksm_stat(text)
+
+    def rss_bytes(self, pid: int) -> Optional[int]:
+        try:
+            fields = (self.root / str(pid) / "statm").read_text().split()
+            return int(fields[1]) * self.page_size
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def mergeable_rss(self) -> int:
+        """RSS of every process that has mergeable memory (ksm_stat says mergeable).
+
+        Growth of this sum is how the policy notices new mergeable memory (a guest
+        started) without waiting for ksmd to scan it. Kernel threads have no ksm_stat."""
+        total = 0
+        for pid in self.pids():
+            st = self.ksm_stat(pid)
+            if st is not None and (st.mergeable or st.merge_any):
+                total += self.rss_bytes(pid) or 0
+        return total

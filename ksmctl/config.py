@@ -1,0 +1,146 @@
+"""The daemon's config: /etc/ksmctl/config.yaml (or --config), then KSMCTL_* variables.
+
+Typed and validated like policies: a bad file or variable gets a message naming it, the
+key and what is allowed. No file at the default path means the documented defaults.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import ConfigError
+from .units import parse_duration
+from .yamlload import YamlProblem, load_yaml, validate
+
+DEFAULT_CONFIG_PATH = "/etc/ksmctl/config.yaml"
+DEFAULT_STATE_FILE = "/run/ksmctl/state.json"
+DEFAULT_LISTEN = "127.0.0.1:9839"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExporterConfig(_Model):
+    enabled: bool = True
+    listen: str = DEFAULT_LISTEN           # host:port; ":9839" listens on all addresses
+    web_config: Optional[str] = None       # exporter-toolkit web config (TLS, basic auth)
+    textfile: Optional[str] = None         # also write metrics to this .prom file each tick
+    per_vm: bool = True                    # per-VM series (off for privacy or cardinality)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected host:port (e.g. 127.0.0.1:9839 or :9839)")
+        return v
+
+
+class TraceConfig(_Model):
+    path: Optional[str] = None             # JSON lines of readings and decisions, for replay
+    max_bytes: int = Field(default=16 * 1024 * 1024, ge=4096)
+    backups: int = Field(default=3, ge=0, le=100)
+
+
+class EstimateConfig(_Model):
+    enabled: bool = False                  # periodic dedup-potential scan of guest memory
+    interval: float = Field(default=3600.0, ge=60)
+    rate_mib_s: float = Field(default=64.0, gt=0)
+
+    @field_validator("interval", mode="before")
+    @classmethod
+    def _dur(cls, v: Any) -> Any:
+        return parse_duration(v)
+
+
+class Config(_Model):
+    policy: str = "default"                # a shipped policy's name or a file path
+    interval: Optional[float] = None       # overrides the policy's interval
+    libvirt_uri: str = "qemu:///system"
+    libvirt: bool = True                   # false: per-VM data from /proc only
+    state_file: str = DEFAULT_STATE_FILE
+    restore_on_exit: bool = True           # put back the knobs found at start
+    log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
+    exporter: ExporterConfig = ExporterConfig()
+    trace: TraceConfig = TraceConfig()
+    estimate: EstimateConfig = EstimateConfig()
+    sys_root: str = "/sys"                 # for tests and containers
+    proc_root: str = "/proc"
+    run_root: str = "/run"
+
+    @field_validator("interval", mode="before")
+    @classmethod
+    def _interval(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        d = parse_duration(v)
+        if not 0.1 <= d <= 3600:
+            raise ValueError("interval must be between 0.1s and 3600s")
+        return d
+
+
+# KSMCTL_* variable -> key path in the config.
+ENV_KEYS = {
+    "KSMCTL_POLICY": ("policy",),
+    "KSMCTL_INTERVAL": ("interval",),
+    "KSMCTL_LIBVIRT_URI": ("libvirt_uri",),
+    "KSMCTL_LIBVIRT": ("libvirt",),
+    "KSMCTL_STATE_FILE": ("state_file",),
+    "KSMCTL_RESTORE_ON_EXIT": ("restore_on_exit",),
+    "KSMCTL_LOG_LEVEL": ("log_level",),
+    "KSMCTL_LISTEN": ("exporter", "listen"),
+    "KSMCTL_EXPORTER": ("exporter", "enabled"),
+    "KSMCTL_WEB_CONFIG": ("exporter", "web_config"),
+    "KSMCTL_TEXTFILE": ("exporter", "textfile"),
+    "KSMCTL_TRACE": ("trace", "path"),
+}
+
+
+def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+                overrides: Optional[Dict[str, Any]] = None) -> Config:
+    """path None: the default file if it exists, else defaults. An explicit path must exist."""
+    env = os.environ if env is None else env
+    explicit = path is not None or "KSMCTL_CONFIG" in env
+    path = path or env.get("KSMCTL_CONFIG") or DEFAULT_CONFIG_PATH
+    data: Dict[str, Any] = {}
+    lines: Dict[Any, int] = {}
+    p = Path(path)
+    if p.exists() or explicit:
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise ConfigError("%s: no such config file" % path) from None
+        except OSError as e:
+            raise ConfigError("%s: cannot read: %s" % (path, e.strerror or e)) from None
+        try:
+            loaded, lines = load_yaml(text, str(path))
+        except YamlProblem as e:
+            raise ConfigError(str(e)) from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError("%s: the top level must be a mapping of keys to values" % path)
+        data = loaded or {}
+    for var, keys in ENV_KEYS.items():
+        if var in env:
+            cur = data
+            for k in keys[:-1]:
+                cur = cur.setdefault(k, {})
+                if not isinstance(cur, dict):
+                    raise ConfigError("%s: %s must be a mapping" % (path, k))
+            cur[keys[-1]] = env[var]
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            data[k] = v
+    try:
+        return validate(Config, data, str(path), lines)
+    except YamlProblem as e:
+        msg = str(e)
+        for var, keys in ENV_KEYS.items():
+            if var in env and ".".join(keys) + ":" in msg:
+                msg += "\n(%s is set in the environment: %r)" % (var, env[var])
+        raise ConfigError(msg) from None
+
+

@@ -1,0 +1,60 @@
+"""Error types that reach people: each carries a message fit to print and an exit code.
+
+Anything a person or the system supplies that is bad (a policy, a config, a CLI
+argument, a sysfs file, a libvirt error) becomes one of these, never a traceback.
+"""
+from __future__ import annotations
+
+# Exit codes, documented in `ksmctl --help` and the README.
+EXIT_OK = 0
+EXIT_FAILURE = 1      # the operation was tried and failed (kernel refused a write, I/O error)
+EXIT_USAGE = 2        # bad input: arguments, policy, config; or no KSM in this kernel
+EXIT_PERMISSION = 3   # needs root
+EXIT_REFUSED = 4      # refused by a safety guard (unmerge the host cannot absorb, another KSM writer)
+
+
+class KsmctlError(Exception):
+    """Base of all errors that are reported to a person as a message."""
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(KsmctlError):
+    exit_code = EXIT_USAGE
+
+
+class PolicyError(UsageError):
+    """A policy file is invalid; the message names file, key path, value and what is allowed."""
+
+
+class ConfigError(UsageError):
+    """The daemon config (file or KSMCTL_* environment) is invalid."""
+
+
+class KsmNotAvailable(UsageError):
+    """This kernel has no /sys/kernel/mm/ksm (CONFIG_KSM off)."""
+
+
+class KernelWriteError(KsmctlError):
+    """The kernel refused a write to a KSM knob."""
+
+
+class PermissionDenied(KsmctlError):
+    exit_code = EXIT_PERMISSION
+
+
+class Refused(KsmctlError):
+    """A safety guard refused the operation (it can be forced where the CLI says so)."""
+
+    exit_code = EXIT_REFUSED
+
+
+class ReadError(KsmctlError):
+    """A sysfs or /proc file could not be read or parsed; the message names the file."""

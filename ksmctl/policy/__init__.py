@@ -1,0 +1,1 @@
+"""Where decisions are made: the policy format (model), its loader, and decide()."""

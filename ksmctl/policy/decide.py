@@ -1,0 +1,295 @@
+"""decide(): the policy applied to one tick's readings. Pure: the same policy, readings
+and state give the same decision, so decisions can be unit-tested and replayed from a
+trace. Every decision carries the rule that fired and the values behind it."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
+
+from ..readings import Readings
+from ..units import format_bytes
+from .model import BYTE_SIGNALS, Condition, Policy, ScanPoint, Signal
+
+# Bounded rule labels (they become a metric label).
+RUN_RULES = ("off", "always", "start", "stop", "keep_running", "stay_stopped")
+SCAN_RULES = ("boost", "decay", "merging", "idle", "resume", "cpu_cap", "advisor",
+              "background", "none")
+
+
+@dataclass(frozen=True)
+class Mark:
+    """Counters at a point in time, for rates and per-pass yields."""
+
+    monotonic: float
+    full_scans: int
+    pages_scanned: int
+    saved_pages: int
+    ksmd_cpu: Optional[float]
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """What decide() remembers between ticks: bounded, serializable, replayable."""
+
+    active: Optional[bool] = None        # the policy's run state; None before the first tick
+    npages: Optional[int] = None         # step strategy's pages_to_scan
+    mode: str = "merging"                # adaptive: "merging" or "idle"
+    last: Optional[Mark] = None          # previous tick
+    pass_mark: Optional[Mark] = None     # at the last completed full scan
+    passes: int = 0                      # full-scan boundaries seen since (re)start of merging
+    last_pass_yield: Optional[float] = None  # new merges per 1000 pages scanned, last full pass
+    idle_mergeable: Optional[int] = None  # mergeable memory when we went idle
+    cpu_scale: float = 1.0               # CPU budget's throttle on the scan rate
+
+
+@dataclass(frozen=True)
+class Decision:
+    targets: Dict[str, object]           # knob -> value to hold (run last when applied)
+    run_rule: str
+    scan_rule: str
+    reasons: Tuple[str, ...] = field(default_factory=tuple)
+    ksmd_cpu_percent: Optional[float] = None
+
+    @property
+    def reason(self) -> str:
+        return "; ".join(self.reasons)
+
+
+def signals(r: Readings) -> Dict[Signal, Optional[float]]:
+    """The policy's view of the readings; None where a source gave nothing this tick."""
+    mi, psi, vms = r.meminfo, r.psi, r.vms
+    total = mi.total if mi else None
+    s: Dict[Signal, Optional[float]] = {k: None for k in Signal}
+    if mi:
+        s[Signal.memory_available] = mi.available
+        s[Signal.memory_free] = mi.free + mi.buffers + mi.cached
+    if psi:
+        s[Signal.psi_some_avg10] = psi.some_avg10
+        s[Signal.psi_some_avg60] = psi.some_avg60
+        s[Signal.psi_full_avg10] = psi.full_avg10
+        s[Signal.psi_full_avg60] = psi.full_avg60
+    if vms is not None:
+        committed = sum((v.balloon_current if v.balloon_current is not None else (v.rss or 0)) for v in vms)
+        rss = sum((v.rss or 0) for v in vms)
+        s[Signal.guest_committed] = committed
+        s[Signal.guest_maximum] = sum((v.balloon_maximum or v.balloon_current or v.rss or 0) for v in vms)
+        s[Signal.guest_rss] = rss
+        s[Signal.running_vms] = sum(1 for v in vms if v.state == "running")
+        free = [v.guest_unused for v in vms if v.guest_unused is not None]
+        s[Signal.guest_free] = sum(free) if free else None
+        if total is not None:
+            s[Signal.guest_committed_headroom] = total - committed
+            s[Signal.guest_rss_headroom] = total - rss
+    s[Signal.mergeable_memory] = r.mergeable_rss
+    s[Signal.merge_potential] = r.merge_potential
+    return s
+
+
+def _show(sig: Signal, v: float) -> str:
+    return format_bytes(v) if sig in BYTE_SIGNALS else "%g" % v
+
+
+_OPS = {"below": (lambda a, b: a < b, "<"), "at_most": (lambda a, b: a <= b, "<="),
+        "above": (lambda a, b: a > b, ">"), "at_least": (lambda a, b: a >= b, ">=")}
+
+
+def evaluate(c: Condition, sig: Dict[Signal, Optional[float]], mem_total: Optional[int]) -> Tuple[bool, str]:
+    """(holds, explanation). An unknown signal never holds."""
+    value = sig.get(c.signal)
+    bound = c.threshold.resolve(mem_total)
+    fn, sym = _OPS[c.op]
+    if value is None or bound is None:
+        return False, "%s unknown" % c.signal.value
+    held = fn(value, bound)
+    return held, "%s %s %s %s" % (c.signal.value, _show(c.signal, value), sym if held else "not " + sym,
+                                   _show(c.signal, bound))
+
+
+def _any(conds: List[Condition], sig, total) -> Tuple[bool, List[str]]:
+    results = [evaluate(c, sig, total) for c in conds]
+    fired = [why for ok, why in results if ok]
+    return (True, fired[:1]) if fired else (False, [why for _, why in results])
+
+
+def _all(conds: List[Condition], sig, total) -> Tuple[bool, List[str]]:
+    results = [evaluate(c, sig, total) for c in conds]
+    failed = [why for ok, why in results if not ok]
+    return (not failed and bool(conds)), (failed[:1] if failed else [why for _, why in results])
+
+
+def sleep_millisecs(policy: Policy, mem_total: Optional[int]) -> int:
+    sm = policy.scan.sleep_millisecs
+    sleep = sm.base
+    if sm.reference_memory and mem_total:
+        sleep = sm.base * sm.reference_memory // mem_total
+    return int(min(max(sleep, sm.floor), sm.ceiling))
+
+
+def _mark(r: Readings) -> Mark:
+    k = r.ksm
+    return Mark(r.monotonic, k.get("full_scans", 0) or 0, k.get("pages_scanned", 0) or 0,
+                k.saved_pages, r.ksmd_cpu_seconds)
+
+
+def _cpu_percent(prev: Optional[Mark], now: Mark) -> Optional[float]:
+    if prev is None or prev.ksmd_cpu is None or now.ksmd_cpu is None:
+        return None
+    dt = now.monotonic - prev.monotonic
+    if dt <= 0:
+        return None
+    return max(0.0, (now.ksmd_cpu - prev.ksmd_cpu) / dt * 100.0)
+
+
+def decide(policy: Policy, r: Readings, state: EngineState) -> Tuple[Decision, EngineState]:
+    sig = signals(r)
+    total = r.meminfo.total if r.meminfo else None
+    now = _mark(r)
+    cpu = _cpu_percent(state.last, now)
+    reasons: List[str] = []
+    run = policy.run
+
+    # 1. Should KSM run?
+    was_active = state.active if state.active is not None else r.ksm.running
+    if run.mode == "off":
+        active, run_rule = False, "off"
+        reasons.append("policy keeps KSM off")
+    elif run.mode == "always":
+        active, run_rule = True, "always"
+    elif was_active:
+        stop, why = _all(run.stop_when, sig, total)
+        active, run_rule = (False, "stop") if stop else (True, "keep_running")
+        reasons.extend(why if run.stop_when else ["no stop condition"])
+    else:
+        start, why = _any(run.start_when, sig, total)
+        active, run_rule = (True, "start") if start else (False, "stay_stopped")
+        reasons.extend(why)
+
+    st = replace(state, active=active, last=now)
+    advisor_supported = r.ksm.advisor_mode is not None
+    targets: Dict[str, object] = {}
+
+    if not active:
+        if run.mode == "conditional" and run.on_stop == "background" and run.background is not None:
+            targets.update(_point(run.background))
+            targets["run"] = 1
+            scan_rule = "background"
+        else:
+            targets["run"] = 0
+            scan_rule = "none"
+        if advisor_supported and scan_rule == "background":
+            targets = {"advisor_mode": "none", **targets}
+        st = replace(st, mode="merging", passes=0, pass_mark=None)
+        return Decision(targets, run_rule, scan_rule, tuple(reasons), cpu), st
+
+    # 2. How fast should ksmd scan?
+    scan = policy.scan
+    sleep = sleep_millisecs(policy, total)
+    if scan.strategy == "advisor" and advisor_supported:
+        a = scan.advisor
+        targets = {"advisor_mode": "scan-time", "advisor_target_scan_time": a.target_scan_time,
+                   "advisor_max_cpu": a.max_cpu, "advisor_min_pages_to_scan": a.min_pages_to_scan,
+                   "advisor_max_pages_to_scan": a.max_pages_to_scan, "sleep_millisecs": sleep, "run": 1}
+        reasons.append("scan rate delegated to the kernel's advisor (target scan time %ds)" % a.target_scan_time)
+        return Decision(targets, run_rule, "advisor", tuple(reasons), cpu), st
+
+    if scan.strategy == "advisor":
+        reasons.append("this kernel has no advisor_mode: stepping the scan rate instead")
+    if scan.strategy == "adaptive":
+        npages, scan_rule, st = _adaptive(policy, r, st, state, now, sig, sleep, cpu, run_rule, reasons)
+        if scan_rule == "idle":
+            point = scan.adaptive.idle
+            targets = _point(point)
+            npages, sleep = point.pages_to_scan, point.sleep_millisecs
+    else:
+        pts = scan.pages_to_scan
+        npages = st.npages if st.npages is not None else pts.initial
+        boost, why = _any(scan.boost_when, sig, total) if scan.boost_when else (False, [])
+        if boost:
+            npages += pts.boost
+            scan_rule = "boost"
+            reasons.append("boost +%d: %s" % (pts.boost, why[0]))
+        else:
+            npages -= pts.decay
+            scan_rule = "decay"
+            reasons.append("decay -%d" % pts.decay + (": " + "; ".join(why) if why else ""))
+        npages = min(max(npages, pts.min), pts.max)
+        st = replace(st, npages=npages)
+
+    # 3. The CPU budget caps whatever the strategy chose.
+    if scan.cpu_budget is not None and scan_rule != "idle":
+        scale = st.cpu_scale
+        if cpu is not None and cpu > scan.cpu_budget:
+            scale = max(0.02, scale * scan.cpu_budget / cpu)
+            reasons.append("ksmd used %.0f%% of a core, budget %g%%: scan rate x%.2f" % (cpu, scan.cpu_budget, scale))
+            scan_rule = "cpu_cap"
+        elif scale < 1.0:
+            scale = min(1.0, scale * 1.25)
+        st = replace(st, cpu_scale=scale)
+        npages = max(scan.pages_to_scan.min, int(npages * scale))
+
+    targets.update({"pages_to_scan": int(npages), "sleep_millisecs": int(sleep), "run": 1})
+    if advisor_supported:
+        targets = {"advisor_mode": "none", **targets}
+    return Decision(targets, run_rule, scan_rule, tuple(reasons), cpu), st
+
+
+def _point(p: ScanPoint) -> Dict[str, object]:
+    return {"pages_to_scan": p.pages_to_scan, "sleep_millisecs": p.sleep_millisecs}
+
+
+def _adaptive(policy: Policy, r: Readings, st: EngineState, prev: EngineState, now: Mark,
+              sig, sleep: int, cpu: Optional[float], run_rule: str, reasons: List[str]):
+    """Pace ksmd to one pass per target_pass_seconds while passes still find merges;
+    idle once a complete pass (third boundary since resuming: nothing merges in the
+    first) finds almost nothing; resume when mergeable memory grows or pressure starts."""
+    ad = policy.scan.adaptive
+    pts = policy.scan.pages_to_scan
+    page = r.ksm.page_size
+    mergeable = sig.get(Signal.mergeable_memory)
+    k = r.ksm
+    rmap_pages = sum(k.get(n, 0) or 0 for n in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))
+    pages_total = max(int((mergeable or 0) // page), rmap_pages, 1)
+
+    restarted = run_rule == "start" or prev.active is False
+    mode, passes, pass_mark = st.mode, st.passes, st.pass_mark
+    last_yield = st.last_pass_yield
+    idle_mergeable = st.idle_mergeable
+    rule = "merging"
+    if restarted:
+        mode, passes, pass_mark, last_yield = "merging", 0, now, None
+        rule = "resume" if prev.active is not None else "merging"
+    elif mode == "idle":
+        grown = (mergeable or 0) - (idle_mergeable or 0)
+        if mergeable is not None and grown > ad.resume_growth:
+            mode, passes, pass_mark, last_yield = "merging", 0, now, None
+            rule = "resume"
+            reasons.append("mergeable memory grew by %s since idle (> %s)"
+                           % (format_bytes(grown), format_bytes(ad.resume_growth)))
+        else:
+            rule = "idle"
+    if mode == "merging" and not restarted and rule != "resume":
+        if pass_mark is None:
+            pass_mark = now
+        elif now.full_scans != pass_mark.full_scans:
+            scanned = now.pages_scanned - pass_mark.pages_scanned
+            gained = now.saved_pages - pass_mark.saved_pages
+            last_yield = 1000.0 * gained / scanned if scanned > 0 else 0.0
+            passes += now.full_scans - pass_mark.full_scans
+            pass_mark = now
+            if passes >= 3 and last_yield < ad.idle_yield:
+                mode, rule, idle_mergeable = "idle", "idle", int(mergeable or 0)
+                reasons.append("last full pass found %.2f new merges per 1000 pages (< %g): idle"
+                               % (last_yield, ad.idle_yield))
+    if rule == "idle" and not any("idle" in x for x in reasons):
+        reasons.append("no new merges to find; idle scan")
+    rate = pages_total / ad.target_pass_seconds  # pages per second
+    npages = int(math.ceil(rate * max(sleep, 1) / 1000.0))
+    npages = min(max(npages, pts.min), pts.max)
+    if rule in ("merging", "resume"):
+        reasons.append("merging: %d mergeable pages, one pass per %gs -> %d pages per %d ms%s"
+                       % (pages_total, ad.target_pass_seconds, npages, sleep,
+                          "" if last_yield is None else " (last pass yield %.1f/1000)" % last_yield))
+    st = replace(st, mode=mode, passes=passes, pass_mark=pass_mark, last_pass_yield=last_yield,
+                 idle_mergeable=idle_mergeable)
+    return npages, rule, st

@@ -1,0 +1,262 @@
+"""The policy format: typed, validated, and the source of the shipped JSON Schema.
+
+A policy says when KSM runs (start/stop conditions with hysteresis), how fast ksmd
+scans (stepped like ksmtuned, adaptive on the merge yield, or delegated to the kernel's
+advisor), what ksmd may cost (a CPU budget) and what happens when pressure ends.
+Conditions are data (signal, comparison, threshold), never expressions to evaluate.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any, List, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..units import parse_duration, parse_size
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Signal(str, enum.Enum):
+    """What a condition can look at. Byte signals accept sizes and % of MemTotal."""
+
+    memory_available = "memory_available"       # MemAvailable
+    memory_free = "memory_free"                 # MemFree + Buffers + Cached (ksmtuned's "free")
+    psi_some_avg10 = "psi_some_avg10"           # % of time some task stalled on memory
+    psi_some_avg60 = "psi_some_avg60"
+    psi_full_avg10 = "psi_full_avg10"
+    psi_full_avg60 = "psi_full_avg60"
+    guest_committed = "guest_committed"         # sum of guests' balloon current (RSS without libvirt)
+    guest_maximum = "guest_maximum"             # sum of guests' balloon maximum
+    guest_rss = "guest_rss"                     # sum of QEMU processes' RSS (what ksmtuned counts)
+    guest_committed_headroom = "guest_committed_headroom"  # MemTotal - guest_committed
+    guest_rss_headroom = "guest_rss_headroom"   # MemTotal - guest_rss (ksmtuned: total - committed)
+    guest_free = "guest_free"                   # guests' own reported unused memory (balloon stats)
+    running_vms = "running_vms"
+    mergeable_memory = "mergeable_memory"       # RSS of processes with MADV_MERGEABLE memory
+    merge_potential = "merge_potential"         # achievable - achieved (bytes) from the estimator
+
+
+BYTE_SIGNALS = frozenset(s for s in Signal if s not in (
+    Signal.psi_some_avg10, Signal.psi_some_avg60, Signal.psi_full_avg10, Signal.psi_full_avg60,
+    Signal.running_vms))
+
+
+class Threshold(Model):
+    """A bound. Written as a number, a size ('2GiB'), a percentage of MemTotal ('20%'),
+    or {percent: 20, at_least: 2MiB} for 'the larger of 20% of RAM and 2 MiB'.
+    Percentages round down to a whole KiB, as ksmtuned's shell arithmetic does."""
+
+    value: Optional[float] = None
+    percent: Optional[float] = Field(default=None, ge=0, le=100)
+    at_least: Optional[int] = None
+    at_most: Optional[int] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_short_form(cls, data: Any) -> Any:
+        if isinstance(data, bool):
+            raise ValueError("expected a number, a size like 2GiB or a percentage like 20%%, found %r" % data)
+        if isinstance(data, (int, float)):
+            return {"value": data}
+        if isinstance(data, str):
+            text = data.strip()
+            if text.endswith("%"):
+                try:
+                    return {"percent": float(text[:-1])}
+                except ValueError:
+                    raise ValueError("expected a percentage like 20%%, found %r" % data) from None
+            return {"value": parse_size(text)}
+        if isinstance(data, dict):
+            out = dict(data)
+            for k in ("at_least", "at_most"):
+                if k in out and isinstance(out[k], (str, int, float)) and not isinstance(out[k], bool):
+                    out[k] = parse_size(out[k])
+            return out
+        raise ValueError("expected a number, a size, a percentage or {percent, at_least, at_most}")
+
+    @model_validator(mode="after")
+    def _one_base(self) -> "Threshold":
+        if (self.value is None) == (self.percent is None):
+            raise ValueError("give either a value or a percent")
+        return self
+
+    def resolve(self, mem_total: Optional[int]) -> Optional[float]:
+        """The bound in the signal's unit; None when a percentage has no MemTotal to refer to."""
+        if self.percent is not None:
+            if mem_total is None:
+                return None
+            v: float = (mem_total // 1024) * self.percent // 100 * 1024
+        else:
+            v = float(self.value)  # type: ignore[arg-type]
+        if self.at_least is not None:
+            v = max(v, self.at_least)
+        if self.at_most is not None:
+            v = min(v, self.at_most)
+        return v
+
+
+class Condition(Model):
+    """One comparison: {signal: memory_available, below: 20%}."""
+
+    signal: Signal
+    below: Optional[Threshold] = None
+    at_most: Optional[Threshold] = None
+    above: Optional[Threshold] = None
+    at_least: Optional[Threshold] = None
+
+    @model_validator(mode="after")
+    def _one_comparison(self) -> "Condition":
+        given = [k for k in ("below", "at_most", "above", "at_least") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("a condition needs exactly one of below, at_most, above, at_least (found %s)"
+                             % (", ".join(given) or "none"))
+        t = getattr(self, given[0])
+        if t.percent is not None and self.signal not in BYTE_SIGNALS:
+            raise ValueError("a percentage of MemTotal only applies to memory signals, not %s"
+                             % self.signal.value)
+        return self
+
+    @property
+    def op(self) -> str:
+        for k in ("below", "at_most", "above", "at_least"):
+            if getattr(self, k) is not None:
+                return k
+        raise AssertionError("validated")
+
+    @property
+    def threshold(self) -> Threshold:
+        return getattr(self, self.op)
+
+
+def _duration(v: Any) -> float:
+    return parse_duration(v)
+
+
+class ScanPoint(Model):
+    pages_to_scan: int = Field(ge=0, le=2 ** 32 - 1)
+    sleep_millisecs: int = Field(ge=0, le=2 ** 32 - 1)
+
+
+class RunSection(Model):
+    """When KSM runs. conditional: start when ANY start_when holds, stop when ALL
+    stop_when hold (separate thresholds give hysteresis); always; or off."""
+
+    mode: Literal["conditional", "always", "off"] = "conditional"
+    start_when: List[Condition] = Field(default_factory=list)
+    stop_when: List[Condition] = Field(default_factory=list)
+    # When pressure ends: stop ksmd (run=0: merged pages stay merged) or keep a slow scan.
+    on_stop: Literal["stop", "background"] = "stop"
+    background: Optional[ScanPoint] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RunSection":
+        if self.mode == "conditional" and not self.start_when:
+            raise ValueError("mode conditional needs at least one start_when condition")
+        if self.on_stop == "background" and self.background is None:
+            raise ValueError("on_stop: background needs a background: {pages_to_scan, sleep_millisecs}")
+        return self
+
+
+class PagesToScan(Model):
+    initial: int = Field(default=100, ge=0, le=2 ** 32 - 1)
+    min: int = Field(default=64, ge=0, le=2 ** 32 - 1)
+    max: int = Field(default=1250, ge=1, le=2 ** 32 - 1)
+    boost: int = Field(default=300, ge=0)   # added per tick while a boost_when condition holds
+    decay: int = Field(default=50, ge=0)    # subtracted per tick otherwise
+
+    @model_validator(mode="after")
+    def _order(self) -> "PagesToScan":
+        if self.min > self.max:
+            raise ValueError("min (%d) is larger than max (%d)" % (self.min, self.max))
+        return self
+
+
+class SleepMillisecs(Model):
+    """sleep = base x reference_memory / MemTotal (when reference_memory is set), then
+    floor/ceiling: bigger hosts sleep less, as ksmtuned's 10 ms per 16 GiB."""
+
+    base: int = Field(default=20, ge=0, le=60000)
+    reference_memory: Optional[int] = None
+    floor: int = Field(default=10, ge=0, le=60000)
+    ceiling: int = Field(default=60000, ge=1, le=2 ** 32 - 1)
+
+    @field_validator("reference_memory", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return None if v is None else parse_size(v)
+
+
+class Adaptive(Model):
+    """Scan as fast as merges are being found, and stop paying when they are not.
+
+    While active, ksmd is paced to cover all mergeable memory every target_pass_seconds
+    (within the CPU budget). Once a full pass (after the second: nothing merges on the
+    first) yields fewer than idle_yield new merges per 1000 pages scanned, ksmd drops to
+    the idle scan point. It resumes when mergeable memory grows by resume_growth, or
+    when the start conditions become newly true."""
+
+    target_pass_seconds: float = Field(default=10.0, gt=0, le=86400)
+    idle_yield: float = Field(default=1.0, ge=0, le=1000)
+    idle: ScanPoint = ScanPoint(pages_to_scan=100, sleep_millisecs=1000)
+    resume_growth: int = Field(default=64 * 1024 * 1024, ge=0)
+
+    @field_validator("resume_growth", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return parse_size(v)
+
+
+class Advisor(Model):
+    """Hand the scan rate to the kernel (advisor_mode=scan-time, Linux 6.9+)."""
+
+    target_scan_time: int = Field(default=200, ge=1)
+    max_cpu: int = Field(default=70, ge=1, le=100)
+    min_pages_to_scan: int = Field(default=500, ge=1)
+    max_pages_to_scan: int = Field(default=30000, ge=1)
+
+
+class ScanSection(Model):
+    strategy: Literal["step", "adaptive", "advisor"] = "step"
+    pages_to_scan: PagesToScan = PagesToScan()
+    boost_when: List[Condition] = Field(default_factory=list)  # any: boost, else decay ("step")
+    sleep_millisecs: SleepMillisecs = SleepMillisecs()
+    cpu_budget: Optional[float] = Field(default=None, gt=0, le=100)  # % of one core for ksmd
+    adaptive: Adaptive = Adaptive()
+    advisor: Advisor = Advisor()
+
+
+class Ownership(Model):
+    """What to do when someone else writes a knob ksmctl set: put it back, or leave it
+    for one interval (back_off) and re-assert only if it changed again by policy."""
+
+    on_external_change: Literal["reassert", "back_off"] = "reassert"
+
+
+class Policy(Model):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    interval: float = Field(default=10.0, ge=0.1, le=3600)
+    run: RunSection = RunSection(mode="always")
+    scan: ScanSection = ScanSection()
+    ownership: Ownership = Ownership()
+
+    @field_validator("interval", mode="before")
+    @classmethod
+    def _interval(cls, v: Any) -> Any:
+        return _duration(v)
+
+
+def threshold_repr(t: Threshold) -> str:
+    if t.percent is not None:
+        s = "%g%%" % t.percent
+    else:
+        s = "%g" % t.value  # type: ignore[str-format]
+    if t.at_least is not None:
+        s += " (at least %d)" % t.at_least
+    if t.at_most is not None:
+        s += " (at most %d)" % t.at_most
+    return s
+

@@ -1,0 +1,51 @@
+"""The daemon's state file (/run/ksmctl/state.json): what the CLI shows about a running
+daemon. Written atomically (temp file + rename) so a reader never sees half a file."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+
+def write_state(path: str, state: Dict[str, Any]) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".state.", dir=str(p.parent))
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f, separators=(",", ":"), default=str)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, p)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+        return True
+    except PermissionError:
+        return True
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def read_state(path: str, require_alive: bool = True) -> Optional[Dict[str, Any]]:
+    """The daemon's last state, or None when there is no file, it is unreadable, or the
+    daemon that wrote it is gone (a stale file after a crash is not a running daemon)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if require_alive and not _alive(data.get("pid")):
+        return None
+    return data

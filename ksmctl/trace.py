@@ -1,0 +1,108 @@
+"""Decision traces: JSON lines of what the daemon read and decided, bounded and rotated,
+so a policy can be replayed over a real night (`ksmctl policy replay`)."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional
+
+from .errors import UsageError
+from .policy.decide import Decision, EngineState, Mark
+from .readings import KsmStat, KsmState, MemInfo, Psi, Readings, VmReading
+
+TRACE_VERSION = 1
+
+
+def readings_from_dict(d: Dict[str, Any]) -> Readings:
+    k = d["ksm"]
+    ksm = KsmState(values={str(a): int(b) for a, b in k["values"].items()}, advisor_mode=k.get("advisor_mode"),
+                   advisor_modes=tuple(k.get("advisor_modes") or ()), unsupported=frozenset(k.get("unsupported") or ()),
+                   unreadable=dict(k.get("unreadable") or {}), page_size=int(k.get("page_size", 4096)))
+    vms = None
+    if d.get("vms") is not None:
+        vms = tuple(VmReading(**{**v, "ksm": KsmStat(**v["ksm"]) if v.get("ksm") else None}) for v in d["vms"])
+    return Readings(
+        monotonic=d["monotonic"], wall=d["wall"], ksm=ksm,
+        meminfo=MemInfo(**d["meminfo"]) if d.get("meminfo") else None,
+        psi=Psi(**d["psi"]) if d.get("psi") else None,
+        ksmd_cpu_seconds=d.get("ksmd_cpu_seconds"), vms=vms, mergeable_rss=d.get("mergeable_rss"),
+        merge_potential=d.get("merge_potential"),
+        errors=tuple(tuple(e) for e in d.get("errors") or ()))  # type: ignore[misc]
+
+
+def state_to_dict(s: EngineState) -> Dict[str, Any]:
+    return asdict(s)
+
+
+def state_from_dict(d: Dict[str, Any]) -> EngineState:
+    kw = dict(d)
+    for key in ("last", "pass_mark"):
+        if kw.get(key) is not None:
+            kw[key] = Mark(**kw[key])
+    known = {f.name for f in fields(EngineState)}
+    return EngineState(**{k: v for k, v in kw.items() if k in known})
+
+
+def decision_to_dict(dec: Decision) -> Dict[str, Any]:
+    return {"targets": dec.targets, "run_rule": dec.run_rule, "scan_rule": dec.scan_rule,
+            "reasons": list(dec.reasons), "ksmd_cpu_percent": dec.ksmd_cpu_percent}
+
+
+class TraceWriter:
+    """Appends one line per tick; rotates at max_bytes keeping `backups` old files."""
+
+    def __init__(self, path: str, max_bytes: int = 16 * 1024 * 1024, backups: int = 3) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(self, policy_name: str, policy_hash: str, readings: Readings, before: EngineState,
+               decision: Decision) -> None:
+        line = json.dumps({"v": TRACE_VERSION, "policy": policy_name, "policy_sha256": policy_hash,
+                           "readings": readings.to_dict(), "state_before": state_to_dict(before),
+                           "decision": decision_to_dict(decision)}, separators=(",", ":"), default=str)
+        self._rotate_if_needed(len(line) + 1)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+    def _rotate_if_needed(self, incoming: int) -> None:
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return
+        if size + incoming <= self.max_bytes:
+            return
+        if self.backups == 0:
+            self.path.unlink()
+            return
+        for i in range(self.backups - 1, 0, -1):
+            src = self.path.with_name("%s.%d" % (self.path.name, i))
+            if src.exists():
+                os.replace(src, self.path.with_name("%s.%d" % (self.path.name, i + 1)))
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+
+
+def read_trace(path: str, limit: Optional[int] = None) -> Iterator[Dict[str, Any]]:
+    """Records of a trace file; a bad line is an error naming file and line number."""
+    try:
+        f = open(path)
+    except OSError as e:
+        raise UsageError("%s: cannot read trace: %s" % (path, e.strerror or e)) from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if rec.get("v") != TRACE_VERSION:
+                    raise ValueError("trace version %r, expected %d" % (rec.get("v"), TRACE_VERSION))
+                rec["readings_obj"] = readings_from_dict(rec["readings"])
+                rec["state_obj"] = state_from_dict(rec["state_before"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise UsageError("%s:%d: not a ksmctl trace record (%s)" % (path, n, e)) from None
+            yield rec
+            if limit is not None and n >= limit:
+                return
