@@ -96,6 +96,7 @@ class Daemon:
         self._drift_logged: Dict[str, object] = {}
         self._backing_off: Dict[str, object] = {}
         self.trace: Optional[TraceWriter] = None
+        self.on_shutdown: List[Callable[[], None]] = []  # e.g. stop the exporter's server
         self._setup_trace()
 
     # -- one tick -------------------------------------------------------------------------
@@ -274,6 +275,11 @@ class Daemon:
                     log.info("restored %s %s -> %s", c.knob, c.old, c.new)
             except KsmctlError as e:
                 log.error("could not restore KSM settings: %s", e.message)
+        for fn in self.on_shutdown:
+            try:
+                fn()
+            except Exception as e:
+                log.error("shutdown step failed: %s", e)
         try:
             os.unlink(self.config.state_file)
         except OSError:

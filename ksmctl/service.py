@@ -37,6 +37,8 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
                policy_override=policy_name)
     if once:
         d.config = config.model_copy(update={"restore_on_exit": False})
+    # --- exporter wiring (ksmctl/exporter.py) ---
+    # --- end exporter wiring ---
     return d
 
 
