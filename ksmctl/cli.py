@@ -24,6 +24,9 @@ from .policy.loader import json_schema, load_policy, resolve_policy_path, shippe
 from .readings import Readings
 from .state import read_state
 from .units import format_bytes
+from .cli_estimate import estimate  # noqa: E402  (commands kept in their own modules)
+from .cli_service import install, uninstall
+from .cli_vms import vms
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -392,21 +395,10 @@ def daemon(c: CliContext, policy_name: Optional[str], dry_run: bool, force: bool
     d.run(max_ticks=1 if once else None)
 
 
-def _register_optional_commands() -> None:
-    """Commands that live in their own modules (per-VM view, estimator, install)."""
-    import importlib
-    for mod, name in (("cli_vms", "vms"), ("cli_estimate", "estimate"), ("cli_service", "install"),
-                      ("cli_service", "uninstall")):
-        try:
-            m = importlib.import_module("ksmctl." + mod)
-        except ImportError:
-            continue
-        cmd = getattr(m, name, None)
-        if isinstance(cmd, click.Command):
-            cli.add_command(cmd, name)
-
-
-_register_optional_commands()
+cli.add_command(vms)
+cli.add_command(estimate)
+cli.add_command(install)
+cli.add_command(uninstall)
 
 
 def main() -> None:

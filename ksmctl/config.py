@@ -17,7 +17,7 @@ from .yamlload import YamlProblem, load_yaml, validate
 
 DEFAULT_CONFIG_PATH = "/etc/ksmctl/config.yaml"
 DEFAULT_STATE_FILE = "/run/ksmctl/state.json"
-DEFAULT_LISTEN = "127.0.0.1:9839"
+DEFAULT_LISTEN = "127.0.0.1:19839"
 
 
 class _Model(BaseModel):
@@ -26,7 +26,7 @@ class _Model(BaseModel):
 
 class ExporterConfig(_Model):
     enabled: bool = True
-    listen: str = DEFAULT_LISTEN           # host:port; ":9839" listens on all addresses
+    listen: str = DEFAULT_LISTEN           # host:port; ":PORT" listens on all addresses
     web_config: Optional[str] = None       # exporter-toolkit web config (TLS, basic auth)
     textfile: Optional[str] = None         # also write metrics to this .prom file each tick
     per_vm: bool = True                    # per-VM series (off for privacy or cardinality)
@@ -36,7 +36,7 @@ class ExporterConfig(_Model):
     def _listen(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
         if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("expected host:port (e.g. 127.0.0.1:9839 or :9839)")
+            raise ValueError("expected host:port (e.g. %s or :%s)" % (DEFAULT_LISTEN, DEFAULT_LISTEN.rsplit(":", 1)[1]))
         return v
 
 
@@ -63,6 +63,7 @@ class Config(_Model):
     libvirt_uri: str = "qemu:///system"
     libvirt: bool = True                   # false: per-VM data from /proc only
     state_file: str = DEFAULT_STATE_FILE
+    state_dir: str = "/var/lib/ksmctl"    # survives restarts (unlike /run/ksmctl)
     restore_on_exit: bool = True           # put back the knobs found at start
     log_level: str = Field(default="info", pattern=r"^(debug|info|warning|error)$")
     exporter: ExporterConfig = ExporterConfig()
@@ -90,6 +91,7 @@ ENV_KEYS = {
     "KSMCTL_LIBVIRT_URI": ("libvirt_uri",),
     "KSMCTL_LIBVIRT": ("libvirt",),
     "KSMCTL_STATE_FILE": ("state_file",),
+    "KSMCTL_STATE_DIR": ("state_dir",),
     "KSMCTL_RESTORE_ON_EXIT": ("restore_on_exit",),
     "KSMCTL_LOG_LEVEL": ("log_level",),
     "KSMCTL_LISTEN": ("exporter", "listen"),

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import __version__
 from .collectors.host import CollectionFailed, HostCollector
+from .coexist import DriftDetector
 from .config import Config
 from .errors import KsmctlError, PermissionDenied
 from .ksm_writer import Change, KsmWriter
@@ -37,7 +38,7 @@ class TickRecord:
     readings: Optional[Readings] = None
     decision: Optional[Decision] = None
     changes: List[Change] = field(default_factory=list)
-    external: List[str] = field(default_factory=list)  # knobs someone else changed
+    external: List[str] = field(default_factory=list)  # knobs someone else changed (once per change)
     errors: List[Tuple[str, str]] = field(default_factory=list)  # (source, message)
     duration: float = 0.0
     ok: bool = False
@@ -52,6 +53,7 @@ class NullNotifier:
     def watchdog(self) -> None: ...
     def reloading(self) -> None: ...
     def stopping(self) -> None: ...
+    def watchdog_interval(self) -> Optional[float]: return None
 
 
 def status_line(rec: TickRecord) -> str:
@@ -93,7 +95,7 @@ class Daemon:
         self._stop = False
         self._reload = False
         self._ready_sent = False
-        self._drift_logged: Dict[str, object] = {}
+        self.drift = DriftDetector()
         self._backing_off: Dict[str, object] = {}
         self.trace: Optional[TraceWriter] = None
         self.on_shutdown: List[Callable[[], None]] = []  # e.g. stop the exporter's server
@@ -134,25 +136,20 @@ class Daemon:
         return self._finish(rec, t0)
 
     def _handle_external_changes(self, targets: Dict[str, object], r: Readings, rec: TickRecord) -> Dict[str, object]:
-        """A knob we wrote no longer holds our value: someone else wrote it. Log once per
-        value and report it; then re-assert, or (back_off) leave their value in place for
-        as long as our own target for that knob stays what it was when they overrode it."""
+        """A knob we wrote no longer holds our value: someone else wrote it. Log and
+        report it once per change; then re-assert, or (back_off) leave their value in
+        place for as long as our own target for that knob stays what it was."""
         back_off = self.loaded.policy.ownership.on_external_change == "back_off"
         cur: Dict[str, object] = dict(r.ksm.values)
         cur["advisor_mode"] = r.ksm.advisor_mode
-        for knob, ours in list(self.writer.last_written.items()):
-            now = cur.get(knob)
-            if now is None or now == ours:
-                self._drift_logged.pop(knob, None)
-                continue
-            rec.external.append(knob)
-            if self._drift_logged.get(knob) != now:
-                log.warning("%s was changed by another writer: ksmctl wrote %s, now %s; policy says %s",
-                            knob, ours, now, "back off" if back_off else "re-assert")
-                self._drift_logged[knob] = now
+        for drift in self.drift.changed(self.writer.last_written, cur):
+            if drift.first:
+                rec.external.append(drift.knob)
+                log.warning("%s; policy says %s", drift.message(), "back off" if back_off else "re-assert")
             if back_off:
-                self._backing_off[knob] = targets.get(knob)
-                self.writer.last_written[knob] = now
+                self._backing_off[drift.knob] = targets.get(drift.knob)
+                self.writer.last_written[drift.knob] = drift.found
+                self.drift.forget(drift.knob)
         for knob, held in list(self._backing_off.items()):
             if back_off and knob in targets and targets[knob] == held:
                 del targets[knob]
@@ -261,8 +258,12 @@ class Daemon:
                     remaining = self.interval - (time.monotonic() - start)
                     if remaining <= 0:
                         break
-                    self._wake.wait(remaining)
-                    self._wake.clear()
+                    # Long intervals still ping systemd's watchdog (every half WatchdogSec).
+                    wd = self.notifier.watchdog_interval()
+                    if self._wake.wait(min(remaining, wd) if wd else remaining):
+                        self._wake.clear()
+                    elif wd:
+                        self.notifier.watchdog()
         finally:
             self.shutdown()
 

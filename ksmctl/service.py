@@ -9,11 +9,13 @@ from typing import Any, List, Optional
 from .collectors.host import HostCollector
 from .collectors.procfs import ProcFs
 from .collectors.sysfs import KsmSysfs
+from .coexist import CoexistenceChecker, check_or_refuse
 from .config import Config, load_config
-from .daemon import Daemon, NullNotifier
-from .errors import PermissionDenied
+from .daemon import Daemon
+from .errors import KsmctlError, PermissionDenied
 from .ksm_writer import KsmWriter
 from .policy.loader import load_policy
+from .sdnotify import Notifier
 
 log = logging.getLogger("ksmctl.service")
 
@@ -27,24 +29,70 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
                                "use --dry-run to only decide and log" % sysfs.path("run"))
     procfs = ProcFs(config.proc_root)
     loaded = load_policy(policy_name or config.policy)
+    marker = AdvisorMarker(config.state_dir)
+    if not dry_run:
+        checker = CoexistenceChecker(config.proc_root, config.sys_root, config.run_root)
+        check_or_refuse(checker.scan(advisor_is_ours=marker.exists()), force)
     from .cli import make_vm_collector  # shared with the CLI's own VM view
     vms = make_vm_collector(config, procfs)
     collector = HostCollector(sysfs, procfs, vms=vms)
     writer = KsmWriter(sysfs, dry_run=dry_run)
-    observers: List[Any] = []
-    d = Daemon(config, loaded, collector, writer, notifier=_notifier(),
+    observers: List[Any] = [marker.observe] if not dry_run else []
+    d = Daemon(config, loaded, collector, writer, notifier=Notifier(),
                observers=observers, config_loader=lambda: load_config(config_path),
                policy_override=policy_name)
     if once:
         d.config = config.model_copy(update={"restore_on_exit": False})
+    if not dry_run:
+        d.on_shutdown.append(lambda: marker.sync(sysfs))
     # --- exporter wiring (ksmctl/exporter.py) ---
+    if config.exporter.enabled or config.exporter.textfile:
+        from .exporter import build_exporter
+        exporter = build_exporter(config.exporter, serve=not once)
+        d.observers.append(exporter.observer)
+        d.on_shutdown.append(exporter.stop)
+        _count_policy_errors(d, exporter.metrics)
     # --- end exporter wiring ---
     return d
 
 
-def _notifier() -> Any:
-    try:
-        from .sdnotify import Notifier
-    except ImportError:
-        return NullNotifier()
-    return Notifier()
+def _count_policy_errors(d: Daemon, metrics: Any) -> None:
+    """A rejected policy on reload counts as ksmctl_errors_total{source="policy"}."""
+    load = d.policy_loader
+
+    def counted(name: str) -> Any:
+        try:
+            return load(name)
+        except KsmctlError:
+            metrics.count_error("policy")
+            raise
+
+    d.policy_loader = counted
+
+
+class AdvisorMarker:
+    """Remembers, across restarts, that ksmctl itself turned the kernel's advisor on, so
+    a restarted daemon does not mistake its own advisor for another writer's."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = os.path.join(state_dir, "advisor-owned")
+
+    def exists(self) -> bool:
+        return os.path.exists(self.path)
+
+    def observe(self, rec: Any) -> None:
+        ours = any(c.knob == "advisor_mode" for c in rec.changes)
+        if not ours:
+            return
+        if rec.decision is not None and rec.decision.targets.get("advisor_mode") == "scan-time":
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            open(self.path, "w").close()
+        elif self.exists():
+            os.unlink(self.path)
+
+    def sync(self, sysfs: KsmSysfs) -> None:
+        """On stop: once the advisor is off again (restored), forget it was ours."""
+        if self.exists() and sysfs.has("advisor_mode") and "[scan-time]" not in sysfs.read_raw("advisor_mode"):
+            os.unlink(self.path)
+
+

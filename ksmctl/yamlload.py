@@ -20,7 +20,13 @@ class YamlProblem(Exception):
 
 
 class _Loader(yaml.SafeLoader):
-    pass
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        # Aliases would let a small file expand into a huge one (billion laughs), and
+        # nothing in a policy needs them.
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not supported",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
 
 
@@ -76,27 +82,12 @@ def load_yaml(text: str, filename: str) -> Tuple[Any, Dict[Path_, int]]:
     node = _compose(text, filename)
     if node is None:
         return None, {}
-    _check_no_aliases(node, filename, set())
     lines: Dict[Path_, int] = {}
     scalars = _Loader("")  # PyYAML's resolver for scalar types (int, float, bool, null, str)
     try:
         return _construct(node, (), lines, filename, scalars), lines
     finally:
         scalars.dispose()
-
-
-def _check_no_aliases(node: Any, filename: str, seen: set) -> None:
-    if id(node) in seen:
-        raise YamlProblem("%s:%d: YAML anchors and aliases (&, *) are not supported"
-                          % (filename, node.start_mark.line + 1))
-    seen.add(id(node))
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            _check_no_aliases(k, filename, seen)
-            _check_no_aliases(v, filename, seen)
-    elif isinstance(node, yaml.SequenceNode):
-        for v in node.value:
-            _check_no_aliases(v, filename, seen)
 
 
 def _fmt(path: Path_) -> str:

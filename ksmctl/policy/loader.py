@@ -26,10 +26,14 @@ class LoadedPolicy:
         return self.sha256[:12]
 
 
+SYSTEM_POLICY_DIR = Path("/etc/ksmctl/policies")
+
+
 def policy_dirs() -> List[Path]:
-    """Where shipped policies live: the installed package's copy, then the repo checkout."""
+    """Where named policies are found: the operator's (ksmctl install puts them in
+    /etc/ksmctl/policies, edits included), then the package's, then the repo checkout."""
     here = Path(__file__).resolve().parent.parent
-    return [here / "policies", here.parent / "policies"]
+    return [SYSTEM_POLICY_DIR, here / "data" / "policies", here.parent / "policies"]
 
 
 def shipped_policy_names() -> List[str]:

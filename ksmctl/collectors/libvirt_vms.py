@@ -1,0 +1,409 @@
+"""Per-VM readings from libvirt, tied to each guest's QEMU process and its ksm_stat.
+
+One getAllDomainStats call per tick gives every active domain's state and balloon. The
+QEMU pid comes from libvirt's pid file and is trusted only when /proc/<pid>/cmdline is a
+QEMU binary running that very guest, so a stale or reused pid is never credited with
+another process's merging. When libvirt cannot be reached (no libvirtd, libvirtd
+restarting, libvirt-python missing), QEMU processes are found by scanning /proc meanwhile,
+and libvirt is retried with exponential backoff.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+
+from ..errors import KsmctlError
+from ..readings import VmReading
+from .procfs import ProcFs
+from .qemu_procs import QemuArgs, QemuProcScanner, parse_qemu_cmdline
+
+log = logging.getLogger("ksmctl.vms")
+
+# virDomainState
+STATE_NAMES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown",
+               5: "shutoff", 6: "crashed", 7: "pmsuspended"}
+_STATS_STATE = 1       # VIR_DOMAIN_STATS_STATE
+_STATS_BALLOON = 4     # VIR_DOMAIN_STATS_BALLOON
+_STATS_ACTIVE = 1      # VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
+_ERR_NO_DOMAIN = 42    # VIR_ERR_NO_DOMAIN
+_EVENT_ID_LIFECYCLE = 0
+
+
+class LibvirtUnavailable(KsmctlError):
+    """libvirt could not be used this tick (connect or a connection-wide call failed)."""
+
+
+class _Vanished(Exception):
+    """The domain went away between the listing and reading it: skip it this tick."""
+
+
+def libvirt_message(e: BaseException, what: str) -> str:
+    """A libvirtError as one line, without libvirt's 'libvirt: XML-RPC error :' noise."""
+    get = getattr(e, "get_error_message", None)
+    msg = get() if get else None
+    return "%s: %s" % (what, (msg or str(e) or type(e).__name__).strip())
+
+
+def _error_code(e: BaseException) -> Optional[int]:
+    get = getattr(e, "get_error_code", None)
+    return get() if get else None
+
+
+# libvirt allows exactly one event loop implementation per process, registered before the
+# connections that use it; it is process state by nature, hence this module-level guard.
+_event_lock = threading.Lock()
+_event_loop_modules: Set[int] = set()
+
+
+def start_event_loop(lv: Any) -> bool:
+    """Register libvirt's default event loop and run it in a daemon thread (once).
+
+    With it, libvirt notices a closed connection at once (close callback, keepalive)
+    and delivers domain lifecycle events; without it, a failed call is the signal."""
+    with _event_lock:
+        if id(lv) in _event_loop_modules:
+            return True
+        register = getattr(lv, "virEventRegisterDefaultImpl", None)
+        run = getattr(lv, "virEventRunDefaultImpl", None)
+        if register is None or run is None:
+            return False
+        try:
+            register()
+        except Exception as e:  # noqa: BLE001 - a binding without event support
+            log.debug("libvirt event loop unavailable: %s", e)
+            return False
+
+        def loop() -> None:
+            while True:
+                try:
+                    run()
+                except Exception:  # noqa: BLE001 - keep the loop alive; libvirt logs
+                    time.sleep(0.5)
+
+        threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
+        _event_loop_modules.add(id(lv))
+        return True
+
+
+def _quiet_errors(lv: Any) -> None:
+    """libvirt-python prints every error to stderr by default; ours become messages."""
+    try:
+        lv.registerErrorHandler(lambda _ctx, _err: None, None)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+@dataclass
+class _Known:
+    """What is cached per domain UUID between ticks."""
+
+    pid: Optional[int] = None
+    xml_pid: Optional[int] = -1  # the pid the XML verdict was taken for (-1: none yet)
+    xml_excluded: Optional[bool] = None
+    had_pid: bool = False
+
+
+def nosharepages(xml: str) -> bool:
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return False
+    return root.find("./memoryBacking/nosharepages") is not None
+
+
+class LibvirtCollector:
+    """Active libvirt domains as VmReadings; /proc discovery while libvirt is unavailable.
+
+    `.source` is "libvirt" or "proc" after each collect(); `.errors` the (source, message)
+    pairs of this tick's per-domain problems; `.changed` is set by libvirt lifecycle and
+    close events so a caller may tick early."""
+
+    def __init__(self, uri: Optional[str] = "qemu:///system", proc: Optional[ProcFs] = None,
+                 run_root: str = "/run", libvirt_module: Any = None,
+                 clock: Callable[[], float] = time.monotonic, events: bool = True,
+                 backoff_initial: float = 1.0, backoff_max: float = 60.0) -> None:
+        self.uri = uri
+        self.proc = proc if proc is not None else ProcFs()
+        self.pid_dir = Path(run_root) / "libvirt" / "qemu"
+        self.clock = clock
+        self.events = events
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.changed = threading.Event()
+        self.source: Optional[str] = None
+        self.last_error: Optional[str] = None
+        self.errors: List[Tuple[str, str]] = []
+        self._lv = libvirt_module
+        self._no_module: Optional[str] = None if uri else "no libvirt URI configured"
+        self._conn: Any = None
+        self._broken = False
+        self._callback_ids: List[int] = []
+        self._backoff = backoff_initial
+        self._next_try = float("-inf")
+        self._known: Dict[str, _Known] = {}
+        self._stale: Set[str] = set()
+        self._lock = threading.Lock()
+        self._scanner = QemuProcScanner(self.proc)
+        self._reported: Set[Tuple[str, str]] = set()
+
+    # ---- connection ------------------------------------------------------------------
+    def _module(self) -> Any:
+        if self._lv is None:
+            import libvirt  # lazy: ksmctl runs on hosts without libvirt-python
+            self._lv = libvirt
+        return self._lv
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and not self._broken
+
+    def _connection(self) -> Any:
+        if self._conn is not None and self._broken:
+            self._disconnect("libvirtd closed the connection")
+        if self._conn is not None:
+            return self._conn
+        if self._no_module is not None:
+            self.last_error = self._no_module
+            return None
+        if self.clock() < self._next_try:
+            return None
+        try:
+            lv = self._module()
+        except ImportError:
+            self._no_module = "libvirt-python is not installed"
+            self.last_error = self._no_module
+            return None
+        _quiet_errors(lv)
+        if self.events:
+            start_event_loop(lv)
+        try:
+            conn = lv.openReadOnly(self.uri)
+            if conn is None:
+                raise LibvirtUnavailable("openReadOnly returned nothing")
+        except Exception as e:  # noqa: BLE001 - libvirtError, or anything a binding raises
+            self._schedule_retry(libvirt_message(e, "cannot connect to libvirt at %s" % self.uri))
+            return None
+        self._conn = conn
+        self._broken = False
+        self._backoff = self.backoff_initial
+        if self.events:
+            self._register_callbacks(lv, conn)
+        return conn
+
+    def _register_callbacks(self, lv: Any, conn: Any) -> None:
+        try:
+            conn.registerCloseCallback(self._on_close, None)
+        except Exception as e:  # noqa: BLE001 - a failed call will tell us instead
+            log.debug("libvirt close callback not registered: %s", libvirt_message(e, self.uri))
+        try:
+            cid = conn.domainEventRegisterAny(
+                None, getattr(lv, "VIR_DOMAIN_EVENT_ID_LIFECYCLE", _EVENT_ID_LIFECYCLE),
+                self._on_lifecycle, None)
+            self._callback_ids.append(cid)
+        except Exception as e:  # noqa: BLE001 - then new VMs show up at the next tick
+            log.debug("libvirt lifecycle events not registered: %s", libvirt_message(e, self.uri))
+
+    def _on_close(self, _conn: Any, _reason: int, _opaque: Any) -> None:
+        self._broken = True
+        self.changed.set()
+
+    def _on_lifecycle(self, _conn: Any, dom: Any, _event: int, _detail: int, _opaque: Any) -> None:
+        try:
+            uuid = dom.UUIDString()
+        except Exception:  # noqa: BLE001
+            return
+        with self._lock:
+            self._stale.add(uuid)
+        self.changed.set()
+
+    def _schedule_retry(self, message: str) -> None:
+        self.last_error = message
+        self._next_try = self.clock() + self._backoff
+        log.debug("%s; next try in %.0fs", message, self._backoff)
+        self._backoff = min(self._backoff * 2, self.backoff_max)
+
+    def _disconnect(self, why: Optional[str] = None) -> None:
+        conn, self._conn = self._conn, None
+        ids, self._callback_ids = self._callback_ids, []
+        self._broken = False
+        if conn is not None:
+            for cid in ids:
+                try:
+                    conn.domainEventDeregisterAny(cid)
+                except Exception:  # noqa: BLE001 - the connection may be dead already
+                    pass
+            try:
+                conn.unregisterCloseCallback()
+            except Exception:  # noqa: BLE001
+                pass
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+        if why is not None:
+            # Retry soon (first backoff step): libvirtd restarting is the common case.
+            self._schedule_retry(why)
+
+    def close(self) -> None:
+        self._disconnect()
+
+    # ---- collecting ------------------------------------------------------------------
+    def collect(self) -> Tuple[VmReading, ...]:
+        self.errors = []
+        self.changed.clear()
+        conn = self._connection()
+        if conn is not None:
+            try:
+                vms = self._collect_libvirt(conn)
+            except LibvirtUnavailable as e:
+                self._disconnect(e.message)
+            else:
+                self._set_source("libvirt")
+                return vms
+        vms = self._scanner.collect()
+        self._set_source("proc")
+        return vms
+
+    def _set_source(self, source: str) -> None:
+        if source == self.source:
+            return
+        self.source = source
+        if source == "libvirt":
+            log.info("per-VM data from libvirt at %s", self.uri)
+        elif self._no_module is not None:
+            log.info("per-VM data from /proc (QEMU processes): %s", self._no_module)
+        else:
+            log.warning("per-VM data from /proc (QEMU processes) while libvirt is unavailable: %s;"
+                        " retrying libvirt with backoff", self.last_error)
+
+    def _collect_libvirt(self, conn: Any) -> Tuple[VmReading, ...]:
+        lv = self._lv
+        stats_flags = getattr(lv, "VIR_DOMAIN_STATS_STATE", _STATS_STATE) | \
+            getattr(lv, "VIR_DOMAIN_STATS_BALLOON", _STATS_BALLOON)
+        try:
+            records = conn.getAllDomainStats(
+                stats_flags, getattr(lv, "VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE", _STATS_ACTIVE))
+        except Exception as e:  # noqa: BLE001
+            raise LibvirtUnavailable(libvirt_message(e, "libvirt %s: listing domains failed" % self.uri)) from None
+        with self._lock:
+            stale, self._stale = self._stale, set()
+        for uuid in stale:
+            self._known.pop(uuid, None)
+        out = []
+        seen = set()
+        for dom, params in records or ():
+            try:
+                reading = self._domain(dom, params)
+            except _Vanished:
+                continue
+            if reading is not None:
+                out.append(reading)
+                seen.add(reading.uuid)
+        for uuid in [u for u in self._known if u not in seen]:
+            del self._known[uuid]  # keeps the cache bounded by the running domains
+        return tuple(out)
+
+    def _note(self, key: str, message: str) -> None:
+        """A per-domain problem: in this tick's errors; logged once per domain and message."""
+        self.errors.append(("vms", message))
+        if (key, message) not in self._reported:
+            if len(self._reported) > 10000:
+                self._reported.clear()
+            self._reported.add((key, message))
+            log.warning("%s", message)
+
+    def _domain(self, dom: Any, params: Dict[str, Any]) -> Optional[VmReading]:
+        try:
+            uuid = dom.UUIDString()
+            name = dom.name()
+        except Exception as e:  # noqa: BLE001 - both are local calls; a broken object
+            if _error_code(e) == _ERR_NO_DOMAIN:
+                raise _Vanished() from None
+            self._note("?", libvirt_message(e, "libvirt %s: a domain" % self.uri))
+            return None
+        known = self._known.get(uuid)
+        if known is None:
+            known = self._known[uuid] = _Known()
+        pid, args = self._pid(uuid, name, known)
+        excluded_xml = self._xml_excluded(dom, uuid, name, pid, known)
+        excluded = bool(excluded_xml) or bool(args is not None and args.mem_merge_off)
+
+        def kib(key: str) -> Optional[int]:
+            v = params.get(key)
+            return int(v) * 1024 if v is not None else None
+
+        rss = kib("balloon.rss")
+        ksm = None
+        if pid is not None:
+            ksm = self.proc.ksm_stat(pid)
+            if rss is None:
+                rss = self.proc.rss_bytes(pid)
+        return VmReading(
+            uuid=uuid, name=name, state=STATE_NAMES.get(params.get("state.state", -1), "unknown"),
+            pid=pid, source="libvirt", balloon_current=kib("balloon.current"),
+            balloon_maximum=kib("balloon.maximum"), rss=rss,
+            guest_available=kib("balloon.available"), guest_usable=kib("balloon.usable"),
+            guest_unused=kib("balloon.unused"), ksm=ksm, excluded=excluded)
+
+    def _check_pid(self, pid: int, uuid: str, name: str) -> Tuple[Optional[QemuArgs], str]:
+        """(args, "") when pid is this guest's QEMU; (None, why) otherwise."""
+        argv = self.proc.cmdline(pid)
+        if not argv:
+            return None, "gone"
+        args = parse_qemu_cmdline(argv)
+        if args is None:
+            return None, "not a QEMU process"
+        if args.name != name or (args.uuid is not None and args.uuid != uuid.lower()):
+            return None, "a QEMU process of another guest (%s)" % (args.name or args.uuid)
+        return args, ""
+
+    def _pid(self, uuid: str, name: str, known: _Known) -> Tuple[Optional[int], Optional[QemuArgs]]:
+        """The guest's QEMU pid, verified against /proc/<pid>/cmdline; None if unknown."""
+        if known.pid is not None:
+            args, _ = self._check_pid(known.pid, uuid, name)
+            if args is not None:
+                return known.pid, args
+            known.pid = None
+        path = self.pid_dir / (name + ".pid")
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            if known.had_pid:
+                raise _Vanished() from None  # it had a process; the pid file went with it
+            return None, None
+        try:
+            pid = int(text)
+        except ValueError:
+            self._note(uuid, "%s: pid file %s holds %r, not a pid" % (name, path, text[:20]))
+            return None, None
+        args, why = self._check_pid(pid, uuid, name)
+        if args is None:
+            if why == "gone" and known.had_pid:
+                raise _Vanished()
+            self._note(uuid, "%s: ignoring stale pid file %s: pid %d is %s"
+                       % (name, path, pid, "gone" if why == "gone" else why))
+            return None, None
+        known.pid = pid
+        known.had_pid = True
+        return pid, args
+
+    def _xml_excluded(self, dom: Any, uuid: str, name: str, pid: Optional[int],
+                      known: _Known) -> Optional[bool]:
+        """<memoryBacking><nosharepages/>, from the XML fetched once per domain start."""
+        if known.xml_pid == pid and known.xml_excluded is not None:
+            return known.xml_excluded
+        try:
+            xml = dom.XMLDesc(0)
+        except Exception as e:  # noqa: BLE001
+            if _error_code(e) == _ERR_NO_DOMAIN:
+                raise _Vanished() from None
+            self._note(uuid, libvirt_message(e, "libvirt %s: reading the XML of %s" % (self.uri, name)))
+            return None  # retried next tick; the QEMU command line still tells mem-merge=off
+        known.xml_pid = pid
+        known.xml_excluded = nosharepages(xml)
+        return known.xml_excluded

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Install everything the test suite needs on a Debian 12 KVM host (as root) and run the
+# whole suite: real KSM, real libvirtd + QEMU guests, real Prometheus, real ksmtuned.
+# Idempotent: a second run installs nothing new. `.ci/run` calls exactly this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "scripts/test.sh: run as root (the tests write /sys/kernel/mm/ksm and start libvirtd)" >&2
+    exit 2
+fi
+
+APT_PACKAGES="python3-venv gcc pkg-config openssl cpio busybox-static qemu-system-x86 libvirt-daemon
+  libvirt-daemon-driver-qemu libvirt-clients libvirt-dev prometheus ksmtuned systemd"
+missing=""
+for p in $APT_PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "== apt-get install:$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+# Debian's ksmtuned package must not leave its own daemon running: it writes the same knobs.
+pkill -x ksmtuned 2>/dev/null || true
+
+echo "== guest kernel for the libvirt lab"
+bash tests/lab/get-kernel.sh
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+echo "== pip install -e .[test,bench]"
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+
+# RHEL 9 runs Python 3.9: the pure-Python core (policies, decisions, readers) must work there.
+PY39=$(ls -d /root/.pyenv/versions/3.9*/bin/python3.9 2>/dev/null | head -n1 || true)
+PY39=${PY39:-$(command -v python3.9 || true)}
+if [ -n "$PY39" ]; then
+    echo "== Python 3.9: $PY39"
+    [ -x .venv39/bin/python ] || "$PY39" -m venv .venv39
+    .venv39/bin/pip install -q --disable-pip-version-check -e . pytest pytest-timeout hypothesis
+    .venv39/bin/python -m pytest -q -p no:cacheprovider tests/test_policy_loader.py tests/test_decide.py \
+        tests/test_collectors.py tests/test_config.py tests/test_replay.py
+elif [ "${CI:-}" = "true" ]; then
+    echo "scripts/test.sh: no Python 3.9 interpreter found (pyenv) in CI" >&2
+    exit 1
+fi
+
+echo "== pytest (whole suite)"
+set +e
+.venv/bin/python -m pytest -p no:cacheprovider -ra "$@"
+rc=$?
+set -e
+# pytest's 5 means no tests were collected: that is a failure here, never a pass.
+[ $rc = 5 ] && { echo "no tests were collected" >&2; exit 1; }
+exit $rc

@@ -1,0 +1,112 @@
+"""Readers on fixture trees: new and old kernels, odd values, garbage."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ksmctl.collectors.host import CollectionFailed, HostCollector
+from ksmctl.collectors.procfs import ProcFs, parse_ksm_stat, parse_psi
+from ksmctl.collectors.sysfs import KsmSysfs, parse_advisor_mode
+from ksmctl.errors import KsmNotAvailable, ReadError
+from ksmctl.readings import KSM_ATTRIBUTES
+
+from .fixtures import KSM_STAT_NEW, OLD_KERNEL_DROPS, make_proc, make_sys
+
+
+def test_new_kernel_reads_every_attribute(tmp_path):
+    s = KsmSysfs(str(make_sys(tmp_path)), page_size=4096).read()
+    assert s.unsupported == frozenset()
+    assert set(s.values) | {"advisor_mode"} == set(KSM_ATTRIBUTES)
+    assert s.advisor_mode == "none" and s.advisor_modes == ("none", "scan-time")
+    assert s.get("pages_sharing") == 25000 and s.running
+    assert s.saved_bytes == (25000 + 500) * 4096
+
+
+def test_old_kernel_reports_missing_attributes_as_unsupported(tmp_path):
+    s = KsmSysfs(str(make_sys(tmp_path, drop=OLD_KERNEL_DROPS)), page_size=4096).read()
+    assert s.unsupported == frozenset(OLD_KERNEL_DROPS)
+    assert s.advisor_mode is None and s.unreadable == {}
+    assert s.saved_bytes == 25000 * 4096  # no ksm_zero_pages on this kernel
+
+
+def test_negative_general_profit(tmp_path):
+    s = KsmSysfs(str(make_sys(tmp_path, {"general_profit": "-4096000"}))).read()
+    assert s.get("general_profit") == -4096000
+
+
+def test_garbage_in_one_file_costs_only_that_attribute(tmp_path):
+    s = KsmSysfs(str(make_sys(tmp_path, {"pages_sharing": "lots", "advisor_mode": "none scan-time"}))).read()
+    assert "pages_sharing" not in s.values and s.get("pages_shared") == 1000
+    assert "expected an integer, found 'lots'" in s.unreadable["pages_sharing"]
+    assert str(tmp_path / "kernel/mm/ksm/pages_sharing") in s.unreadable["pages_sharing"]
+    assert "one [selected]" in s.unreadable["advisor_mode"]
+
+
+def test_no_ksm_in_kernel(tmp_path):
+    with pytest.raises(KsmNotAvailable, match="CONFIG_KSM"):
+        KsmSysfs(str(tmp_path)).read()
+
+
+def test_advisor_mode_parsing():
+    assert parse_advisor_mode("none [scan-time]") == ("scan-time", ("none", "scan-time"))
+    with pytest.raises(ValueError):
+        parse_advisor_mode("none scan-time")
+
+
+def test_meminfo_psi_and_ksmd_cpu(tmp_path):
+    p = ProcFs(str(make_proc(tmp_path, ksmd_ticks=(150, 50))))
+    m = p.meminfo()
+    assert m.total == 24683656 * 1024 and m.available == 21000000 * 1024 and m.buffers == 100000 * 1024
+    psi = p.psi()
+    assert (psi.some_avg10, psi.some_avg60, psi.full_avg10, psi.full_avg60) == (1.5, 0.75, 0.25, 0.05)
+    assert p.ksmd_pid() == 36
+    assert p.ksmd_cpu_seconds() == pytest.approx(200 / os.sysconf("SC_CLK_TCK"))
+
+
+def test_missing_psi_is_not_an_error(tmp_path):
+    assert ProcFs(str(make_proc(tmp_path, psi=None))).psi() is None
+
+
+def test_bad_meminfo_names_file_and_field(tmp_path):
+    p = ProcFs(str(make_proc(tmp_path, meminfo="MemTotal: lots kB\nMemFree: 1 kB\n")))
+    with pytest.raises(ReadError, match=r"meminfo: MemTotal: expected '<number> kB', found 'lots kB'"):
+        p.meminfo()
+    with pytest.raises(ReadError, match="avg10: expected a number"):
+        parse_psi("some avg10=x avg60=1\n")
+
+
+def test_ksm_stat_both_line_formats():
+    st = parse_ksm_stat(KSM_STAT_NEW)
+    assert (st.rmap_items, st.zero_pages, st.merging_pages, st.process_profit) == (2048, 3, 1500, 5963776)
+    assert st.merge_any is False and st.mergeable is True
+    old = parse_ksm_stat("ksm_rmap_items 5\n")  # 6.1: one field only
+    assert old.rmap_items == 5 and old.merging_pages is None and old.mergeable is None
+
+
+def test_mergeable_rss_counts_only_mergeable_processes(tmp_path):
+    page = os.sysconf("SC_PAGE_SIZE")
+    procs = {100: {"ksm_stat": KSM_STAT_NEW, "statm": "5000 1000 10 1 0 900 0\n", "comm": "qemu\n"},
+             101: {"ksm_stat": KSM_STAT_NEW.replace("ksm_mergeable: yes", "ksm_mergeable: no"),
+                   "statm": "5000 3000 10 1 0 900 0\n", "comm": "bash\n"}}
+    p = ProcFs(str(make_proc(tmp_path, processes=procs)))
+    assert p.mergeable_rss() == 1000 * page
+
+
+def test_host_collector_skips_tick_without_meminfo_but_tolerates_missing_psi(tmp_path):
+    sysfs = KsmSysfs(str(make_sys(tmp_path / "sys")))
+    proc_root = make_proc(tmp_path / "proc", psi=None)
+    r = HostCollector(sysfs, ProcFs(str(proc_root))).collect()
+    assert r.psi is None and r.meminfo is not None and r.errors == ()
+    (proc_root / "meminfo").unlink()
+    with pytest.raises(CollectionFailed) as e:
+        HostCollector(sysfs, ProcFs(str(proc_root))).collect()
+    assert e.value.source == "proc" and "meminfo" in e.value.message
+
+
+def test_real_host_reads_without_errors():
+    """This machine's own /sys and /proc (read-only)."""
+    s = KsmSysfs().read()
+    assert s.unreadable == {} and "run" in s.values
+    r = HostCollector(KsmSysfs(), ProcFs()).collect()
+    assert r.meminfo.total > 0 and r.ksmd_cpu_seconds is not None

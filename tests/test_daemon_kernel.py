@@ -1,0 +1,70 @@
+"""The daemon on this machine's real KSM: it turns KSM on for a policy whose start
+condition the host meets, merges real MADV_MERGEABLE memory, stops when a reloaded
+policy says so, rejects an invalid reload, notices other writers, and restores the
+knobs on exit."""
+from __future__ import annotations
+
+import signal
+
+from ksmctl.collectors.sysfs import KsmSysfs
+
+from .daemon_proc import ALWAYS_ON_POLICY, STOP_POLICY, DaemonProc, wait_ticks
+from .ksmlock import ksm_exclusive
+from .mergeable import Holder
+from .support import need_root, wait_for
+
+
+def test_daemon_merges_stops_on_reload_and_restores(tmp_path):
+    need_root()
+    sysfs = KsmSysfs()
+    with ksm_exclusive() as found, Holder(pages=20000, distinct=7):
+        assert found["run"] == "0" or found["run"] == "1"
+        with DaemonProc(tmp_path, ALWAYS_ON_POLICY) as d:
+            wait_for(lambda: sysfs.read().get("run") == 1, 20, "the daemon to start KSM")
+            assert sysfs.read().get("pages_to_scan") == 5000
+            wait_for(lambda: sysfs.read().get("pages_sharing") >= 19000, 60, "pages_sharing to grow")
+            s = wait_ticks(d, 1)
+            assert s["decision"]["run_rule"] in ("start", "keep_running")
+            assert s["policy"]["name"] == "test-on"
+
+            # Another writer changes pages_to_scan: logged, reported, re-asserted.
+            with open(sysfs.path("pages_to_scan"), "w") as f:
+                f.write("123")
+            wait_for(lambda: "pages_to_scan was changed by another writer" in d.log_text(), 20, "drift log")
+            wait_for(lambda: sysfs.read().get("pages_to_scan") == 5000, 20, "re-assert")
+
+            # An invalid policy on reload is rejected; the old one keeps running.
+            good_hash = d.state()["policy"]["sha256"]
+            d.policy.write_text("name: broken\nscan: {cpu_budget: 500}\n")
+            d.signal(signal.SIGHUP)
+            wait_for(lambda: "reload rejected" in d.log_text(), 20, "reload rejection")
+            assert "scan.cpu_budget: 500 is not allowed" in d.log_text()
+            s = wait_ticks(d, 2)
+            assert s["policy"]["sha256"] == good_hash and d.alive()
+
+            # A valid policy whose stop condition holds: KSM stops, merged pages stay.
+            d.policy.write_text(STOP_POLICY)
+            d.signal(signal.SIGHUP)
+            wait_for(lambda: sysfs.read().get("run") == 0, 20, "the daemon to stop KSM")
+            s = wait_ticks(d, 1)
+            assert s["policy"]["name"] == "test-stop" and s["decision"]["run_rule"] in ("stop", "stay_stopped")
+            assert sysfs.read().get("pages_sharing") > 0
+            assert d.stop() == 0
+        after = sysfs.read()
+        assert str(after.get("pages_to_scan")) == found["pages_to_scan"]
+        assert str(after.get("sleep_millisecs")) == found["sleep_millisecs"]
+        assert not d.state_file.exists()
+
+
+def test_dry_run_decides_but_never_writes(tmp_path):
+    need_root()
+    sysfs = KsmSysfs()
+    with ksm_exclusive():
+        before = sysfs.read().values
+        with DaemonProc(tmp_path, ALWAYS_ON_POLICY, args=["--dry-run"]) as d:
+            s = wait_ticks(d, 3)
+            assert s["dry_run"] and s["decision"]["targets"]["run"] == 1
+            assert "[dry run]" in d.log_text()
+            now = sysfs.read().values
+            assert {k: now[k] for k in ("run", "pages_to_scan", "sleep_millisecs")} == \
+                   {k: before[k] for k in ("run", "pages_to_scan", "sleep_millisecs")}

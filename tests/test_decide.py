@@ -1,0 +1,216 @@
+"""decide() as a pure function: ksmtuned's algorithm tick by tick (expected values worked
+out by hand from the ksmtuned script), hysteresis, the adaptive strategy and the budget."""
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+
+from ksmctl.policy.decide import EngineState, decide, sleep_millisecs
+from ksmctl.policy.loader import load_policy, parse_policy
+from ksmctl.readings import KsmState, MemInfo, Psi, Readings, VmReading
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+
+def ksm(**values) -> KsmState:
+    base = {"run": 0, "pages_to_scan": 100, "sleep_millisecs": 20, "pages_shared": 0, "pages_sharing": 0,
+            "pages_unshared": 0, "pages_volatile": 0, "pages_scanned": 0, "full_scans": 0, "ksm_zero_pages": 0}
+    base.update(values)
+    return KsmState(values=base, advisor_mode="none", advisor_modes=("none", "scan-time"), page_size=4096)
+
+
+def reading(t: float = 0.0, total_kib: int = 8388608, free_kib: int = 0, committed_kib: int = 0,
+            available: Optional[int] = None, psi10: float = 0.0, ksmd_cpu: Optional[float] = 0.0,
+            mergeable: Optional[int] = None, **ksm_values) -> Readings:
+    mi = MemInfo(total=total_kib * KIB, available=available if available is not None else free_kib * KIB,
+                 free=free_kib * KIB)
+    vms = (VmReading(uuid="u1", name="g1", rss=committed_kib * KIB),)
+    return Readings(monotonic=t, wall=1e9 + t, ksm=ksm(**ksm_values), meminfo=mi,
+                    psi=Psi(psi10, 0.0, 0.0, 0.0), ksmd_cpu_seconds=ksmd_cpu, vms=vms, mergeable_rss=mergeable)
+
+
+# ksmtuned on an 8 GiB host (MemTotal 8388608 KiB):
+#   thres = 8388608 * 20 / 100 = 1677721 KiB (integer division), above the 2048 KiB constant
+#   sleep = 10 * 16 * 1024 * 1024 / 8388608 = 20 ms
+# Each row: committed KiB (qemu RSS), free KiB (MemFree+Buffers+Cached), expected run, npages.
+KSMTUNED_TABLE = [
+    (1000000, 7000000, 0, None),      # 1000000+1677721 < total and free > thres: stop
+    (6800000, 1500000, 1, 300),       # committed+thres >= total: start; free < thres: boost 0+300
+    (6800000, 1500000, 1, 600),       # boost
+    (6800000, 1677721, 1, 550),       # free == thres: not "<": decay -50
+    (6000000, 1600000, 1, 850),       # committed+thres < total but free <= thres: run, boost
+    (6000000, 1600000, 1, 1150),      # boost
+    (6000000, 1600000, 1, 1250),      # boost, clamped to KSM_NPAGES_MAX
+    (6000000, 2000000, 0, None),      # both below thresholds: stop (npages kept: 1250)
+    (6710887, 2000000, 1, 1200),      # committed+thres == total: "-lt" fails, so start; decay
+    (6710886, 1677722, 0, None),      # committed+thres == total-1 and free == thres+1: stop
+    (6710887, 1677722, 1, 1150),      # decay
+]
+
+
+def test_ksmtuned_policy_matches_ksmtuned_tick_by_tick():
+    policy = load_policy("ksmtuned").policy
+    assert policy.interval == 60.0
+    state = EngineState()
+    for i, (committed, free, run, npages) in enumerate(KSMTUNED_TABLE):
+        d, state = decide(policy, reading(t=60.0 * i, committed_kib=committed, free_kib=free), state)
+        assert d.targets["run"] == run, (i, d.reasons)
+        if run:
+            assert (d.targets["pages_to_scan"], d.targets["sleep_millisecs"]) == (npages, 20), (i, d.reasons)
+        else:
+            assert "pages_to_scan" not in d.targets
+
+
+def test_ksmtuned_first_decay_clamps_to_min_and_sleep_scales_with_memory():
+    policy = load_policy("ksmtuned").policy
+    d, _ = decide(policy, reading(committed_kib=8000000, free_kib=4000000), EngineState())
+    assert d.targets["pages_to_scan"] == 64  # npages starts at 0: 0 - 50 clamps to KSM_NPAGES_MIN
+    assert sleep_millisecs(policy, 16 * GIB) == 10   # 10 ms per 16 GiB
+    assert sleep_millisecs(policy, 64 * GIB) == 10   # 2.5 ms, floored to 10
+    assert sleep_millisecs(policy, 4 * GIB) == 40
+    assert sleep_millisecs(policy, 12345678 * KIB) == 10 * 16 * 1024 * 1024 // 12345678
+
+
+def test_ksmtuned_threshold_constant_applies_on_tiny_hosts():
+    policy = load_policy("ksmtuned").policy
+    # MemTotal 8000 KiB: 20% is 1600 KiB, below the 2048 KiB constant, so thres = 2048 KiB.
+    d, _ = decide(policy, reading(total_kib=8000, committed_kib=0, free_kib=2000), EngineState())
+    assert d.targets["run"] == 1 and d.targets["pages_to_scan"] == 300  # free 2000 < 2048: boost
+
+
+HYSTERESIS = parse_policy("""
+name: h
+run:
+  mode: conditional
+  start_when: [{signal: memory_available, below: 40%}]
+  stop_when: [{signal: memory_available, above: 60%}]
+""")
+
+
+@pytest.mark.parametrize("avail_pct,was,expect", [(30, False, 1), (50, False, 0), (50, True, 1), (70, True, 0)])
+def test_hysteresis(avail_pct, was, expect):
+    total = 10 * GIB
+    d, st = decide(HYSTERESIS, reading(total_kib=total // KIB, available=total * avail_pct // 100),
+                   EngineState(active=was))
+    assert d.targets["run"] == expect
+    assert d.run_rule == {(1, False): "start", (0, False): "stay_stopped", (1, True): "keep_running",
+                          (0, True): "stop"}[(expect, was)]
+    assert st.active == bool(expect)
+
+
+def test_reason_names_condition_and_values():
+    total = 10 * GIB
+    d, _ = decide(HYSTERESIS, reading(total_kib=total // KIB, available=3 * GIB), EngineState(active=False))
+    assert d.reasons[0] == "memory_available 3.0 GiB < 4.0 GiB"
+
+
+def test_unknown_signal_never_fires():
+    p = parse_policy("name: p\nrun:\n  mode: conditional\n  start_when: [{signal: guest_free, above: 0}]\n")
+    d, _ = decide(p, reading(), EngineState(active=False))
+    assert d.targets["run"] == 0 and d.reasons == ("guest_free unknown",)
+
+
+ADAPTIVE = parse_policy("""
+name: a
+run: {mode: always}
+scan:
+  strategy: adaptive
+  pages_to_scan: {min: 100, max: 100000}
+  sleep_millisecs: {base: 10, floor: 10}
+  adaptive: {target_pass_seconds: 4, idle_yield: 1.0, idle: {pages_to_scan: 100, sleep_millisecs: 1000},
+             resume_growth: 64MiB}
+""")
+
+
+def test_adaptive_paces_passes_then_idles_then_resumes():
+    merge = 400 * MIB           # 102400 pages: one pass per 4 s = 25600 pages/s = 256 per 10 ms
+    st = EngineState()
+    d, st = decide(ADAPTIVE, reading(t=0, mergeable=merge), st)
+    assert (d.targets["pages_to_scan"], d.targets["sleep_millisecs"], d.scan_rule) == (256, 10, "merging")
+    # Passes 1 and 2 complete: merges found. Not idle before the third boundary.
+    d, st = decide(ADAPTIVE, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400), st)
+    d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge, full_scans=2, pages_scanned=204800,
+                                     pages_sharing=50000), st)
+    assert d.scan_rule == "merging" and st.passes == 2
+    # Third boundary: that pass found 50 new merges in 102400 pages = 0.49 per 1000 < 1: idle.
+    d, st = decide(ADAPTIVE, reading(t=15, mergeable=merge, full_scans=3, pages_scanned=307200,
+                                     pages_sharing=50050), st)
+    assert d.scan_rule == "idle" and (d.targets["pages_to_scan"], d.targets["sleep_millisecs"]) == (100, 1000)
+    assert "0.49 new merges per 1000 pages" in d.reason
+    # Stays idle while mergeable memory is stable...
+    d, st = decide(ADAPTIVE, reading(t=20, mergeable=merge + 10 * MIB, full_scans=3, pages_scanned=307300,
+                                     pages_sharing=50050), st)
+    assert d.scan_rule == "idle"
+    # ...and resumes at full pace at once when a guest adds 200 MiB.
+    d, st = decide(ADAPTIVE, reading(t=25, mergeable=merge + 200 * MIB, full_scans=3, pages_scanned=307400,
+                                     pages_sharing=50050), st)
+    assert d.scan_rule == "resume" and d.targets["pages_to_scan"] == 384  # 153600 pages / 4 s / 100 per s
+    assert "grew by 200.0 MiB" in d.reason
+
+
+def test_adaptive_does_not_idle_while_passes_still_find_merges():
+    st = EngineState()
+    merge = 400 * MIB
+    for i in range(1, 6):
+        d, st = decide(ADAPTIVE, reading(t=5 * i, mergeable=merge, full_scans=i, pages_scanned=102400 * i,
+                                         pages_sharing=1000 * i), st)  # ~9.8 merges per 1000 pages each pass
+        assert d.scan_rule == "merging"
+
+
+def test_cpu_budget_caps_scan_rate():
+    p = parse_policy("""
+name: b
+run: {mode: always}
+scan:
+  strategy: step
+  pages_to_scan: {initial: 1000, min: 64, max: 5000, boost: 0, decay: 0}
+  cpu_budget: 20
+""")
+    st = EngineState()
+    d, st = decide(p, reading(t=0, ksmd_cpu=0.0), st)
+    assert d.targets["pages_to_scan"] == 1000
+    d, st = decide(p, reading(t=10, ksmd_cpu=8.0), st)  # 80% of a core over 10 s
+    assert d.scan_rule == "cpu_cap" and d.targets["pages_to_scan"] == 250 and d.ksmd_cpu_percent == 80.0
+    d, st = decide(p, reading(t=20, ksmd_cpu=8.5), st)  # 5%: within budget, recover gradually
+    assert d.targets["pages_to_scan"] == 312
+
+
+def test_advisor_strategy_and_fallback_on_old_kernels():
+    p = load_policy("kernel-advisor").policy
+    r = reading(committed_kib=8000000, free_kib=100)
+    d, _ = decide(p, r, EngineState())
+    assert d.scan_rule == "advisor" and d.targets["advisor_mode"] == "scan-time"
+    assert "pages_to_scan" not in d.targets
+    old = Readings(monotonic=0, wall=0, ksm=KsmState(values=dict(r.ksm.values), advisor_mode=None,
+                                                     unsupported=frozenset({"advisor_mode"})),
+                   meminfo=r.meminfo, vms=r.vms)
+    d, _ = decide(p, old, EngineState())
+    assert "advisor_mode" not in d.targets and d.targets["run"] == 1
+    assert "no advisor_mode" in d.reason
+
+
+def test_off_policy_and_background_on_stop():
+    d, _ = decide(load_policy("off").policy, reading(), EngineState(active=True))
+    assert d.targets == {"run": 0} and d.run_rule == "off"
+    p = parse_policy("""
+name: bg
+run:
+  mode: conditional
+  start_when: [{signal: memory_available, below: 10%}]
+  on_stop: background
+  background: {pages_to_scan: 50, sleep_millisecs: 500}
+""")
+    d, _ = decide(p, reading(available=8 * GIB), EngineState(active=False))
+    assert d.targets == {"advisor_mode": "none", "pages_to_scan": 50, "sleep_millisecs": 500, "run": 1}
+    assert d.scan_rule == "background"
+
+
+def test_decide_is_pure():
+    policy = load_policy("default").policy
+    r = reading(committed_kib=7000000, free_kib=100000, mergeable=300 * MIB)
+    a = decide(policy, r, EngineState())
+    b = decide(policy, r, EngineState())
+    assert a == b

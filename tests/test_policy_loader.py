@@ -1,0 +1,116 @@
+"""The policy loader: one test per kind of invalid policy (exact messages), the shipped
+policies, the JSON Schema, and a property test that nothing escapes as a traceback."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ksmctl.errors import PolicyError
+from ksmctl.policy.loader import json_schema, load_policy, parse_policy, shipped_policy_names
+
+REPO = Path(__file__).resolve().parent.parent
+
+INVALID = [
+    ("name: x\nscan:\n  pages_to_scan:\n    mx: 3\n",
+     "p.yaml:4: scan.pages_to_scan: unknown key 'mx'; allowed here: boost, decay, initial, max, min"),
+    ("name: x\ninterval: soon\n",
+     "p.yaml:2: interval: 'soon' is not allowed: expected seconds, or with a unit: 500ms, 10s, 5m, 1h, found 'soon'"),
+    ("name: x\nscan:\n  cpu_budget: 150\n",
+     "p.yaml:3: scan.cpu_budget: 150 is not allowed: Input should be less than or equal to 100"),
+    ("interval: 5\n", "p.yaml:1: top level: required key 'name' is missing"),
+    ("", "p.yaml: top level: required key 'name' is missing"),
+    ("name: x\nrun:\n  mode: conditional\n  start_when:\n    - {signal: memory_used, below: 10%}\n",
+     "p.yaml:5: run.start_when[0].signal: 'memory_used' is not allowed: Input should be 'memory_available', "
+     "'memory_free', 'psi_some_avg10', 'psi_some_avg60', 'psi_full_avg10', 'psi_full_avg60', 'guest_committed', "
+     "'guest_maximum', 'guest_rss', 'guest_committed_headroom', 'guest_rss_headroom', 'guest_free', "
+     "'running_vms', 'mergeable_memory' or 'merge_potential'"),
+    ("name: x\nrun:\n  mode: conditional\n  start_when:\n    - {signal: psi_some_avg10, above: 10%}\n",
+     "p.yaml:5: run.start_when[0]: a percentage of MemTotal only applies to memory signals, not psi_some_avg10"),
+    ("name: x\nrun:\n  mode: conditional\n  start_when:\n    - {signal: memory_free, above: 1GiB, below: 2GiB}\n",
+     "p.yaml:5: run.start_when[0]: a condition needs exactly one of below, at_most, above, at_least "
+     "(found below, above)"),
+    ("name: x\nscan:\n  pages_to_scan: {min: 500, max: 100}\n",
+     "p.yaml:3: scan.pages_to_scan: min (500) is larger than max (100)"),
+    ("name: x\nscan: {}\nscan: {}\n", "p.yaml:3: top level: key 'scan' appears twice"),
+    ("name: x\nscan: [\n", "p.yaml:3: not valid YAML: expected the node content, but found '<stream end>'"),
+    ("- name: x\n", "p.yaml:1: the top level must be a mapping of keys to values, found list"),
+    ("name: x\nrun:\n  mode: conditional\n",
+     "p.yaml:3: run: mode conditional needs at least one start_when condition"),
+    ("name: x\nrun: &r {mode: always}\nscan: *r\n", "p.yaml:3: not valid YAML: YAML aliases (*name) are not supported"),
+    ("name: x\nscan:\n  sleep_millisecs: {reference_memory: 16 gigs}\n",
+     "p.yaml:3: scan.sleep_millisecs.reference_memory: '16 gigs' is not allowed: expected a size in bytes, or with "
+     "a unit: 512MiB, 2GiB, 2048KiB (K/M/G/T = powers of 1024), found '16 gigs'"),
+    ("name: x\nrun:\n  mode: conditional\n  start_when:\n    - {signal: memory_free, below: yes}\n",
+     "p.yaml:5: run.start_when[0].below: True is not allowed: expected a number, a size like 2GiB or a "
+     "percentage like 20%, found True"),
+    ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: memory_free, below: 1GiB}]\n  on_stop: background\n",
+     "p.yaml:3: run: on_stop: background needs a background: {pages_to_scan, sleep_millisecs}"),
+    ("name: x\nrun: {mode: sometimes}\n",
+     "p.yaml:2: run.mode: 'sometimes' is not allowed: Input should be 'conditional', 'always' or 'off'"),
+]
+
+
+@pytest.mark.parametrize("text,message", INVALID, ids=[m.split(": ", 2)[-1][:40] for _, m in INVALID])
+def test_invalid_policy_messages(text, message):
+    with pytest.raises(PolicyError) as e:
+        parse_policy(text, "p.yaml")
+    assert str(e.value) == message
+
+
+def test_several_problems_are_all_reported():
+    with pytest.raises(PolicyError) as e:
+        parse_policy("name: x\ninterval: -1\nscan:\n  cpu_budget: 0\n  bogus: 1\n", "p.yaml")
+    lines = str(e.value).splitlines()
+    assert len(lines) == 3
+    assert lines[2] == "p.yaml:5: scan: unknown key 'bogus'; allowed here: adaptive, advisor, boost_when, " \
+                       "cpu_budget, pages_to_scan, sleep_millisecs, strategy"
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(PolicyError, match=r"nope.yaml: no such policy file"):
+        load_policy(tmp_path / "nope.yaml")
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(b"name: \xff\n")
+    with pytest.raises(PolicyError, match=r"bin.yaml: not UTF-8 text \(byte 6\)"):
+        load_policy(bad)
+    with pytest.raises(PolicyError, match=r"no policy named 'fastest'; shipped policies: aggressive, conservative"):
+        load_policy("fastest")
+
+
+def test_shipped_policies_are_valid_and_documented():
+    names = shipped_policy_names()
+    assert {"ksmtuned", "default", "conservative", "aggressive", "kernel-advisor", "off"} <= set(names)
+    for n in names:
+        lp = load_policy(n)
+        assert lp.policy.name == n
+        text = Path(lp.path).read_text()
+        assert text.startswith("# %s.yaml: " % n) and "# For: " in text and "Trades: " in text
+
+
+def test_shipped_schema_matches_the_model():
+    shipped = (REPO / "ksmctl/schema/policy.schema.json").read_text()
+    assert shipped == json_schema(), "regenerate: ksmctl policy schema > ksmctl/schema/policy.schema.json"
+    schema = json.loads(shipped)
+    assert schema["additionalProperties"] is False and "name" in schema["required"]
+
+
+yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True),
+                         st.text(max_size=12), st.sampled_from(["20%", "2GiB", "10s", "-1", "scan-time", "x%"]))
+keys = st.sampled_from(["name", "interval", "run", "scan", "mode", "start_when", "stop_when", "signal", "below",
+                        "above", "pages_to_scan", "min", "max", "percent", "at_least", "strategy", "adaptive",
+                        "cpu_budget", "bogus", "idle", "on_stop", "background"])
+documents = st.recursive(yaml_scalars, lambda ch: st.one_of(st.lists(ch, max_size=4),
+                                                             st.dictionaries(keys, ch, max_size=5)), max_leaves=25)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(documents.map(lambda d: json.dumps(d)), st.text(max_size=200)))
+def test_no_input_raises_anything_but_policy_error(text):
+    try:
+        parse_policy(text, "fuzz.yaml")
+    except PolicyError as e:
+        assert str(e).startswith("fuzz.yaml")
