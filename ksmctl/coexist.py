@@ -105,7 +105,8 @@ class CoexistenceChecker:
                 found.setdefault("ksmtuned", []).append(pid)
             elif prog == "momd" or comm == "momd":
                 found.setdefault("mom", []).append(pid)
-            elif prog in ("ksmctl", "ksmctl.cli") and "daemon" in argv:
+            elif prog in ("ksmctl", "ksmctl.cli") and "daemon" in argv and "--dry-run" not in argv:
+                # a --dry-run daemon only decides and logs: it writes nothing
                 found.setdefault("ksmctl", []).append(pid)
         out = []
         for kind, pids in sorted(found.items()):

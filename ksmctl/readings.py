@@ -111,6 +111,25 @@ class VmReading:
 
 
 @dataclass(frozen=True)
+class EstimateSummary:
+    """The last periodic dedup-potential estimate (ksmctl/estimate.py), in bytes."""
+
+    achievable: int
+    achieved: int
+    scanned: int
+    finished_wall: float
+    duration_seconds: float
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.achievable - self.achieved)
+
+    @property
+    def efficiency(self) -> Optional[float]:
+        return self.achieved / self.achievable if self.achievable > 0 else None
+
+
+@dataclass(frozen=True)
 class Readings:
     """One tick's view of the host. Optional parts are None when their source failed
     this tick (the error is in `errors`); the policy treats a missing signal as unknown."""
@@ -123,7 +142,7 @@ class Readings:
     ksmd_cpu_seconds: Optional[float] = None
     vms: Optional[Tuple[VmReading, ...]] = None
     mergeable_rss: Optional[int] = None  # bytes: RSS of processes with mergeable memory
-    merge_potential: Optional[int] = None  # bytes: achievable minus achieved (estimator)
+    estimate: Optional[EstimateSummary] = None  # the last periodic estimate, if enabled
     errors: Tuple[Tuple[str, str], ...] = ()  # (source, message)
 
     @property
@@ -135,6 +154,11 @@ class Readings:
         for vm in self.vms:
             total += vm.balloon_current if vm.balloon_current is not None else (vm.rss or 0)
         return total
+
+    @property
+    def merge_potential(self) -> Optional[int]:
+        """Bytes KSM could still save (achievable minus achieved), from the estimator."""
+        return self.estimate.remaining if self.estimate is not None else None
 
     def to_dict(self) -> dict:
         d = asdict(self)

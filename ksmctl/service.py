@@ -13,6 +13,7 @@ from .coexist import CoexistenceChecker, check_or_refuse
 from .config import Config, load_config
 from .daemon import Daemon
 from .errors import KsmctlError, PermissionDenied
+from .estimate_schedule import PeriodicEstimate
 from .ksm_writer import KsmWriter
 from .policy.loader import load_policy
 from .sdnotify import Notifier
@@ -45,6 +46,12 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
         d.config = config.model_copy(update={"restore_on_exit": False})
     if not dry_run:
         d.on_shutdown.append(lambda: marker.sync(sysfs))
+    if config.estimate.enabled and not once:
+        periodic = PeriodicEstimate(config.estimate, config.proc_root, config.sys_root,
+                                    publish=lambda s: setattr(collector, "estimate", s),
+                                    on_error=lambda m: collector.report_error("estimate", m))
+        periodic.start()
+        d.on_shutdown.append(periodic.stop)
     # --- exporter wiring (ksmctl/exporter.py) ---
     if config.exporter.enabled or config.exporter.textfile:
         from .exporter import build_exporter

@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, Optional
 
 from .errors import UsageError
 from .policy.decide import Decision, EngineState, Mark
-from .readings import KsmStat, KsmState, MemInfo, Psi, Readings, VmReading
+from .readings import EstimateSummary, KsmStat, KsmState, MemInfo, Psi, Readings, VmReading
 
 TRACE_VERSION = 1
 
@@ -28,7 +28,7 @@ def readings_from_dict(d: Dict[str, Any]) -> Readings:
         meminfo=MemInfo(**d["meminfo"]) if d.get("meminfo") else None,
         psi=Psi(**d["psi"]) if d.get("psi") else None,
         ksmd_cpu_seconds=d.get("ksmd_cpu_seconds"), vms=vms, mergeable_rss=d.get("mergeable_rss"),
-        merge_potential=d.get("merge_potential"),
+        estimate=EstimateSummary(**d["estimate"]) if d.get("estimate") else None,
         errors=tuple(tuple(e) for e in d.get("errors") or ()))  # type: ignore[misc]
 
 

@@ -74,6 +74,7 @@ def test_mom_and_other_ksmctl_daemon_found_but_not_ourselves(roots):
     _proc(proc, 400, ["/usr/local/bin/ksmctl", "--config", "x", "daemon"], "ksmctl")
     _proc(proc, 401, ["/usr/bin/python3.9", "-m", "ksmctl", "daemon"], "python3.9")
     _proc(proc, 500, ["/usr/local/bin/ksmctl", "daemon"], "ksmctl")  # that is us
+    _proc(proc, 402, ["/usr/local/bin/ksmctl", "daemon", "--dry-run"], "ksmctl")  # writes nothing
     found = {c.kind: c for c in _checker(roots, self_pid=500).scan()}
     assert set(found) == {"mom", "ksmctl"}
     assert found["mom"].pids == (300,)

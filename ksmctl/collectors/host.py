@@ -12,7 +12,7 @@ import time
 from typing import Callable, List, Optional, Tuple
 
 from ..errors import KsmctlError, ReadError
-from ..readings import Readings
+from ..readings import EstimateSummary, Readings
 from .procfs import ProcFs
 from .sysfs import KsmSysfs
 
@@ -37,10 +37,16 @@ class HostCollector:
         self.clock = clock
         self.wall = wall
         self.track_mergeable = track_mergeable
-        self.merge_potential: Optional[int] = None  # set by the periodic estimator
+        self.estimate: Optional[EstimateSummary] = None  # set by the periodic estimator
+        self._reported: List[Tuple[str, str]] = []  # errors from background work, for the next tick
+
+    def report_error(self, source: str, message: str) -> None:
+        self._reported.append((source, message))
 
     def collect(self) -> Readings:
         errors: List[Tuple[str, str]] = []
+        while self._reported:
+            errors.append(self._reported.pop(0))
         try:
             ksm = self.sysfs.read()
         except KsmctlError as e:
@@ -57,7 +63,7 @@ class HostCollector:
         mergeable = self._optional("proc", self.procfs.mergeable_rss, errors) if self.track_mergeable else None
         return Readings(monotonic=self.clock(), wall=self.wall(), ksm=ksm, meminfo=meminfo, psi=psi,
                         ksmd_cpu_seconds=cpu, vms=tuple(vms) if vms is not None else None,
-                        mergeable_rss=mergeable, merge_potential=self.merge_potential,
+                        mergeable_rss=mergeable, estimate=self.estimate,
                         errors=tuple(errors))
 
     @staticmethod
