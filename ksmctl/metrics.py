@@ -1,0 +1,421 @@
+"""Prometheus metrics: the latest tick rendered as metric families, plus counters of
+what the controller did.
+
+Namespaces: `ksm_` for what the kernel reports (sysfs, ksmd's CPU time), `ksmctl_` for
+everything else (host memory and PSI as the policy saw them, per-VM figures, the
+controller). Base units throughout (bytes, seconds, ratios 0..1). docs/metrics.md lists
+every family.
+
+Everything is rendered from the last TickRecord, so a scrape never touches sysfs or /proc
+and costs the same whatever the host does. A part the tick could not read is absent (the
+tick counted its error); a part that fails to render is dropped and counted as an
+`exporter` error, never failing the scrape. No prometheus_client metric objects: counters
+live here under a lock and are emitted as families, so there are no `_created` series
+(node_exporter's textfile collector and the golden file stay stable).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import threading
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                    InfoMetricFamily, Metric)
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from . import __version__
+from .policy.decide import RUN_RULES, SCAN_RULES
+from .readings import KSM_TUNABLES, KsmState, Readings, VmReading
+
+log = logging.getLogger("ksmctl.metrics")
+
+# Error sources: bounded. Anything else a collector reports is counted as "other".
+ERROR_SOURCES = ("sysfs", "proc", "libvirt", "policy", "trace", "estimate", "exporter", "other")
+# Knobs ksmctl may write or see changed: bounded by the kernel's attribute list.
+KNOBS = KSM_TUNABLES + ("advisor_mode",)
+TICK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+# sysfs counters: (attribute, metric, type, help). Cumulative ones are `_total` counters.
+KSM_COUNTER_METRICS = (
+    ("pages_shared", "ksm_pages_shared", "gauge",
+     "KSM pages in use (one physical page each, shared by the pages_sharing mappings)."),
+    ("pages_sharing", "ksm_pages_sharing", "gauge",
+     "Pages that map a KSM page instead of their own copy: each one is a page saved."),
+    ("pages_unshared", "ksm_pages_unshared", "gauge",
+     "Pages scanned as candidates but unique so far."),
+    ("pages_volatile", "ksm_pages_volatile", "gauge",
+     "Pages that change too fast to be merged."),
+    ("pages_scanned", "ksm_pages_scanned_total", "counter",
+     "Pages ksmd has scanned since boot."),
+    ("pages_skipped", "ksm_pages_skipped_total", "counter",
+     "Pages the smart_scan optimisation skipped since boot."),
+    ("full_scans", "ksm_full_scans_total", "counter",
+     "Completed passes over all mergeable memory since boot."),
+    ("general_profit", "ksm_general_profit_bytes", "gauge",
+     "Kernel's net saving: merged memory minus KSM's own metadata (negative: KSM costs more than it saves)."),
+    ("ksm_zero_pages", "ksm_zero_pages", "gauge",
+     "Empty pages mapped to the kernel zero page (use_zero_pages): each one is a page saved."),
+    ("stable_node_chains", "ksm_stable_node_chains", "gauge",
+     "Stable node chains (KSM pages that hit max_page_sharing)."),
+    ("stable_node_dups", "ksm_stable_node_dups", "gauge",
+     "Duplicated stable nodes in chains."),
+)
+# Tunables: (attribute, metric, divisor to the base unit, help).
+KSM_TUNABLE_METRICS = (
+    ("run", "ksm_run", 1, "KSM state: 0 stopped, 1 running, 2 stopped and unmerging."),
+    ("pages_to_scan", "ksm_pages_to_scan", 1, "Pages ksmd scans per wake-up."),
+    ("sleep_millisecs", "ksm_sleep_seconds", 1000, "ksmd's sleep between scan batches (sleep_millisecs)."),
+    ("use_zero_pages", "ksm_use_zero_pages", 1, "1 when empty pages are merged with the kernel zero page."),
+    ("merge_across_nodes", "ksm_merge_across_nodes", 1, "1 when pages merge across NUMA nodes."),
+    ("max_page_sharing", "ksm_max_page_sharing", 1, "Maximum sharers of one KSM page."),
+    ("stable_node_chains_prune_millisecs", "ksm_stable_node_chains_prune_seconds", 1000,
+     "Interval of stale stable node chain pruning."),
+    ("smart_scan", "ksm_smart_scan", 1, "1 when ksmd skips pages that did not merge on earlier passes."),
+    ("advisor_target_scan_time", "ksm_advisor_target_scan_time_seconds", 1,
+     "Kernel advisor: target time for one full pass."),
+    ("advisor_max_cpu", "ksm_advisor_max_cpu_ratio", 100, "Kernel advisor: CPU cap for ksmd (1 = one core)."),
+    ("advisor_min_pages_to_scan", "ksm_advisor_min_pages_to_scan", 1, "Kernel advisor: lower bound of pages_to_scan."),
+    ("advisor_max_pages_to_scan", "ksm_advisor_max_pages_to_scan", 1, "Kernel advisor: upper bound of pages_to_scan."),
+)
+_TUNABLE_BY_KNOB = {a: (m, s) for a, m, s, _ in KSM_TUNABLE_METRICS}
+
+
+def _source(name: str) -> str:
+    return name if name in ERROR_SOURCES else "other"
+
+
+def _num(v: float) -> float:
+    return float(v)
+
+
+class MetricsCollector(Collector):
+    """Renders the latest TickRecord; `observe(rec)` is the daemon observer.
+
+    registry: where to register (never the global one). per_vm: per-VM series (labels
+    domain and uuid) or only totals. build: labels of ksmctl_build_info (tests pin them)."""
+
+    def __init__(self, registry: Optional[CollectorRegistry] = None, per_vm: bool = True,
+                 build: Optional[Dict[str, str]] = None) -> None:
+        self.per_vm = per_vm
+        self.build = build or {"version": __version__, "python": platform.python_version()}
+        self._lock = threading.Lock()
+        self._rec = None  # the latest TickRecord
+        self._decisions: Dict[Tuple[str, str], float] = {("run", r): 0.0 for r in RUN_RULES}
+        self._decisions.update({("scan", r): 0.0 for r in SCAN_RULES})
+        self._errors: Dict[str, float] = {s: 0.0 for s in ERROR_SOURCES}
+        self._changes: Dict[str, float] = {k: 0.0 for k in KNOBS}
+        self._external: Dict[str, float] = {k: 0.0 for k in KNOBS}
+        self._ticks: Dict[str, float] = {"ok": 0.0, "failed": 0.0}
+        self._buckets = [0] * (len(TICK_BUCKETS) + 1)
+        self._dur_sum = 0.0
+        self._last_ok: Optional[float] = None
+        self._last_tick: Optional[float] = None
+        self.generation = 0  # bumped whenever anything a scrape shows changed
+        if registry is not None:
+            registry.register(self)
+
+    # -- updates ----------------------------------------------------------------------------
+    def observe(self, rec) -> None:
+        """Daemon observer: remember the tick and count what it did."""
+        with self._lock:
+            self._rec = rec
+            d = rec.decision
+            if d is not None:
+                for kind, rule in (("run", d.run_rule), ("scan", d.scan_rule)):
+                    key = (kind, rule)
+                    self._decisions[key] = self._decisions.get(key, 0.0) + 1
+            for source, _msg in rec.errors:
+                s = _source(source)
+                self._errors[s] += 1
+            for c in rec.changes:
+                if c.knob in self._changes:
+                    self._changes[c.knob] += 1
+            for knob in rec.external:
+                if knob in self._external:
+                    self._external[knob] += 1
+            self._ticks["ok" if rec.ok else "failed"] += 1
+            i = 0
+            while i < len(TICK_BUCKETS) and rec.duration > TICK_BUCKETS[i]:
+                i += 1
+            self._buckets[i] += 1
+            self._dur_sum += rec.duration
+            self._last_tick = rec.wall
+            if rec.ok:
+                self._last_ok = rec.wall
+            self.generation += 1
+
+    def count_error(self, source: str, n: int = 1) -> None:
+        """Errors outside a tick (policy reload, textfile write, rendering)."""
+        with self._lock:
+            self._errors[_source(source)] += n
+            self.generation += 1
+
+    # -- rendering --------------------------------------------------------------------------
+    def describe(self) -> Iterable[Metric]:
+        return []  # families vary with the kernel and the tick; skip registry name checks
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            rec = self._rec
+            state = self._snapshot()
+        parts: Sequence[Tuple[str, Callable[[], List[Metric]]]] = (
+            ("controller", lambda: self._controller(rec, state)),
+            ("ksm", lambda: self._ksm(rec.readings.ksm) if rec is not None and rec.readings else []),
+            ("ksmd", lambda: self._ksmd(rec.readings) if rec is not None and rec.readings else []),
+            ("host", lambda: self._host(rec.readings) if rec is not None and rec.readings else []),
+            ("targets", lambda: self._targets(rec)),
+            ("vms", lambda: self._vms(rec.readings) if rec is not None and rec.readings else []),
+        )
+        failed = 0
+        out: List[Metric] = []
+        for name, fn in parts:
+            try:
+                out.extend(fn())
+            except Exception as e:  # one broken part never fails the scrape
+                failed += 1
+                log.error("cannot render %s metrics: %s", name, e)
+        if failed:
+            with self._lock:
+                self._errors["exporter"] += failed
+                state["errors"]["exporter"] = self._errors["exporter"]
+            out = [m for m in out if m.name != "ksmctl_errors"] + [self._errors_family(state["errors"])]
+        return iter(out)
+
+    def _snapshot(self) -> dict:
+        return {"decisions": dict(self._decisions), "errors": dict(self._errors),
+                "changes": dict(self._changes), "external": dict(self._external),
+                "ticks": dict(self._ticks), "buckets": list(self._buckets), "sum": self._dur_sum,
+                "last_ok": self._last_ok, "last_tick": self._last_tick}
+
+    @staticmethod
+    def _errors_family(errors: Dict[str, float]) -> Metric:
+        f = CounterMetricFamily("ksmctl_errors", "Read and write errors by source (sysfs, proc, libvirt, "
+                                "policy, trace, estimate, exporter, other).", labels=["source"])
+        for s in ERROR_SOURCES:
+            f.add_metric([s], errors.get(s, 0.0))
+        return f
+
+    def _controller(self, rec, st: dict) -> List[Metric]:
+        out: List[Metric] = []
+        b = InfoMetricFamily("ksmctl_build", "ksmctl build: version and Python version.")
+        b.add_metric([], dict(self.build))
+        out.append(b)
+        if rec is not None:
+            p = InfoMetricFamily("ksmctl_policy", "The active policy: name and sha256 of its file.")
+            p.add_metric([], {"policy": rec.policy.policy.name, "sha256": rec.policy.sha256})
+            out.append(p)
+            budget = getattr(rec.policy.policy.scan, "cpu_budget", None)
+            if budget is not None:
+                out.append(GaugeMetricFamily("ksmctl_policy_cpu_budget_ratio",
+                                             "The policy's CPU budget for ksmd (1 = one core).",
+                                             value=budget / 100.0))
+            out.append(GaugeMetricFamily("ksmctl_policy_interval_seconds", "The policy's tick interval.",
+                                         value=_num(rec.policy.policy.interval)))
+        d = CounterMetricFamily("ksmctl_decisions", "Decisions by kind (run, scan) and the rule that made them; "
+                                "one of each per tick.", labels=["kind", "rule"])
+        for (kind, rule), v in sorted(st["decisions"].items()):
+            d.add_metric([kind, rule], v)
+        out.append(d)
+        out.append(self._errors_family(st["errors"]))
+        ch = CounterMetricFamily("ksmctl_changes", "Knob writes ksmctl made, by knob.", labels=["knob"])
+        ex = CounterMetricFamily("ksmctl_external_changes", "Ticks that found a knob changed by another "
+                                 "writer, by knob.", labels=["knob"])
+        for k in KNOBS:
+            ch.add_metric([k], st["changes"][k])
+            ex.add_metric([k], st["external"][k])
+        out += [ch, ex]
+        t = CounterMetricFamily("ksmctl_ticks", "Controller ticks by result (ok: decided and applied; "
+                                "failed: skipped or write failed).", labels=["result"])
+        for r in ("ok", "failed"):
+            t.add_metric([r], st["ticks"][r])
+        out.append(t)
+        h = HistogramMetricFamily("ksmctl_tick_duration_seconds", "Time one tick took: read, decide, write.")
+        acc = 0
+        buckets = []
+        for bound, n in zip(TICK_BUCKETS + (math.inf,), st["buckets"]):
+            acc += n
+            buckets.append(("+Inf" if bound == math.inf else repr(bound), acc))
+        h.add_metric([], buckets, st["sum"])
+        out.append(h)
+        if st["last_ok"] is not None:
+            out.append(GaugeMetricFamily("ksmctl_last_successful_tick_timestamp_seconds",
+                                         "Unix time of the last tick that read, decided and applied.",
+                                         value=st["last_ok"]))
+        if st["last_tick"] is not None:
+            out.append(GaugeMetricFamily("ksmctl_last_tick_timestamp_seconds", "Unix time of the last tick.",
+                                         value=st["last_tick"]))
+        return out
+
+    @staticmethod
+    def _ksm(k: KsmState) -> List[Metric]:
+        out: List[Metric] = []
+        v = k.values
+        for attr, name, typ, doc in KSM_COUNTER_METRICS:
+            if attr not in v:
+                continue  # unsupported by this kernel or unreadable this tick
+            value = _num(v[attr])
+            if typ == "counter":
+                out.append(CounterMetricFamily(name[:-len("_total")], doc, value=value))
+            else:
+                out.append(GaugeMetricFamily(name, doc, value=value))
+        for attr, name, scale, doc in KSM_TUNABLE_METRICS:
+            if attr in v:
+                out.append(GaugeMetricFamily(name, doc, value=_num(v[attr]) / scale))
+        if k.advisor_mode is not None:
+            f = GaugeMetricFamily("ksm_advisor_mode", "Scan-rate advisor mode: 1 for the selected one "
+                                  "(none: pages_to_scan as written; scan-time: the kernel sets it).",
+                                  labels=["mode"])
+            for mode in k.advisor_modes or (k.advisor_mode,):
+                f.add_metric([mode], 1.0 if mode == k.advisor_mode else 0.0)
+            out.append(f)
+        if "pages_sharing" in v:
+            out.append(GaugeMetricFamily("ksm_memory_saved_bytes", "Memory KSM saves now: (pages_sharing + "
+                                         "ksm_zero_pages) x page size.", value=_num(k.saved_bytes)))
+        out.append(GaugeMetricFamily("ksm_page_size_bytes", "Page size the page counts are in.",
+                                     value=_num(k.page_size)))
+        return out
+
+    @staticmethod
+    def _ksmd(r: Readings) -> List[Metric]:
+        if r.ksmd_cpu_seconds is None:
+            return []
+        return [CounterMetricFamily("ksm_ksmd_cpu_seconds", "CPU time the ksmd kernel thread has used "
+                                    "(user + system).", value=_num(r.ksmd_cpu_seconds))]
+
+    @staticmethod
+    def _host(r: Readings) -> List[Metric]:
+        out: List[Metric] = []
+        if r.meminfo is not None:
+            out.append(GaugeMetricFamily("ksmctl_memory_total_bytes", "MemTotal from /proc/meminfo.",
+                                         value=_num(r.meminfo.total)))
+            out.append(GaugeMetricFamily("ksmctl_memory_available_bytes", "MemAvailable from /proc/meminfo.",
+                                         value=_num(r.meminfo.available)))
+        if r.psi is not None:
+            f = GaugeMetricFamily("ksmctl_memory_pressure_ratio", "Memory PSI: share of wall time tasks "
+                                  "stalled on memory (some: at least one task; full: all), averaged over window.",
+                                  labels=["kind", "window"])
+            p = r.psi
+            for kind, window, val in (("some", "10s", p.some_avg10), ("some", "60s", p.some_avg60),
+                                      ("full", "10s", p.full_avg10), ("full", "60s", p.full_avg60)):
+                f.add_metric([kind, window], val / 100.0)
+            out.append(f)
+        if r.mergeable_rss is not None:
+            out.append(GaugeMetricFamily("ksmctl_mergeable_memory_bytes", "RSS of processes with memory "
+                                         "marked mergeable.", value=_num(r.mergeable_rss)))
+        est = getattr(r, "estimate", None)  # the periodic estimator's last result, when enabled
+        potential = est.remaining if est is not None else getattr(r, "merge_potential", None)
+        if potential is not None:
+            out.append(GaugeMetricFamily("ksmctl_merge_potential_bytes", "Estimated memory that could still "
+                                         "be saved (achievable minus achieved).", value=_num(potential)))
+        if est is not None:
+            out.append(GaugeMetricFamily("ksmctl_estimate_achievable_bytes", "Last estimate: memory merging "
+                                         "could save among present mergeable pages.", value=_num(est.achievable)))
+            out.append(GaugeMetricFamily("ksmctl_estimate_timestamp_seconds", "Unix time the last estimate "
+                                         "finished.", value=_num(est.finished_wall)))
+        return out
+
+    @staticmethod
+    def _targets(rec) -> List[Metric]:
+        if rec is None or rec.decision is None:
+            return []
+        out: List[Metric] = []
+        targets = rec.decision.targets
+        for knob in KSM_TUNABLES:
+            if knob not in targets or knob not in _TUNABLE_BY_KNOB:
+                continue
+            name, scale = _TUNABLE_BY_KNOB[knob]
+            out.append(GaugeMetricFamily("ksmctl_target_" + name[len("ksm_"):],
+                                         "The policy's last target for %s (same unit as %s)." % (knob, name),
+                                         value=_num(targets[knob]) / scale))  # type: ignore[arg-type]
+        if "advisor_mode" in targets:
+            f = GaugeMetricFamily("ksmctl_target_advisor_mode", "The policy's last target advisor mode.",
+                                  labels=["mode"])
+            f.add_metric([str(targets["advisor_mode"])], 1.0)
+            out.append(f)
+        return out
+
+    def _vms(self, r: Readings) -> List[Metric]:
+        if r.vms is None:
+            return []  # the VM source failed this tick: its error is counted, series dropped
+        vms: Tuple[VmReading, ...] = r.vms
+        page = r.ksm.page_size
+        out: List[Metric] = [GaugeMetricFamily("ksmctl_vms", "Guests found on this host.",
+                                               value=float(len(vms)))]
+        if not self.per_vm:
+            return out
+        labels = ["domain", "uuid"]
+        merging = GaugeMetricFamily("ksmctl_vm_merging_pages", "Guest pages backed by a KSM page "
+                                    "(ksm_merging_pages of its QEMU process).", labels=labels)
+        saved = GaugeMetricFamily("ksmctl_vm_memory_saved_bytes", "Guest memory backed by KSM: (merging "
+                                  "+ zero pages) x page size of its QEMU process.", labels=labels)
+        profit = GaugeMetricFamily("ksmctl_vm_ksm_profit_bytes", "Kernel's ksm_process_profit of the "
+                                   "guest's QEMU process (saving minus metadata).", labels=labels)
+        cur = GaugeMetricFamily("ksmctl_vm_memory_current_bytes", "Guest memory now (balloon current).",
+                                labels=labels)
+        mx = GaugeMetricFamily("ksmctl_vm_memory_maximum_bytes", "Guest memory maximum (balloon maximum, "
+                               "or -m of the QEMU command line).", labels=labels)
+        rss = GaugeMetricFamily("ksmctl_vm_rss_bytes", "Resident memory of the guest's QEMU process.",
+                                labels=labels)
+        excl = GaugeMetricFamily("ksmctl_vm_excluded", "1 when the guest opted out of merging "
+                                 "(nosharepages, mem-merge=off).", labels=labels)
+        for vm in vms:
+            lv = [vm.name, vm.uuid]
+            k = vm.ksm
+            if k is not None and k.merging_pages is not None:
+                merging.add_metric(lv, float(k.merging_pages))
+                saved.add_metric(lv, float((k.merging_pages + (k.zero_pages or 0)) * page))
+            if k is not None and k.process_profit is not None:
+                profit.add_metric(lv, float(k.process_profit))
+            if vm.balloon_current is not None:
+                cur.add_metric(lv, float(vm.balloon_current))
+            if vm.balloon_maximum is not None:
+                mx.add_metric(lv, float(vm.balloon_maximum))
+            if vm.rss is not None:
+                rss.add_metric(lv, float(vm.rss))
+            excl.add_metric(lv, 1.0 if vm.excluded else 0.0)
+        out += [f for f in (merging, saved, profit, cur, mx, rss, excl) if f.samples]
+        return out
+
+
+def _escape_label(v: str) -> str:
+    if "\\" in v or "\n" in v or '"' in v:
+        v = v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return v
+
+
+def render_text(collector: Collector) -> bytes:
+    """The text exposition format (what prometheus_client's generate_latest writes, byte for
+    byte; a test holds them equal) at a fraction of its cost: generate_latest re-validates
+    every label name of every sample, ~90 ms for 500 VMs on a 2-core host, this ~10 ms."""
+    out: List[str] = []
+    fmt = floatToGoString
+    for metric in collector.collect():
+        mname, mtype = metric.name, metric.type
+        if mtype == "counter":
+            mname += "_total"
+        elif mtype == "info":
+            mname += "_info"
+            mtype = "gauge"
+        elif mtype == "stateset":
+            mtype = "gauge"
+        elif mtype == "gaugehistogram":
+            mtype = "histogram"
+        elif mtype == "unknown":
+            mtype = "untyped"
+        out.append("# HELP %s %s\n# TYPE %s %s\n" % (
+            mname, metric.documentation.replace("\\", r"\\").replace("\n", r"\n"), mname, mtype))
+        for s in metric.samples:
+            if s.name == metric.name + "_created":
+                continue  # never produced here; generate_latest would move them to their own family
+            if s.labels:
+                lab = ",".join('%s="%s"' % (k, _escape_label(v)) for k, v in sorted(s.labels.items()))
+                line = "%s{%s} %s" % (s.name, lab, fmt(s.value))
+            else:
+                line = "%s %s" % (s.name, fmt(s.value))
+            if s.timestamp is not None:
+                line += " %d" % int(float(s.timestamp) * 1000)
+            out.append(line + "\n")
+    return "".join(out).encode("utf-8")
