@@ -305,14 +305,17 @@ class MetricsCollector(Collector):
         if r.mergeable_rss is not None:
             out.append(GaugeMetricFamily("ksmctl_mergeable_memory_bytes", "RSS of processes with memory "
                                          "marked mergeable.", value=_num(r.mergeable_rss)))
-        est = getattr(r, "estimate", None)  # the periodic estimator's last result, when enabled
-        potential = est.remaining if est is not None else getattr(r, "merge_potential", None)
-        if potential is not None:
-            out.append(GaugeMetricFamily("ksmctl_merge_potential_bytes", "Estimated memory that could still "
-                                         "be saved (achievable minus achieved).", value=_num(potential)))
+        est = r.estimate  # the periodic estimator's last result, when enabled
         if est is not None:
+            out.append(GaugeMetricFamily("ksmctl_merge_potential_bytes", "Estimated memory that could still "
+                                         "be saved (achievable minus achieved).", value=_num(est.remaining)))
             out.append(GaugeMetricFamily("ksmctl_estimate_achievable_bytes", "Last estimate: memory merging "
                                          "could save among present mergeable pages.", value=_num(est.achievable)))
+            out.append(GaugeMetricFamily("ksmctl_estimate_achieved_bytes", "Last estimate: memory KSM saves now "
+                                         "among the same pages.", value=_num(est.achieved)))
+            if est.efficiency is not None:
+                out.append(GaugeMetricFamily("ksmctl_estimate_efficiency_ratio", "Last estimate: achieved / "
+                                             "achievable (1 = nothing left to merge).", value=est.efficiency))
             out.append(GaugeMetricFamily("ksmctl_estimate_timestamp_seconds", "Unix time the last estimate "
                                          "finished.", value=_num(est.finished_wall)))
         return out

@@ -27,7 +27,7 @@ from ksmctl.ksm_writer import Change
 from ksmctl.metrics import MetricsCollector, render_text
 from ksmctl.policy.decide import EngineState, decide
 from ksmctl.policy.loader import LoadedPolicy, parse_policy
-from ksmctl.readings import KsmStat, VmReading
+from ksmctl.readings import EstimateSummary, KsmStat, VmReading
 
 from .fixtures import KSM_STAT_NEW, OLD_KERNEL_DROPS, make_proc, make_sys
 
@@ -78,6 +78,8 @@ def _ticks(tmp_path: Path, sys_kw: dict, proc_kw: dict, vms: FakeVms) -> Tuple[T
     clock = iter([1000.0, 1010.0])
     coll = HostCollector(KsmSysfs(str(sysroot), page_size=4096), ProcFs(str(procroot)), vms=vms,
                          clock=lambda: next(clock), wall=lambda: 1700000000.0)
+    coll.estimate = EstimateSummary(achievable=400 << 20, achieved=300 << 20, scanned=2 << 30,
+                                    finished_wall=1699999000.0, duration_seconds=12.5)
     lp = _policy()
     r1 = coll.collect()
     d1, st = decide(lp.policy, r1, EngineState())

@@ -57,21 +57,6 @@ scan:
   sleep_millisecs: {base: 10, floor: 10}
   cpu_budget: 100
 """
-# The daemon as `ksmctl daemon` runs it. Until ksmctl/collectors/vms.py exists, the
-# per-VM source is the /proc scanner (the one vms.py uses without libvirt).
-BOOT = textwrap.dedent("""
-    import sys
-    import ksmctl.cli as cli
-    try:
-        import ksmctl.collectors.vms  # noqa: F401
-    except ImportError:
-        from ksmctl.collectors.qemu_procs import QemuProcScanner
-        cli.make_vm_collector = lambda config, procfs: QemuProcScanner(procfs)
-    sys.argv = ["ksmctl"] + sys.argv[1:]
-    cli.main()
-""")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -130,9 +115,11 @@ def stack(tmp_path):
             (tmp_path / "policy.yaml").write_text(POLICY)
             (tmp_path / "config.yaml").write_text(yaml.safe_dump({
                 "policy": str(tmp_path / "policy.yaml"), "libvirt": False, "state_file": str(tmp_path / "state.json"),
-                "exporter": {"listen": "127.0.0.1:%d" % port}}))
+                "exporter": {"listen": "127.0.0.1:%d" % port},
+                # The estimate panel's series: scan the guests' memory once, fast.
+                "estimate": {"enabled": True, "interval": "1h", "rate_mib_s": 4000}}))
             dlog = (tmp_path / "daemon.log").open("w")
-            daemon = subprocess.Popen([sys.executable, "-c", BOOT, "--config", str(tmp_path / "config.yaml"),
+            daemon = subprocess.Popen([sys.executable, "-m", "ksmctl", "--config", str(tmp_path / "config.yaml"),
                                        "daemon", "--log-level", "info"], stdout=dlog, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL)
             procs.append(daemon)
