@@ -46,6 +46,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import xxhash
 
+from .collectors.procfs import parse_ksm_stat_fields as parse_ksm_stat
 from .errors import PermissionDenied, ReadError, UsageError
 
 HASH_NAME = "xxh3_128"
@@ -134,24 +135,6 @@ def parse_smaps_mergeable(text: str) -> List[Region]:
                 regions.append(Region(start, end, rss))
             in_vma = False
     return regions
-
-
-def parse_ksm_stat(text: str) -> Dict[str, object]:
-    """`/proc/<pid>/ksm_stat`: `name value` (numbers) and `name: yes|no` (flags)."""
-    out: Dict[str, object] = {}
-    for line in text.splitlines():
-        parts = line.replace(":", " ").split()
-        if len(parts) != 2:
-            continue
-        name, value = parts
-        if value in ("yes", "no"):
-            out[name] = value == "yes"
-        else:
-            try:
-                out[name] = int(value)
-            except ValueError:
-                pass
-    return out
 
 
 def qemu_guest_name(argv: Sequence[str]) -> Optional[str]:

@@ -19,10 +19,8 @@ import hashlib
 import hmac
 import html
 import logging
-import os
 import socket
 import ssl
-import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -34,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from . import __version__
 from .config import ExporterConfig
 from .errors import ConfigError, KsmctlError
+from .fsutil import atomic_write
 from .metrics import MetricsCollector, render_text
 from .yamlload import YamlProblem, load_yaml, validate
 
@@ -289,19 +288,7 @@ class Exporter:
         """Atomic: node_exporter never reads a half-written file."""
         path = Path(self.config.textfile or "")
         try:
-            body = self.render()
-            fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", dir=str(path.parent))
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(body)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
-                raise
+            atomic_write(path, self.render())
         except OSError as e:
             self.metrics.count_error("exporter")
             log.error("cannot write textfile %s: %s", path, e.strerror or e)

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from .fsutil import atomic_write
+
 
 def write_state(path: str, state: Dict[str, Any]) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".state.", dir=str(p.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f, separators=(",", ":"), default=str)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, json.dumps(state, separators=(",", ":"), default=str).encode())
 
 
 def _alive(pid: Any) -> bool:

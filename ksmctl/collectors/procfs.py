@@ -57,22 +57,29 @@ def parse_psi(text: str, where: str = "/proc/pressure/memory") -> Psi:
                full_avg10=vals.get("full_avg10", 0.0), full_avg60=vals.get("full_avg60", 0.0))
 
 
-def parse_ksm_stat(text: str) -> KsmStat:
-    """Both line formats: 'ksm_rmap_items 12' and 'ksm_mergeable: yes'."""
-    ints: Dict[str, int] = {}
-    bools: Dict[str, bool] = {}
+def parse_ksm_stat_fields(text: str) -> Dict[str, object]:
+    """Both line formats: 'ksm_rmap_items 12' (numbers) and 'ksm_mergeable: yes' (flags),
+    by the kernel's own names. An unparsable future field is skipped, not fatal."""
+    out: Dict[str, object] = {}
     for line in text.splitlines():
         key, sep, value = line.partition(":")
         if not sep:
             key, _, value = line.partition(" ")
         key, value = key.strip(), value.strip()
         if value in ("yes", "no"):
-            bools[key] = value == "yes"
+            out[key] = value == "yes"
         else:
             try:
-                ints[key] = int(value)
+                out[key] = int(value)
             except ValueError:
-                continue  # an unknown future field: ignore rather than lose the rest
+                continue
+    return out
+
+
+def parse_ksm_stat(text: str) -> KsmStat:
+    f = parse_ksm_stat_fields(text)
+    ints = {k: v for k, v in f.items() if type(v) is int}
+    bools = {k: v for k, v in f.items() if type(v) is bool}
     return KsmStat(
         rmap_items=ints.get("ksm_rmap_items"), zero_pages=ints.get("ksm_zero_pages"),
         merging_pages=ints.get("ksm_merging_pages"), process_profit=ints.get("ksm_process_profit"),
