@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..errors import KsmctlError
 from ..readings import VmReading
-from .procfs import ProcFs
-from .qemu_procs import QemuArgs, QemuProcScanner, parse_qemu_cmdline
+from .procfs import ProcFs, parse_ksm_stat
+from .qemu_procs import QemuArgs, QemuProcScanner, parse_qemu_cmdline, read_bytes, split_cmdline
 
 log = logging.getLogger("ksmctl.vms")
 
@@ -106,6 +106,8 @@ class _Known:
     xml_pid: Optional[int] = -1  # the pid the XML verdict was taken for (-1: none yet)
     xml_excluded: Optional[bool] = None
     had_pid: bool = False
+    argv_raw: Optional[bytes] = None  # the verified command line, so a tick only compares
+    args: Optional[QemuArgs] = None
 
 
 def nosharepages(xml: str) -> bool:
@@ -130,6 +132,8 @@ class LibvirtCollector:
         self.uri = uri
         self.proc = proc if proc is not None else ProcFs()
         self.pid_dir = Path(run_root) / "libvirt" / "qemu"
+        self._proc_root = str(self.proc.root)
+        self._page_size = getattr(self.proc, "page_size", 4096)
         self.clock = clock
         self.events = events
         self.backoff_initial = backoff_initial
@@ -340,9 +344,15 @@ class LibvirtCollector:
         rss = kib("balloon.rss")
         ksm = None
         if pid is not None:
-            ksm = self.proc.ksm_stat(pid)
+            base = "%s/%d/" % (self._proc_root, pid)
+            raw = read_bytes(base + "ksm_stat")
+            ksm = parse_ksm_stat(raw.decode("ascii", "replace")) if raw is not None else None
             if rss is None:
-                rss = self.proc.rss_bytes(pid)
+                statm = read_bytes(base + "statm")
+                try:
+                    rss = int(statm.split()[1]) * self._page_size if statm else None
+                except (ValueError, IndexError):
+                    rss = None
         return VmReading(
             uuid=uuid, name=name, state=STATE_NAMES.get(params.get("state.state", -1), "unknown"),
             pid=pid, source="libvirt", balloon_current=kib("balloon.current"),
@@ -350,25 +360,30 @@ class LibvirtCollector:
             guest_available=kib("balloon.available"), guest_usable=kib("balloon.usable"),
             guest_unused=kib("balloon.unused"), ksm=ksm, excluded=excluded)
 
-    def _check_pid(self, pid: int, uuid: str, name: str) -> Tuple[Optional[QemuArgs], str]:
+    def _check_pid(self, pid: int, uuid: str, name: str,
+                   known: Optional[_Known] = None) -> Tuple[Optional[QemuArgs], str]:
         """(args, "") when pid is this guest's QEMU; (None, why) otherwise."""
-        argv = self.proc.cmdline(pid)
-        if not argv:
+        raw = read_bytes("%s/%d/cmdline" % (self._proc_root, pid))
+        if not raw:
             return None, "gone"
-        args = parse_qemu_cmdline(argv)
+        if known is not None and known.argv_raw == raw:
+            return known.args, ""
+        args = parse_qemu_cmdline(split_cmdline(raw))
         if args is None:
             return None, "not a QEMU process"
         if args.name != name or (args.uuid is not None and args.uuid != uuid.lower()):
             return None, "a QEMU process of another guest (%s)" % (args.name or args.uuid)
+        if known is not None:
+            known.argv_raw, known.args = raw, args
         return args, ""
 
     def _pid(self, uuid: str, name: str, known: _Known) -> Tuple[Optional[int], Optional[QemuArgs]]:
         """The guest's QEMU pid, verified against /proc/<pid>/cmdline; None if unknown."""
         if known.pid is not None:
-            args, _ = self._check_pid(known.pid, uuid, name)
+            args, _ = self._check_pid(known.pid, uuid, name, known)
             if args is not None:
                 return known.pid, args
-            known.pid = None
+            known.pid = known.argv_raw = known.args = None
         path = self.pid_dir / (name + ".pid")
         try:
             text = path.read_text().strip()
@@ -381,7 +396,7 @@ class LibvirtCollector:
         except ValueError:
             self._note(uuid, "%s: pid file %s holds %r, not a pid" % (name, path, text[:20]))
             return None, None
-        args, why = self._check_pid(pid, uuid, name)
+        args, why = self._check_pid(pid, uuid, name, known)
         if args is None:
             if why == "gone" and known.had_pid:
                 raise _Vanished()

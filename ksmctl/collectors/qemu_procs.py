@@ -24,6 +24,8 @@ def is_qemu_binary(argv0: str) -> bool:
 
 def _split_opts(value: str) -> List[str]:
     """QEMU option lists: comma-separated, ',,' escapes a literal comma."""
+    if ",," not in value:
+        return value.split(",")
     parts: List[str] = []
     cur = ""
     i = 0
@@ -72,6 +74,20 @@ class QemuArgs:
     uuid: Optional[str]
     memory: Optional[int]  # bytes, from -m
     mem_merge_off: bool
+
+
+def split_cmdline(raw: bytes) -> Tuple[str, ...]:
+    return tuple(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a)
+
+
+def read_bytes(path: str) -> Optional[bytes]:
+    """A /proc file in one read; None when the process is gone. (Plain str paths: this
+    runs for every VM every tick.)"""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return None
 
 
 def parse_qemu_cmdline(argv: Sequence[str]) -> Optional[QemuArgs]:

@@ -1,0 +1,170 @@
+"""Benchmark of one daemon tick with 500 VMs: time per tick and memory growth.
+
+    .venv/bin/python bench/tick_bench.py [--domains 500] [--ticks 10000] [--timed 200]
+
+Generates a libvirt test-driver node file with N domains, a /proc tree of N QEMU
+processes (cmdline, statm, ksm_stat) plus unrelated processes, libvirt pid files in a
+generated run root, and a /sys/kernel/mm/ksm tree. Times VmCollector.collect() and, when
+ksmctl.daemon provides Daemon.tick(), a full tick (read, decide, write to the generated
+sysfs, record the state file). Then runs --ticks ticks and reports the growth of traced
+Python memory (tracemalloc) and of RSS. Targets: 50 ms per tick, growth under 1 MB.
+Nothing is asserted: this prints numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from ksmctl.collectors.procfs import ProcFs  # noqa: E402
+from ksmctl.collectors.vms import VmCollector  # noqa: E402
+from tests.lab import proctree  # noqa: E402
+
+TARGET_MS = 50.0
+TARGET_GROWTH = 1 << 20
+
+KSM_SYS = {
+    "run": "1", "pages_to_scan": "100", "sleep_millisecs": "20", "pages_shared": "100000",
+    "pages_sharing": "400000", "pages_unshared": "3000", "pages_volatile": "7", "pages_scanned": "123456",
+    "pages_skipped": "42", "full_scans": "9", "general_profit": "1610000000", "ksm_zero_pages": "0",
+    "use_zero_pages": "0", "merge_across_nodes": "1", "max_page_sharing": "256",
+    "stable_node_chains": "0", "stable_node_dups": "0", "stable_node_chains_prune_millisecs": "2000",
+    "smart_scan": "1", "advisor_mode": "[none] scan-time", "advisor_target_scan_time": "200",
+    "advisor_max_cpu": "70", "advisor_min_pages_to_scan": "500", "advisor_max_pages_to_scan": "30000",
+}
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def make_sys(root: Path) -> Path:
+    d = root / "kernel/mm/ksm"
+    d.mkdir(parents=True)
+    for k, v in KSM_SYS.items():
+        (d / k).write_text(v + "\n")
+    return root
+
+
+def make_ksmd(proc_root: Path) -> None:
+    k = proc_root / "36"
+    k.mkdir()
+    (k / "comm").write_text("ksmd\n")
+    (k / "cmdline").write_text("")
+    (k / "stat").write_text("36 (ksmd) S 2 0 0 0 -1 2129984 0 0 0 0 150 50 0 0 25 5 1 0 30 0 0 "
+                            "18446744073709551615 0 0 0 0 0 0 0 2147483647 0 0 0 0 17 1 0 0 0 0 0\n")
+    (proc_root / "pressure").mkdir()
+    (proc_root / "pressure/memory").write_text(
+        "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
+
+
+def build_daemon(tmp: Path, uri: str, proc_root: Path, run_root: Path, sys_root: Path):
+    """A real Daemon over the generated trees, or None when ksmctl.daemon has no tick()."""
+    try:
+        from ksmctl.collectors.host import HostCollector
+        from ksmctl.collectors.sysfs import KsmSysfs
+        from ksmctl.config import Config
+        from ksmctl.daemon import Daemon
+        from ksmctl.ksm_writer import KsmWriter
+        from ksmctl.policy.loader import load_policy
+    except ImportError as e:
+        print("full tick: skipped (%s)" % e)
+        return None
+    if not hasattr(Daemon, "tick"):
+        print("full tick: skipped (no Daemon.tick)")
+        return None
+    config = Config(state_file=str(tmp / "state.json"), libvirt_uri=uri, run_root=str(run_root),
+                    sys_root=str(sys_root), proc_root=str(proc_root),
+                    exporter={"enabled": False})
+    procfs = ProcFs(str(proc_root))
+    sysfs = KsmSysfs(str(sys_root))
+    vms = VmCollector(uri, proc=procfs, run_root=str(run_root), events=False)
+    collector = HostCollector(sysfs, procfs, vms=vms)
+    return Daemon(config, load_policy(config.policy), collector, KsmWriter(sysfs))
+
+
+def timed(fn, n: int):
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
+def report(what: str, times) -> None:
+    med = statistics.median(times)
+    p95 = sorted(times)[int(len(times) * 0.95) - 1]
+    print("%-28s median %6.2f ms  p95 %6.2f ms  max %6.2f ms  target %.0f ms: %s" % (
+        what, med, p95, max(times), TARGET_MS, "OK" if p95 <= TARGET_MS else "OVER"))
+
+
+def growth(what: str, fn, ticks: int) -> None:
+    for _ in range(50):
+        fn()
+    gc.collect()
+    tracemalloc.start()
+    rss0 = rss_bytes()
+    base, _ = tracemalloc.get_traced_memory()
+    t0 = time.perf_counter()
+    for _ in range(ticks):
+        fn()
+    gc.collect()
+    cur, peak = tracemalloc.get_traced_memory()
+    rss1 = rss_bytes()
+    tracemalloc.stop()
+    grow = cur - base
+    print("%-28s %d ticks in %.0f s: traced growth %+.1f KiB (peak %.1f MiB), RSS growth %+.1f KiB;"
+          " target < 1024 KiB: %s" % (what, ticks, time.perf_counter() - t0, grow / 1024, peak / 2**20,
+                                      (rss1 - rss0) / 1024, "OK" if grow < TARGET_GROWTH else "OVER"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--domains", type=int, default=500)
+    ap.add_argument("--ticks", type=int, default=10000, help="ticks for the memory-growth run")
+    ap.add_argument("--timed", type=int, default=200, help="ticks timed one by one")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        sys.exit("libvirt-python is not installed")
+    with tempfile.TemporaryDirectory(prefix="ksmctl-bench.") as t:
+        tmp = Path(t)
+        uri, proc_root, run_root, _guests = proctree.host(tmp, args.domains, others=200)
+        make_ksmd(proc_root)
+        sys_root = make_sys(tmp / "sys")
+        print("%d domains (libvirt test driver), %d QEMU + 200 other processes in a generated /proc"
+              % (args.domains, args.domains))
+
+        vms = VmCollector(uri, proc=ProcFs(str(proc_root)), run_root=str(run_root), events=False)
+        first = timed(vms.collect, 1)[0]
+        n = len(vms.collect())
+        assert n == args.domains and vms.source == "libvirt", (n, vms.source)
+        print("first collect (fetches every domain's XML once): %.1f ms" % first)
+        report("VmCollector.collect()", timed(vms.collect, args.timed))
+
+        daemon = build_daemon(tmp, uri, proc_root, run_root, sys_root)
+        if daemon is not None:
+            rec = daemon.tick()
+            assert rec.readings is not None and len(rec.readings.vms) == args.domains, rec.errors
+            report("full daemon tick", timed(daemon.tick, args.timed))
+            growth("full daemon tick", daemon.tick, args.ticks)
+        else:
+            growth("VmCollector.collect()", vms.collect, args.ticks)
+        vms.close()
+
+
+if __name__ == "__main__":
+    main()

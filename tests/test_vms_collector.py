@@ -1,0 +1,381 @@
+"""Per-VM collector error paths, fast: libvirt's in-process test driver plus generated
+/proc and /run trees (tests/lab/proctree.py). No daemon, no guests, no root."""
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import pytest
+
+from ksmctl.collectors.libvirt_vms import LibvirtCollector, nosharepages
+from ksmctl.collectors.procfs import ProcFs
+from ksmctl.collectors.qemu_procs import QemuProcScanner, parse_qemu_cmdline
+from ksmctl.collectors.vms import VmCollector, vm_savings, vm_signals
+from ksmctl.readings import KsmStat, KsmState, MemInfo, VmReading
+from tests.lab import proctree
+from tests.support import need
+
+try:
+    import libvirt  # type: ignore[no-redef]
+except ImportError:  # pragma: no cover
+    libvirt = None
+
+
+def need_libvirt() -> None:
+    need(libvirt is not None, "libvirt-python is not installed")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Conn:
+    """The real test-driver connection with a hook after getAllDomainStats.
+
+    A stand-in is needed only for timing: the hook lets a test act between libvirt's
+    listing and the collector's per-domain reads, which nothing real can schedule."""
+
+    def __init__(self, real: Any, shim: "Libvirt") -> None:
+        self._real = real
+        self._shim = shim
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def getAllDomainStats(self, stats: int, flags: int = 0) -> list:
+        recs = self._real.getAllDomainStats(stats, flags)
+        after = self._shim.after_stats
+        return after(self._real, recs) if after else recs
+
+
+class Libvirt:
+    """The real libvirt module, except that openReadOnly opens read-write (a test-driver
+    file URI gives each connection its own state, so the hook must act on the collector's
+    own connection) and wraps it in Conn. Counts connection attempts."""
+
+    def __init__(self, after_stats: Optional[Callable[[Any, list], list]] = None,
+                 fail_open: bool = False) -> None:
+        self.after_stats = after_stats
+        self.fail_open = fail_open
+        self.opens = 0
+        self.conns: List[Conn] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(libvirt, name)
+
+    def openReadOnly(self, uri: str) -> Conn:
+        self.opens += 1
+        if self.fail_open:
+            return libvirt.openReadOnly("qemu+unix:///system?socket=/nonexistent/sock")
+        c = Conn(libvirt.open(uri), self)
+        self.conns.append(c)
+        return c
+
+
+class Dom:
+    """A real domain whose XMLDesc fails with a real libvirt error (bad flags)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def XMLDesc(self, flags: int = 0) -> str:
+        return self._real.XMLDesc(1 << 30)
+
+
+@pytest.fixture
+def host3(tmp_path):
+    need_libvirt()
+    return proctree.host(tmp_path, 3, others=5)
+
+
+def collector(host, lv: Any = None, **kw) -> LibvirtCollector:
+    uri, proc_root, run_root, _ = host
+    kw.setdefault("events", False)
+    return LibvirtCollector(uri, proc=ProcFs(str(proc_root)), run_root=str(run_root),
+                            libvirt_module=lv or Libvirt(), **kw)
+
+
+def by_name(vms) -> dict:
+    return {v.name: v for v in vms}
+
+
+# ---- libvirt test driver ----------------------------------------------------------------
+def test_readings_tied_to_qemu_processes(host3):
+    c = collector(host3)
+    vms = by_name(c.collect())
+    assert c.source == "libvirt" and c.errors == []
+    for name, uuid, pid in host3[3]:
+        v = vms[name]
+        assert (v.uuid, v.pid, v.source, v.state) == (uuid, pid, "libvirt", "running")
+        assert v.ksm is not None and v.ksm.merging_pages == 1000 + pid - 1000
+        assert v.rss == 65536 * ProcFs().page_size
+
+
+def test_domain_vanishing_between_list_and_read_is_skipped(host3):
+    def destroy_vm1(conn, recs):
+        dom = conn.lookupByName("vm0001")
+        dom.destroy()
+        dom.undefine()
+        return recs
+
+    lv = Libvirt(after_stats=destroy_vm1)
+    c = collector(host3, lv)
+    vms = by_name(c.collect())
+    assert set(vms) == {"vm0000", "vm0002"} and c.source == "libvirt" and c.errors == []
+    lv.after_stats = None
+    assert set(by_name(c.collect())) == {"vm0000", "vm0002"}
+
+
+def test_domain_whose_pid_file_goes_away_is_skipped(host3):
+    c = collector(host3)
+    assert by_name(c.collect())["vm0002"].pid == 1002
+    assert by_name(c.collect())["vm0001"].pid == 1001
+    # QEMU exited after libvirt's listing: first its process, then (libvirt) its pid file.
+    shutil.rmtree(str(host3[1] / "1002"))
+    shutil.rmtree(str(host3[1] / "1001"))
+    (host3[2] / "libvirt/qemu/vm0001.pid").unlink()
+    vms = by_name(c.collect())
+    assert set(vms) == {"vm0000"} and c.errors == []
+
+
+def test_libvirt_error_on_one_domain_spares_the_others(host3, caplog):
+    def break_vm0(conn, recs):
+        return [(Dom(d) if d.name() == "vm0000" else d, p) for d, p in recs]
+
+    c = collector(host3, Libvirt(after_stats=break_vm0))
+    with caplog.at_level(logging.WARNING, logger="ksmctl.vms"):
+        vms = by_name(c.collect())
+        vms2 = by_name(c.collect())
+    assert set(vms) == {"vm0000", "vm0001", "vm0002"} and c.source == "libvirt"
+    assert vms["vm0000"].ksm is not None  # still tied to its process
+    assert len(c.errors) == 1 and "reading the XML of vm0000" in c.errors[0][1]
+    assert "Traceback" not in c.errors[0][1]
+    # Logged once, not every tick.
+    assert sum("vm0000" in r.getMessage() for r in caplog.records) == 1
+    assert set(vms2) == set(vms)
+
+
+def test_xml_fetched_once_per_domain(host3):
+    calls = []
+
+    class Counting(Dom):
+        def XMLDesc(self, flags: int = 0) -> str:
+            calls.append(self._real.name())
+            return self._real.XMLDesc(flags)
+
+    c = collector(host3, Libvirt(after_stats=lambda conn, recs: [(Counting(d), p) for d, p in recs]))
+    for _ in range(5):
+        c.collect()
+    assert sorted(calls) == ["vm0000", "vm0001", "vm0002"]
+
+
+def test_nosharepages_and_mem_merge_off_are_excluded(tmp_path):
+    need_libvirt()
+    proc_root, run_root = tmp_path / "proc", tmp_path / "run"
+    guests = [("share", "11111111-1111-1111-1111-111111111111", False, False),
+              ("noshare", "22222222-2222-2222-2222-222222222222", True, False),
+              ("mergeoff", "33333333-3333-3333-3333-333333333333", False, True)]
+    uri = proctree.node_xml(tmp_path / "node.xml", [(n, u, ns) for n, u, ns, _ in guests])
+    for i, (n, u, _ns, off) in enumerate(guests):
+        proctree.add_process(proc_root, 10 + i, proctree.qemu_argv(n, u, merge_off=off), merging=0 if off else 50)
+        proctree.add_pidfile(run_root, n, 10 + i)
+    c = collector((uri, proc_root, run_root, None))
+    vms = by_name(c.collect())
+    assert (vms["share"].excluded, vms["noshare"].excluded, vms["mergeoff"].excluded) == (False, True, True)
+
+
+@pytest.mark.parametrize("content, why", [
+    ("999", "gone"),                    # stale: the process is gone
+    ("50", "not a QEMU process"),       # reused by an unrelated process
+    ("51", "another guest"),            # reused by another guest's QEMU
+    ("garbage", "not a pid"),
+])
+def test_stale_or_reused_pid_is_never_attributed(host3, content, why):
+    proc_root, run_root = host3[1], host3[2]
+    proctree.add_process(proc_root, 50, ["/usr/bin/python3", "-c", "pass"], merging=777)
+    proctree.add_process(proc_root, 51, proctree.qemu_argv("elsewhere", "99999999-9999-9999-9999-999999999999"),
+                         merging=888)
+    proctree.add_pidfile(run_root, "vm0000", content)
+    c = collector(host3)
+    v = by_name(c.collect())["vm0000"]
+    assert v.pid is None and v.ksm is None  # reported (libvirt says it runs), nothing attributed
+    assert any("vm0000" in m and why in m for _s, m in c.errors), c.errors
+
+
+def test_same_name_different_uuid_is_not_attributed(host3):
+    proc_root, run_root = host3[1], host3[2]
+    proctree.add_process(proc_root, 60, proctree.qemu_argv("vm0000", "99999999-9999-9999-9999-999999999999"))
+    proctree.add_pidfile(run_root, "vm0000", 60)
+    assert by_name(collector(host3).collect())["vm0000"].pid is None
+
+
+def test_bogus_uri_falls_back_to_proc_and_retries_with_backoff(host3, caplog):
+    clock = FakeClock()
+    lv = Libvirt(fail_open=True)
+    c = collector(host3, lv, clock=clock, backoff_initial=1.0, backoff_max=4.0)
+    with caplog.at_level(logging.INFO, logger="ksmctl.vms"):
+        vms = by_name(c.collect())
+        assert c.source == "proc" and "cannot connect to libvirt" in c.last_error
+        assert set(vms) == {"vm0000", "vm0001", "vm0002"}
+        assert all(v.source == "proc" and v.pid for v in vms.values())
+        assert lv.opens == 1
+        c.collect()
+        assert lv.opens == 1  # within the backoff: no new attempt
+        clock.now += 1.0
+        c.collect()
+        assert lv.opens == 2
+        clock.now += 1.5
+        c.collect()
+        assert lv.opens == 2  # backoff doubled to 2s
+        clock.now += 0.5
+        c.collect()
+        assert lv.opens == 3
+        for _ in range(5):
+            clock.now += 4.0
+            c.collect()
+        lv.fail_open = False
+        clock.now += 4.0  # never more than backoff_max
+        c.collect()
+        assert c.source == "libvirt"
+    fallbacks = [r for r in caplog.records if "per-VM data from /proc" in r.getMessage()]
+    assert len(fallbacks) == 1  # logged once, not at every retry
+    assert any("per-VM data from libvirt" in r.getMessage() for r in caplog.records)
+    assert all("Traceback" not in r.getMessage() for r in caplog.records)
+
+
+def test_failed_call_falls_back_then_reconnects(host3):
+    clock = FakeClock()
+    state = {"fail": False}
+
+    def maybe_fail(conn, recs):
+        if state["fail"]:
+            conn.lookupByName("no-such-domain")  # a real libvirt error
+        return recs
+
+    lv = Libvirt(after_stats=maybe_fail)
+    c = collector(host3, lv, clock=clock, backoff_initial=1.0)
+    c.collect()
+    assert c.source == "libvirt"
+    state["fail"] = True
+    vms = c.collect()
+    assert c.source == "proc" and len(vms) == 3 and "listing domains failed" in c.last_error
+    state["fail"] = False
+    clock.now += 1.0
+    c.collect()
+    assert c.source == "libvirt" and lv.opens == 2
+
+
+def test_without_libvirt_python(host3, monkeypatch):
+    monkeypatch.setitem(sys.modules, "libvirt", None)  # import libvirt -> ImportError
+    uri, proc_root, run_root, _ = host3
+    c = VmCollector(uri, proc=ProcFs(str(proc_root)), run_root=str(run_root))
+    assert len(c.collect()) == 3 and c.source == "proc"
+    assert c.last_error == "libvirt-python is not installed"
+
+
+def test_no_uri_means_proc_only(host3):
+    c = VmCollector("none", proc=ProcFs(str(host3[1])), run_root=str(host3[2]))
+    assert len(c.collect()) == 3 and c.source == "proc"
+
+
+def test_lifecycle_events_mark_the_list_changed(tmp_path):
+    need_libvirt()
+    lv = Libvirt()
+    c = LibvirtCollector("test:///default", proc=ProcFs(str(tmp_path)), run_root=str(tmp_path),
+                         libvirt_module=lv, events=True)
+    try:
+        c.collect()
+        assert not c.changed.is_set()
+        conn = lv.conns[-1]
+        dom = conn.defineXML(proctree.domain_xml("evt", "44444444-4444-4444-4444-444444444444"))
+        dom.create()
+        from tests.support import wait_for
+        wait_for(c.changed.is_set, 10, "a lifecycle event")
+        assert "evt" in by_name(c.collect())
+        dom.destroy()
+        dom.undefine()
+        assert "evt" not in by_name(c.collect())
+    finally:
+        c.close()
+
+
+# ---- /proc discovery --------------------------------------------------------------------
+@pytest.mark.parametrize("argv, name, uuid, memory, off", [
+    (proctree.qemu_argv("web", "AAAAAAAA-0000-0000-0000-000000000001", 2048), "web",
+     "aaaaaaaa-0000-0000-0000-000000000001", 2048 << 20, False),
+    (["qemu-system-aarch64", "-name", "plain", "-m", "size=1048576k,slots=4,maxmem=8G"], "plain", None, 1 << 30, False),
+    (["/usr/libexec/qemu-kvm", "-M", "q35,mem-merge=off", "-m", "1G", "-name", "guest=a,,b"], "a,b", None, 1 << 30, True),
+    (["qemu-system-x86_64", "-object", "memory-backend-ram,id=m0,size=1G,merge=off"], None, None, None, True),
+    (["qemu-system-x86_64", "-object", '{"qom-type":"memory-backend-memfd","id":"m","merge":false}'], None, None, None, True),
+    (["qemu-system-x86_64", "--name", "x", "-machine", "pc,mem-merge=on"], "x", None, None, False),
+])
+def test_parse_qemu_cmdline(argv, name, uuid, memory, off):
+    a = parse_qemu_cmdline(argv)
+    assert (a.name, a.uuid, a.memory, a.mem_merge_off) == (name, uuid, memory, off)
+
+
+@pytest.mark.parametrize("argv", [[], ["/usr/bin/python3", "qemu-system-x86_64"], ["qemu-img", "info"]])
+def test_not_qemu(argv):
+    assert parse_qemu_cmdline(argv) is None
+
+
+def test_proc_scanner_reads_generated_tree(tmp_path):
+    proctree.add_process(tmp_path, 7, proctree.qemu_argv("g1", "12345678-1234-1234-1234-123456789abc", merge_off=True),
+                         merging=5)
+    proctree.add_process(tmp_path, 8, ["qemu-system-x86_64", "-m", "512"], merging=3)
+    proctree.add_process(tmp_path, 9, ["/sbin/init"], ksm_stat=False)
+    (tmp_path / "10").mkdir()  # a process that exited mid-scan: empty directory
+    vms = {v.pid: v for v in QemuProcScanner(ProcFs(str(tmp_path))).collect()}
+    assert set(vms) == {7, 8}
+    assert (vms[7].name, vms[7].uuid, vms[7].excluded, vms[7].ksm.merging_pages) == (
+        "g1", "12345678-1234-1234-1234-123456789abc", True, 5)
+    assert (vms[8].name, vms[8].uuid, vms[8].balloon_maximum) == ("qemu-8", "pid:8", 512 << 20)
+
+
+def test_nosharepages_xml():
+    assert nosharepages("<domain><memoryBacking><nosharepages/></memoryBacking></domain>")
+    assert not nosharepages("<domain><memoryBacking><hugepages/></memoryBacking></domain>")
+    assert not nosharepages("<not xml")
+
+
+# ---- signals and attribution ------------------------------------------------------------
+def vm(uuid: str, **kw) -> VmReading:
+    return VmReading(uuid=uuid, name=uuid, **kw)
+
+
+def test_vm_signals():
+    meminfo = MemInfo(total=8 << 30, available=4 << 30, free=2 << 30)
+    vms = [vm("a", balloon_current=2 << 30, balloon_maximum=4 << 30, guest_usable=1 << 30, guest_unused=5),
+           vm("b", rss=1 << 30, excluded=True),
+           vm("c", balloon_current=1 << 30, guest_unused=256 << 20)]
+    s = vm_signals(vms, meminfo)
+    assert s["running_vms"] == 3 and s["excluded_vms"] == 1
+    assert s["committed_current_bytes"] == 4 << 30 and s["committed_maximum_bytes"] == 6 << 30
+    assert s["committed_current_ratio"] == 0.5 and s["committed_maximum_ratio"] == 0.75
+    assert s["guest_free_bytes"] == (1 << 30) + (256 << 20) and s["guest_free_vms"] == 2
+    none = vm_signals([vm("x", rss=1)], meminfo)
+    assert none["guest_free_bytes"] is None and none["guest_free_vms"] == 0
+    assert vm_signals(None, meminfo)["running_vms"] is None
+    assert vm_signals([], None)["committed_current_ratio"] is None
+
+
+def test_vm_savings_sum_to_host_saving():
+    # 100 KSM pages each mapped by 3 processes -> sharing 200, shared 100; 10 zero pages.
+    ksm = KsmState(values={"pages_sharing": 200, "pages_shared": 100, "ksm_zero_pages": 10}, page_size=4096)
+    vms = [vm("a", ksm=KsmStat(merging_pages=100, zero_pages=10)), vm("b", ksm=KsmStat(merging_pages=100)),
+           vm("c", ksm=KsmStat(merging_pages=100)), vm("d"), vm("e", excluded=True, ksm=KsmStat(merging_pages=0))]
+    s = vm_savings(vms, ksm)
+    assert sum(x["saved_bytes"] or 0 for x in s.values()) == pytest.approx(ksm.saved_bytes)
+    assert s["a"]["share"] == pytest.approx((200 / 3 + 10) / 210)
+    assert s["d"]["saved_bytes"] is None and s["e"]["saved_bytes"] == 0.0
+    assert vm_savings(vms, None)["a"]["saved_bytes"] is None
