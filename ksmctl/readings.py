@@ -6,8 +6,8 @@ Sizes are bytes, CPU times seconds.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Dict, FrozenSet, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, FrozenSet, Optional, Sequence, Tuple
 
 # Every attribute of /sys/kernel/mm/ksm that ksmctl knows, in kernel documentation order.
 # Older kernels lack some; those are reported as "not supported by this kernel".
@@ -106,6 +106,9 @@ class VmReading:
     guest_available: Optional[int] = None
     guest_usable: Optional[int] = None
     guest_unused: Optional[int] = None
+    guest_swap_in: Optional[int] = None     # bytes swapped in/out inside the guest (balloon stats)
+    guest_swap_out: Optional[int] = None
+    guest_major_faults: Optional[int] = None
     ksm: Optional[KsmStat] = None
     excluded: bool = False  # opted out of merging (nosharepages / mem-merge=off)
 
@@ -146,22 +149,69 @@ class Readings:
     errors: Tuple[Tuple[str, str], ...] = ()  # (source, message)
 
     @property
-    def committed_guest_bytes(self) -> Optional[int]:
-        """Memory committed to guests: balloon current where libvirt gives it, else RSS."""
-        if self.vms is None:
-            return None
-        total = 0
-        for vm in self.vms:
-            total += vm.balloon_current if vm.balloon_current is not None else (vm.rss or 0)
-        return total
-
-    @property
     def merge_potential(self) -> Optional[int]:
         """Bytes KSM could still save (achievable minus achieved), from the estimator."""
         return self.estimate.remaining if self.estimate is not None else None
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["ksm"]["unsupported"] = sorted(self.ksm.unsupported)
-        d["ksm"]["advisor_modes"] = list(self.ksm.advisor_modes)
-        return d
+        """Plain data for the state file and traces. Written out by hand: dataclasses.asdict
+        deep-copies every field, and cost most of a tick with 500 VMs."""
+        k = self.ksm
+        return {
+            "monotonic": self.monotonic, "wall": self.wall,
+            "ksm": {"values": dict(k.values), "advisor_mode": k.advisor_mode, "advisor_modes": list(k.advisor_modes),
+                    "unsupported": sorted(k.unsupported), "unreadable": dict(k.unreadable), "page_size": k.page_size},
+            "meminfo": dict(vars(self.meminfo)) if self.meminfo is not None else None,
+            "psi": dict(vars(self.psi)) if self.psi is not None else None,
+            "ksmd_cpu_seconds": self.ksmd_cpu_seconds,
+            "vms": None if self.vms is None else [_vm_dict(v) for v in self.vms],
+            "mergeable_rss": self.mergeable_rss,
+            "estimate": dict(vars(self.estimate)) if self.estimate is not None else None,
+            "errors": [list(e) for e in self.errors],
+        }
+
+
+def _vm_dict(vm: VmReading) -> Dict[str, Any]:
+    d = dict(vars(vm))
+    d["ksm"] = dict(vars(vm.ksm)) if vm.ksm is not None else None
+    return d
+
+
+def _committed(vm: VmReading) -> int:
+    return vm.balloon_current if vm.balloon_current is not None else (vm.rss or 0)
+
+
+def vm_signals(vms: Optional[Sequence[VmReading]], meminfo: Optional[MemInfo]) -> Dict[str, Any]:
+    """Signals for policies. None values mean unknown (no VM data, or no guest reports).
+
+    committed_current_bytes: balloon current per guest (RSS where there is no balloon).
+    committed_maximum_bytes: balloon maximum per guest (else current, else RSS): what the
+      guests may grow to. The ratios divide these by MemTotal.
+    running_vms: active guests (running or paused: both hold their memory).
+    guest_free_bytes: what guests report free (usable, else unused) over the guests that
+      report it; guest_free_vms says how many did.
+    """
+    if vms is None:
+        return {"running_vms": None, "excluded_vms": None, "committed_current_bytes": None,
+                "committed_maximum_bytes": None, "committed_current_ratio": None,
+                "committed_maximum_ratio": None, "guest_free_bytes": None, "guest_free_vms": 0}
+    current = sum(_committed(vm) for vm in vms)
+    maximum = sum(vm.balloon_maximum if vm.balloon_maximum is not None else _committed(vm) for vm in vms)
+    free = 0
+    reporting = 0
+    for vm in vms:
+        value = vm.guest_usable if vm.guest_usable is not None else vm.guest_unused
+        if value is not None:
+            free += value
+            reporting += 1
+    total = meminfo.total if meminfo is not None and meminfo.total > 0 else None
+    return {
+        "running_vms": len(vms),
+        "excluded_vms": sum(1 for vm in vms if vm.excluded),
+        "committed_current_bytes": current,
+        "committed_maximum_bytes": maximum,
+        "committed_current_ratio": current / total if total else None,
+        "committed_maximum_ratio": maximum / total if total else None,
+        "guest_free_bytes": free if reporting else None,
+        "guest_free_vms": reporting,
+    }

@@ -110,3 +110,24 @@ def test_real_host_reads_without_errors():
     assert s.unreadable == {} and "run" in s.values
     r = HostCollector(KsmSysfs(), ProcFs()).collect()
     assert r.meminfo.total > 0 and r.ksmd_cpu_seconds is not None
+
+
+def test_mergeable_memory_takes_guests_from_vm_readings(tmp_path):
+    """Guests' mergeable RSS comes from the VM collector's readings (read once per tick),
+    other processes' from /proc."""
+    from ksmctl.readings import KsmStat, VmReading
+    page = os.sysconf("SC_PAGE_SIZE")
+    procs = {100: {"ksm_stat": KSM_STAT_NEW, "statm": "5000 1000 10 1 0 900 0\n"},
+             200: {"ksm_stat": KSM_STAT_NEW, "statm": "5000 7 10 1 0 900 0\n"}}
+
+    class Vms:
+        errors = [("libvirt", "domain x vanished")]
+
+        def collect(self):
+            return (VmReading(uuid="u", name="g", pid=100, rss=123 * page, ksm=KsmStat(mergeable=True)),
+                    VmReading(uuid="v", name="off", pid=300, rss=999 * page, ksm=KsmStat(mergeable=False)))
+
+    sysfs = KsmSysfs(str(make_sys(tmp_path / "sys")))
+    r = HostCollector(sysfs, ProcFs(str(make_proc(tmp_path / "proc", processes=procs))), vms=Vms()).collect()
+    assert r.mergeable_rss == (123 + 7) * page
+    assert ("libvirt", "domain x vanished") in r.errors

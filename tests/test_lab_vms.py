@@ -310,6 +310,7 @@ def test_guest_reported_memory_and_signals(lab_guests):
     mine = [vms[g.uuid] for g in lab_guests]
     for vm in mine:
         assert 0 < vm.guest_usable < vm.balloon_current and vm.guest_unused is not None
+        assert vm.guest_swap_in is not None and vm.guest_major_faults is not None
     sig = vm_signals(mine, PROC.meminfo())
     assert sig["running_vms"] == len(lab_guests) and sig["excluded_vms"] == 1
     assert sig["committed_current_bytes"] == len(lab_guests) * 256 * 1024 * 1024

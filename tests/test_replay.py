@@ -85,3 +85,22 @@ def test_trace_rotation_bounds_size(tmp_path):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == ["t.jsonl", "t.jsonl.1", "t.jsonl.2"]
     assert all((tmp_path / f).stat().st_size <= 4096 for f in files)
+
+
+def test_readings_to_dict_matches_asdict_and_round_trips():
+    import dataclasses
+
+    from ksmctl.readings import EstimateSummary, KsmStat, Psi, VmReading
+    from ksmctl.trace import readings_from_dict
+    sys_root = make_sys(__import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "sys")
+    proc_root = make_proc(sys_root.parent / "proc")
+    r = HostCollector(KsmSysfs(str(sys_root)), ProcFs(str(proc_root))).collect()
+    r = dataclasses.replace(r, psi=Psi(1.0, 2.0, 0.5, 0.25), errors=(("libvirt", "x"),),
+                            vms=(VmReading(uuid="u", name="n", rss=5, guest_swap_in=4096,
+                                           ksm=KsmStat(rmap_items=3, mergeable=True)),),
+                            estimate=EstimateSummary(1, 2, 3, 4.0, 5.0))
+    fast = json.loads(json.dumps(r.to_dict()))
+    slow = dataclasses.asdict(r)
+    slow["ksm"]["unsupported"] = sorted(slow["ksm"]["unsupported"])
+    assert fast == json.loads(json.dumps(slow))
+    assert readings_from_dict(fast) == r

@@ -59,12 +59,24 @@ class HostCollector:
             raise CollectionFailed("proc", e.message) from None
         psi = self._optional("proc", self.procfs.psi, errors)
         cpu = self._optional("proc", self.procfs.ksmd_cpu_seconds, errors)
-        vms = self._optional("libvirt", self.vms.collect, errors) if self.vms is not None else ()
-        mergeable = self._optional("proc", self.procfs.mergeable_rss, errors) if self.track_mergeable else None
+        vms: Optional[object] = ()
+        if self.vms is not None:
+            vms = self._optional("libvirt", self.vms.collect, errors)
+            errors.extend(getattr(self.vms, "errors", ()))  # per-domain problems this tick
+        mergeable = self._mergeable(vms, errors) if self.track_mergeable else None
         return Readings(monotonic=self.clock(), wall=self.wall(), ksm=ksm, meminfo=meminfo, psi=psi,
                         ksmd_cpu_seconds=cpu, vms=tuple(vms) if vms is not None else None,
                         mergeable_rss=mergeable, estimate=self.estimate,
                         errors=tuple(errors))
+
+    def _mergeable(self, vms: Optional[object], errors: List[Tuple[str, str]]) -> Optional[int]:
+        """Mergeable RSS of all processes; guests' own figures come from the VM readings."""
+        guests = {v.pid: v for v in (vms or ()) if v.pid is not None and v.ksm is not None}  # type: ignore[union-attr]
+        rest = self._optional("proc", lambda: self.procfs.mergeable_rss(skip=guests), errors)
+        if rest is None:
+            return None
+        return rest + sum(v.rss or 0 for v in guests.values()
+                          if v.ksm.mergeable or v.ksm.merge_any or (v.ksm.mergeable is None and v.ksm.rmap_items))
 
     @staticmethod
     def _optional(source: str, fn: Callable[[], object], errors: List[Tuple[str, str]]):

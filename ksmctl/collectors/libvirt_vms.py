@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..errors import KsmctlError
 from ..readings import VmReading
-from .procfs import ProcFs, parse_ksm_stat
-from .qemu_procs import QemuArgs, QemuProcScanner, parse_qemu_cmdline, read_bytes, split_cmdline
+from .procfs import ProcFs, parse_ksm_stat, read_proc_bytes
+from .qemu_procs import QemuArgs, QemuProcScanner, parse_qemu_cmdline, split_cmdline
 
 log = logging.getLogger("ksmctl.vms")
 
@@ -345,10 +345,10 @@ class LibvirtCollector:
         ksm = None
         if pid is not None:
             base = "%s/%d/" % (self._proc_root, pid)
-            raw = read_bytes(base + "ksm_stat")
+            raw = read_proc_bytes(base + "ksm_stat")
             ksm = parse_ksm_stat(raw.decode("ascii", "replace")) if raw is not None else None
             if rss is None:
-                statm = read_bytes(base + "statm")
+                statm = read_proc_bytes(base + "statm")
                 try:
                     rss = int(statm.split()[1]) * self._page_size if statm else None
                 except (ValueError, IndexError):
@@ -358,12 +358,15 @@ class LibvirtCollector:
             pid=pid, source="libvirt", balloon_current=kib("balloon.current"),
             balloon_maximum=kib("balloon.maximum"), rss=rss,
             guest_available=kib("balloon.available"), guest_usable=kib("balloon.usable"),
-            guest_unused=kib("balloon.unused"), ksm=ksm, excluded=excluded)
+            guest_unused=kib("balloon.unused"), guest_swap_in=kib("balloon.swap_in"),
+            guest_swap_out=kib("balloon.swap_out"),
+            guest_major_faults=int(params["balloon.major_fault"]) if "balloon.major_fault" in params else None,
+            ksm=ksm, excluded=excluded)
 
     def _check_pid(self, pid: int, uuid: str, name: str,
                    known: Optional[_Known] = None) -> Tuple[Optional[QemuArgs], str]:
         """(args, "") when pid is this guest's QEMU; (None, why) otherwise."""
-        raw = read_bytes("%s/%d/cmdline" % (self._proc_root, pid))
+        raw = read_proc_bytes("%s/%d/cmdline" % (self._proc_root, pid))
         if not raw:
             return None, "gone"
         if known is not None and known.argv_raw == raw:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Container, Dict, Iterator, Optional, Tuple
 
 from ..errors import ReadError
 from ..readings import KsmStat, MemInfo, Psi
@@ -86,6 +86,42 @@ def parse_ksm_stat(text: str) -> KsmStat:
         merge_any=bools.get("ksm_merge_any"), mergeable=bools.get("ksm_mergeable"))
 
 
+def read_proc_bytes(path: str) -> Optional[bytes]:
+    """A /proc file's bytes, or None when the process is gone. Plain os calls on str
+    paths: this runs for every process every tick, where pathlib's overhead shows."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        chunks = []
+        while True:
+            chunk = os.read(fd, 16384)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+_MERGEABLE_MARKS = (b"ksm_mergeable: yes", b"ksm_merge_any: yes")
+
+
+def is_mergeable(ksm_stat: bytes) -> bool:
+    """From raw ksm_stat: 'ksm_mergeable: yes' (6.10+) or prctl merge-any; on kernels
+    without those fields, any rmap item means ksmd has seen mergeable memory."""
+    if any(m in ksm_stat for m in _MERGEABLE_MARKS):
+        return True
+    if b"ksm_mergeable" in ksm_stat or b"ksm_merge_any" in ksm_stat:
+        return False
+    for line in ksm_stat.splitlines():
+        if line.startswith(b"ksm_rmap_items"):
+            return line.split()[-1] not in (b"0", b"0:")
+    return False
+
+
 class ProcFs:
     """Reader of /proc. `proc_root` lets tests point it at a fixture tree."""
 
@@ -164,27 +200,28 @@ class ProcFs:
 
     def ksm_stat(self, pid: int) -> Optional[KsmStat]:
         """None when the process is gone or the kernel has no ksm_stat (before 6.1)."""
-        try:
-            text = (self.root / str(pid) / "ksm_stat").read_text()
-        except OSError:
-            return None
-        return parse_ksm_stat(text)
+        raw = read_proc_bytes("%s/%d/ksm_stat" % (self.root, pid))
+        return None if raw is None else parse_ksm_stat(raw.decode("ascii", "replace"))
 
     def rss_bytes(self, pid: int) -> Optional[int]:
+        raw = read_proc_bytes("%s/%d/statm" % (self.root, pid))
         try:
-            fields = (self.root / str(pid) / "statm").read_text().split()
-            return int(fields[1]) * self.page_size
-        except (OSError, ValueError, IndexError):
+            return int(raw.split()[1]) * self.page_size  # type: ignore[union-attr]
+        except (AttributeError, ValueError, IndexError):
             return None
 
-    def mergeable_rss(self) -> int:
-        """RSS of every process that has mergeable memory (ksm_stat says mergeable).
+    def mergeable_rss(self, skip: Container[int] = ()) -> int:
+        """RSS of every process that has mergeable memory (ksm_stat says mergeable),
+        except the `skip` pids (guests whose figures the VM collector already read).
 
         Growth of this sum is how the policy notices new mergeable memory (a guest
         started) without waiting for ksmd to scan it. Kernel threads have no ksm_stat."""
         total = 0
+        root = str(self.root)
         for pid in self.pids():
-            st = self.ksm_stat(pid)
-            if st is not None and (st.mergeable or st.merge_any):
+            if pid in skip:
+                continue
+            raw = read_proc_bytes("%s/%d/ksm_stat" % (root, pid))
+            if raw and is_mergeable(raw):
                 total += self.rss_bytes(pid) or 0
         return total

@@ -80,16 +80,6 @@ def split_cmdline(raw: bytes) -> Tuple[str, ...]:
     return tuple(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a)
 
 
-def read_bytes(path: str) -> Optional[bytes]:
-    """A /proc file in one read; None when the process is gone. (Plain str paths: this
-    runs for every VM every tick.)"""
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
 def parse_qemu_cmdline(argv: Sequence[str]) -> Optional[QemuArgs]:
     """None unless argv is a qemu-system-* process."""
     if not argv or not is_qemu_binary(argv[0]):

@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..readings import KsmState, MemInfo, VmReading
+from ..readings import KsmState, VmReading, vm_signals  # noqa: F401  (vm_signals: re-exported)
 from .libvirt_vms import LibvirtCollector
 from .procfs import ProcFs
 
@@ -59,46 +59,6 @@ class VmCollector:
 
     def close(self) -> None:
         self._impl.close()
-
-
-def _committed(vm: VmReading) -> int:
-    return vm.balloon_current if vm.balloon_current is not None else (vm.rss or 0)
-
-
-def vm_signals(vms: Optional[Sequence[VmReading]], meminfo: Optional[MemInfo]) -> Dict[str, Any]:
-    """Signals for policies. None values mean unknown (no VM data, or no guest reports).
-
-    committed_current_bytes: balloon current per guest (RSS where there is no balloon).
-    committed_maximum_bytes: balloon maximum per guest (else current, else RSS): what the
-      guests may grow to. The ratios divide these by MemTotal.
-    running_vms: active guests (running or paused: both hold their memory).
-    guest_free_bytes: what guests report free (usable, else unused) over the guests that
-      report it; guest_free_vms says how many did.
-    """
-    if vms is None:
-        return {"running_vms": None, "excluded_vms": None, "committed_current_bytes": None,
-                "committed_maximum_bytes": None, "committed_current_ratio": None,
-                "committed_maximum_ratio": None, "guest_free_bytes": None, "guest_free_vms": 0}
-    current = sum(_committed(vm) for vm in vms)
-    maximum = sum(vm.balloon_maximum if vm.balloon_maximum is not None else _committed(vm) for vm in vms)
-    free = 0
-    reporting = 0
-    for vm in vms:
-        value = vm.guest_usable if vm.guest_usable is not None else vm.guest_unused
-        if value is not None:
-            free += value
-            reporting += 1
-    total = meminfo.total if meminfo is not None and meminfo.total > 0 else None
-    return {
-        "running_vms": len(vms),
-        "excluded_vms": sum(1 for vm in vms if vm.excluded),
-        "committed_current_bytes": current,
-        "committed_maximum_bytes": maximum,
-        "committed_current_ratio": current / total if total else None,
-        "committed_maximum_ratio": maximum / total if total else None,
-        "guest_free_bytes": free if reporting else None,
-        "guest_free_vms": reporting,
-    }
 
 
 def vm_savings(vms: Sequence[VmReading], ksm: Optional[KsmState],

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
-from ..readings import Readings
+from ..readings import Readings, vm_signals
 from ..units import format_bytes
 from .model import BYTE_SIGNALS, Condition, Policy, ScanPoint, Signal
 
@@ -38,8 +38,9 @@ class EngineState:
     last: Optional[Mark] = None          # previous tick
     pass_mark: Optional[Mark] = None     # at the last completed full scan
     passes: int = 0                      # full-scan boundaries seen since (re)start of merging
-    last_pass_yield: Optional[float] = None  # new merges per 1000 pages scanned, last full pass
-    idle_mergeable: Optional[int] = None  # mergeable memory when we went idle
+    last_pass_yield: Optional[float] = None  # new merges per 1000 pages scanned over the last tick
+    need_passes: int = 0                 # adaptive: boundaries to see before idling is allowed
+    idle_mergeable: Optional[int] = None  # adaptive: mergeable memory when passes were last counted from 0
     cpu_scale: float = 1.0               # CPU budget's throttle on the scan rate
 
 
@@ -70,16 +71,14 @@ def signals(r: Readings) -> Dict[Signal, Optional[float]]:
         s[Signal.psi_full_avg10] = psi.full_avg10
         s[Signal.psi_full_avg60] = psi.full_avg60
     if vms is not None:
-        committed = sum((v.balloon_current if v.balloon_current is not None else (v.rss or 0)) for v in vms)
-        rss = sum((v.rss or 0) for v in vms)
-        s[Signal.guest_committed] = committed
-        s[Signal.guest_maximum] = sum((v.balloon_maximum or v.balloon_current or v.rss or 0) for v in vms)
-        s[Signal.guest_rss] = rss
-        s[Signal.running_vms] = sum(1 for v in vms if v.state == "running")
-        free = [v.guest_unused for v in vms if v.guest_unused is not None]
-        s[Signal.guest_free] = sum(free) if free else None
+        v = vm_signals(vms, mi)
+        s[Signal.guest_committed] = v["committed_current_bytes"]
+        s[Signal.guest_maximum] = v["committed_maximum_bytes"]
+        s[Signal.guest_rss] = rss = sum((vm.rss or 0) for vm in vms)
+        s[Signal.running_vms] = v["running_vms"]
+        s[Signal.guest_free] = v["guest_free_bytes"]
         if total is not None:
-            s[Signal.guest_committed_headroom] = total - committed
+            s[Signal.guest_committed_headroom] = total - v["committed_current_bytes"]
             s[Signal.guest_rss_headroom] = total - rss
     s[Signal.mergeable_memory] = r.mergeable_rss
     s[Signal.merge_potential] = r.merge_potential
@@ -240,9 +239,12 @@ def _point(p: ScanPoint) -> Dict[str, object]:
 
 def _adaptive(policy: Policy, r: Readings, st: EngineState, prev: EngineState, now: Mark,
               sig, sleep: int, cpu: Optional[float], run_rule: str, reasons: List[str]):
-    """Pace ksmd to one pass per target_pass_seconds while passes still find merges;
-    idle once a complete pass (third boundary since resuming: nothing merges in the
-    first) finds almost nothing; resume when mergeable memory grows or pressure starts."""
+    """Pace ksmd to one pass per target_pass_seconds while merges are being found. Once
+    min_passes full passes have completed since merging (re)started (every page stable
+    since the start has then been seen twice, and merged if it could be; one pass more
+    when ksmd already held pages, since its cursor was then part-way through a pass),
+    the first tick whose interval found fewer than idle_yield new merges per 1000 pages
+    scanned goes idle. Resume when mergeable memory grows or pressure starts again."""
     ad = policy.scan.adaptive
     pts = policy.scan.pages_to_scan
     page = r.ksm.page_size
@@ -250,46 +252,53 @@ def _adaptive(policy: Policy, r: Readings, st: EngineState, prev: EngineState, n
     k = r.ksm
     rmap_pages = sum(k.get(n, 0) or 0 for n in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))
     pages_total = max(int((mergeable or 0) // page), rmap_pages, 1)
+    need_on_start = ad.min_passes + (1 if rmap_pages > 0 else 0)
 
     restarted = run_rule == "start" or prev.active is False
-    mode, passes, pass_mark = st.mode, st.passes, st.pass_mark
-    last_yield = st.last_pass_yield
+    mode, passes, need = st.mode, st.passes, st.need_passes
+    last_yield: Optional[float] = None
     idle_mergeable = st.idle_mergeable
     rule = "merging"
-    if restarted:
-        mode, passes, pass_mark, last_yield = "merging", 0, now, None
+    grown = (mergeable or 0) - (idle_mergeable or 0)
+    if restarted or prev.last is None:
+        mode, passes, need, idle_mergeable = "merging", 0, need_on_start, mergeable
         rule = "resume" if prev.active is not None else "merging"
     elif mode == "idle":
-        grown = (mergeable or 0) - (idle_mergeable or 0)
         if mergeable is not None and grown > ad.resume_growth:
-            mode, passes, pass_mark, last_yield = "merging", 0, now, None
+            mode, passes, need, idle_mergeable = "merging", 0, need_on_start, mergeable
             rule = "resume"
             reasons.append("mergeable memory grew by %s since idle (> %s)"
                            % (format_bytes(grown), format_bytes(ad.resume_growth)))
         else:
             rule = "idle"
-    if mode == "merging" and not restarted and rule != "resume":
-        if pass_mark is None:
-            pass_mark = now
-        elif now.full_scans != pass_mark.full_scans:
-            scanned = now.pages_scanned - pass_mark.pages_scanned
-            gained = now.saved_pages - pass_mark.saved_pages
-            last_yield = 1000.0 * gained / scanned if scanned > 0 else 0.0
-            passes += now.full_scans - pass_mark.full_scans
-            pass_mark = now
-            if passes >= 3 and last_yield < ad.idle_yield:
-                mode, rule, idle_mergeable = "idle", "idle", int(mergeable or 0)
-                reasons.append("last full pass found %.2f new merges per 1000 pages (< %g): idle"
-                               % (last_yield, ad.idle_yield))
-    if rule == "idle" and not any("idle" in x for x in reasons):
-        reasons.append("no new merges to find; idle scan")
+            reasons.append("no new merges to find; idle scan")
+    elif mergeable is not None and grown > ad.resume_growth:
+        # New memory while merging: it too needs two passes before anything is known.
+        passes, need, idle_mergeable = 0, need_on_start, mergeable
+        reasons.append("mergeable memory grew by %s while merging: counting passes again"
+                       % format_bytes(grown))
+    else:
+        last = prev.last
+        passes += max(0, now.full_scans - last.full_scans)
+        scanned = now.pages_scanned - last.pages_scanned
+        gained = now.saved_pages - last.saved_pages
+        if scanned > 0:
+            last_yield = 1000.0 * gained / scanned
+            if passes >= need and last_yield < ad.idle_yield:
+                mode, rule = "idle", "idle"
+                idle_mergeable = int(mergeable) if mergeable is not None else idle_mergeable
+                reasons.append("%d full passes since merging started, and the last %gs found %.2f new merges "
+                               "per 1000 pages scanned (< %g): idle"
+                               % (passes, round(now.monotonic - last.monotonic, 1), last_yield, ad.idle_yield))
+    if mergeable is not None:  # growth counts from the low-water mark (guests may also exit)
+        idle_mergeable = int(mergeable) if idle_mergeable is None else int(min(idle_mergeable, mergeable))
     rate = pages_total / ad.target_pass_seconds  # pages per second
     npages = int(math.ceil(rate * max(sleep, 1) / 1000.0))
     npages = min(max(npages, pts.min), pts.max)
     if rule in ("merging", "resume"):
-        reasons.append("merging: %d mergeable pages, one pass per %gs -> %d pages per %d ms%s"
-                       % (pages_total, ad.target_pass_seconds, npages, sleep,
-                          "" if last_yield is None else " (last pass yield %.1f/1000)" % last_yield))
-    st = replace(st, mode=mode, passes=passes, pass_mark=pass_mark, last_pass_yield=last_yield,
-                 idle_mergeable=idle_mergeable)
+        reasons.append("merging: %d mergeable pages, one pass per %gs -> %d pages per %d ms; %d of %d passes%s"
+                       % (pages_total, ad.target_pass_seconds, npages, sleep, min(passes, need), need,
+                          "" if last_yield is None else ", last interval %.1f new merges/1000 pages" % last_yield))
+    st = replace(st, mode=mode, passes=passes, pass_mark=None, last_pass_yield=last_yield,
+                 idle_mergeable=idle_mergeable, need_passes=need)
     return npages, rule, st

@@ -192,14 +192,18 @@ class SleepMillisecs(Model):
 class Adaptive(Model):
     """Scan as fast as merges are being found, and stop paying when they are not.
 
-    While active, ksmd is paced to cover all mergeable memory every target_pass_seconds
-    (within the CPU budget). Once a full pass (after the second: nothing merges on the
-    first) yields fewer than idle_yield new merges per 1000 pages scanned, ksmd drops to
-    the idle scan point. It resumes when mergeable memory grows by resume_growth, or
-    when the start conditions become newly true."""
+    While merging, ksmd is paced to cover all mergeable memory every target_pass_seconds
+    (within the CPU budget): a page merges only when a second pass sees it unchanged, so
+    the pass time bounds the time to the saving. After min_passes full passes since
+    merging (re)started (one more when ksmd was already part-way through a pass), every
+    page that could merge has had its chance; from then on the first tick whose interval
+    found fewer than idle_yield new merges per 1000 pages scanned drops ksmd to the idle
+    scan point. It resumes when mergeable memory grows by resume_growth, or when the
+    start conditions become newly true."""
 
     target_pass_seconds: float = Field(default=10.0, gt=0, le=86400)
     idle_yield: float = Field(default=1.0, ge=0, le=1000)
+    min_passes: int = Field(default=2, ge=1, le=100)
     idle: ScanPoint = ScanPoint(pages_to_scan=100, sleep_millisecs=1000)
     resume_growth: int = Field(default=64 * 1024 * 1024, ge=0)
 
