@@ -22,6 +22,7 @@ from .ksm_writer import KNOBS, KsmWriter, unmerge_need, validate_value
 from .policy.decide import EngineState, decide, evaluate, signals
 from .policy.loader import json_schema, load_policy, resolve_policy_path, shipped_policy_names
 from .readings import Readings
+from .service import make_vm_collector
 from .state import read_state
 from .units import format_bytes
 from .cli_estimate import estimate  # noqa: E402  (commands kept in their own modules)
@@ -75,16 +76,6 @@ class CliContext:
         if with_vms:
             vms = make_vm_collector(self.config, self.procfs())
         return HostCollector(self.sysfs(), self.procfs(), vms=vms)
-
-
-def make_vm_collector(config: Config, procfs: ProcFs) -> Any:
-    """The per-VM collector, or None where its module or libvirt is not installed."""
-    try:
-        from .collectors.vms import VmCollector
-    except ImportError:
-        return None
-    return VmCollector(uri=config.libvirt_uri if config.libvirt else None, proc=procfs,
-                       run_root=config.run_root)
 
 
 class KsmctlGroup(click.Group):

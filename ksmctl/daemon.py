@@ -94,6 +94,7 @@ class Daemon:
         self._wake = threading.Event()
         self._stop = False
         self._reload = False
+        self._tick_now = False
         self._ready_sent = False
         self.drift = DriftDetector()
         self._backing_off: Dict[str, object] = {}
@@ -237,6 +238,11 @@ class Daemon:
         self._reload = True
         self._wake.set()
 
+    def request_tick(self) -> None:
+        """A VM started or stopped (libvirt event): tick now rather than at the interval."""
+        self._tick_now = True
+        self._wake.set()
+
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
@@ -255,6 +261,9 @@ class Daemon:
                     if self._reload:
                         self._reload = False
                         self.reload()
+                    if self._tick_now:
+                        self._tick_now = False
+                        break
                     remaining = self.interval - (time.monotonic() - start)
                     if remaining <= 0:
                         break

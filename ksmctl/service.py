@@ -9,6 +9,7 @@ from typing import Any, List, Optional
 from .collectors.host import HostCollector
 from .collectors.procfs import ProcFs
 from .collectors.sysfs import KsmSysfs
+from .collectors.vms import VmCollector
 from .coexist import CoexistenceChecker, check_or_refuse
 from .config import Config, load_config
 from .daemon import Daemon
@@ -34,7 +35,6 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
     if not dry_run:
         checker = CoexistenceChecker(config.proc_root, config.sys_root, config.run_root)
         check_or_refuse(checker.scan(advisor_is_ours=marker.exists()), force)
-    from .cli import make_vm_collector  # shared with the CLI's own VM view
     vms = make_vm_collector(config, procfs)
     collector = HostCollector(sysfs, procfs, vms=vms)
     writer = KsmWriter(sysfs, dry_run=dry_run)
@@ -44,6 +44,8 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
                policy_override=policy_name)
     if once:
         d.config = config.model_copy(update={"restore_on_exit": False})
+    if vms is not None:
+        vms.on_change(d.request_tick)
     if not dry_run:
         d.on_shutdown.append(lambda: marker.sync(sysfs))
     if config.estimate.enabled and not once:
@@ -75,6 +77,12 @@ def _count_policy_errors(d: Daemon, metrics: Any) -> None:
             raise
 
     d.policy_loader = counted
+
+
+def make_vm_collector(config: Config, procfs: ProcFs) -> VmCollector:
+    """Per-VM readings from libvirt (unless config.libvirt is off), else QEMU in /proc."""
+    return VmCollector(uri=config.libvirt_uri if config.libvirt else None, proc=procfs,
+                       run_root=config.run_root)
 
 
 class AdvisorMarker:

@@ -139,6 +139,7 @@ class LibvirtCollector:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.changed = threading.Event()
+        self.on_change: Optional[Callable[[], None]] = None  # e.g. wake the daemon for a tick now
         self.source: Optional[str] = None
         self.last_error: Optional[str] = None
         self.errors: List[Tuple[str, str]] = []
@@ -214,7 +215,12 @@ class LibvirtCollector:
 
     def _on_close(self, _conn: Any, _reason: int, _opaque: Any) -> None:
         self._broken = True
+        self._notify()
+
+    def _notify(self) -> None:
         self.changed.set()
+        if self.on_change is not None:
+            self.on_change()
 
     def _on_lifecycle(self, _conn: Any, dom: Any, _event: int, _detail: int, _opaque: Any) -> None:
         try:
@@ -223,7 +229,7 @@ class LibvirtCollector:
             return
         with self._lock:
             self._stale.add(uuid)
-        self.changed.set()
+        self._notify()
 
     def _schedule_retry(self, message: str) -> None:
         self.last_error = message

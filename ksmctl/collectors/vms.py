@@ -37,6 +37,11 @@ class VmCollector:
     def collect(self) -> Tuple[VmReading, ...]:
         return self._impl.collect()
 
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (from libvirt's event thread) when a domain starts, stops or
+        the connection closes, so the daemon can tick at once instead of at its interval."""
+        self._impl.on_change = callback
+
     @property
     def source(self) -> Optional[str]:
         """"libvirt" or "proc" (None before the first collect)."""
