@@ -120,8 +120,8 @@ scan:
   strategy: adaptive
   pages_to_scan: {min: 100, max: 100000}
   sleep_millisecs: {base: 10, floor: 10}
-  adaptive: {target_pass_seconds: 4, idle_yield: 1.0, idle: {pages_to_scan: 100, sleep_millisecs: 1000},
-             resume_growth: 64MiB}
+  adaptive: {target_pass_seconds: 4, idle_yield: 1.0, min_passes: 2,
+             idle: {pages_to_scan: 100, sleep_millisecs: 1000}, resume_growth: 64MiB}
 """)
 
 
@@ -130,25 +130,30 @@ def test_adaptive_paces_passes_then_idles_then_resumes():
     st = EngineState()
     d, st = decide(ADAPTIVE, reading(t=0, mergeable=merge), st)
     assert (d.targets["pages_to_scan"], d.targets["sleep_millisecs"], d.scan_rule) == (256, 10, "merging")
-    # Passes 1 and 2 complete: merges found. Not idle before the third boundary.
+    assert st.need_passes == 2  # ksmd holds no pages yet: its next pass starts from the beginning
+    # Pass 1 only checksums: nothing merges, and that must not count as "found nothing".
     d, st = decide(ADAPTIVE, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400), st)
+    assert d.scan_rule == "merging" and st.passes == 1 and st.last_pass_yield == 0.0
+    # Pass 2 merges.
     d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge, full_scans=2, pages_scanned=204800,
                                      pages_sharing=50000), st)
     assert d.scan_rule == "merging" and st.passes == 2
-    # Third boundary: that pass found 50 new merges in 102400 pages = 0.49 per 1000 < 1: idle.
-    d, st = decide(ADAPTIVE, reading(t=15, mergeable=merge, full_scans=3, pages_scanned=307200,
-                                     pages_sharing=50050), st)
+    # The next interval, two passes done: 25 new merges in 51200 pages = 0.49 per 1000 < 1: idle,
+    # without waiting for a third full pass.
+    d, st = decide(ADAPTIVE, reading(t=12, mergeable=merge, full_scans=2, pages_scanned=256000,
+                                     pages_sharing=50025), st)
     assert d.scan_rule == "idle" and (d.targets["pages_to_scan"], d.targets["sleep_millisecs"]) == (100, 1000)
-    assert "0.49 new merges per 1000 pages" in d.reason
-    # Stays idle while mergeable memory is stable...
-    d, st = decide(ADAPTIVE, reading(t=20, mergeable=merge + 10 * MIB, full_scans=3, pages_scanned=307300,
-                                     pages_sharing=50050), st)
+    assert "2 full passes since merging started, and the last 2s found 0.49 new merges per 1000" in d.reason
+    # Stays idle while mergeable memory is stable (10 MiB < 64 MiB)...
+    d, st = decide(ADAPTIVE, reading(t=20, mergeable=merge + 10 * MIB, full_scans=2, pages_scanned=256100,
+                                     pages_sharing=50025), st)
     assert d.scan_rule == "idle"
-    # ...and resumes at full pace at once when a guest adds 200 MiB.
-    d, st = decide(ADAPTIVE, reading(t=25, mergeable=merge + 200 * MIB, full_scans=3, pages_scanned=307400,
-                                     pages_sharing=50050), st)
+    # ...and resumes at full pace at once when a guest adds 200 MiB; ksmd now holds pages
+    # (its cursor is part-way through a pass), so three passes are needed before idling.
+    d, st = decide(ADAPTIVE, reading(t=25, mergeable=merge + 200 * MIB, full_scans=2, pages_scanned=256200,
+                                     pages_sharing=50025, pages_shared=100), st)
     assert d.scan_rule == "resume" and d.targets["pages_to_scan"] == 384  # 153600 pages / 4 s / 100 per s
-    assert "grew by 200.0 MiB" in d.reason
+    assert "grew by 200.0 MiB" in d.reason and st.need_passes == 3
 
 
 def test_adaptive_does_not_idle_while_passes_still_find_merges():
@@ -158,6 +163,28 @@ def test_adaptive_does_not_idle_while_passes_still_find_merges():
         d, st = decide(ADAPTIVE, reading(t=5 * i, mergeable=merge, full_scans=i, pages_scanned=102400 * i,
                                          pages_sharing=1000 * i), st)  # ~9.8 merges per 1000 pages each pass
         assert d.scan_rule == "merging"
+
+
+def test_adaptive_counts_passes_again_when_memory_grows_while_merging():
+    merge = 400 * MIB
+    st = EngineState()
+    d, st = decide(ADAPTIVE, reading(t=0, mergeable=merge), st)
+    d, st = decide(ADAPTIVE, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400), st)
+    # A guest starts (+100 MiB) during the merge pass: its pages need two passes of their own.
+    d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge + 100 * MIB, full_scans=2, pages_scanned=204800,
+                                     pages_sharing=50000, pages_unshared=2000), st)
+    assert d.scan_rule == "merging" and st.passes == 0 and st.need_passes == 3
+    assert "grew by 100.0 MiB while merging" in d.reason
+    # A quiet interval now is not enough: only 1 of 3 passes since the growth.
+    d, st = decide(ADAPTIVE, reading(t=12, mergeable=merge + 100 * MIB, full_scans=3, pages_scanned=256000,
+                                     pages_sharing=50000, pages_unshared=2000), st)
+    assert d.scan_rule == "merging" and st.passes == 1
+    d, st = decide(ADAPTIVE, reading(t=17, mergeable=merge + 100 * MIB, full_scans=5, pages_scanned=512000,
+                                     pages_sharing=75000, pages_unshared=2000), st)
+    assert d.scan_rule == "merging" and st.passes == 3   # found 25000 merges: keep going
+    d, st = decide(ADAPTIVE, reading(t=19, mergeable=merge + 100 * MIB, full_scans=5, pages_scanned=563200,
+                                     pages_sharing=75000, pages_unshared=2000), st)
+    assert d.scan_rule == "idle"
 
 
 def test_cpu_budget_caps_scan_rate():
