@@ -159,22 +159,12 @@ def _run(vms: Sequence[str], pids: Sequence[int], rate: Optional[float], as_json
               help="Read at most this many MiB of guest memory per second.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")
-@click.option("--proc-root", default="/proc", show_default=True, hidden=True)
-@click.option("--sys-root", default="/sys", show_default=True, hidden=True)
 @click.pass_context
-def estimate(ctx: click.Context, vms, pids, rate, as_json, no_progress, proc_root, sys_root) -> None:
+def estimate(ctx: click.Context, vms, pids, rate, as_json, no_progress) -> None:
     """Estimate how much memory KSM could save, and how much it saves now.
 
     Reads only pages present in RAM (never faults in swapped-out or untouched memory),
     hashes each page in memory (XXH3-128), never stores or prints page contents.
     Needs root. Ctrl-C stops and prints a partial result (exit code 130).
     """
-    ctx.exit(_run(vms, pids, rate, as_json, no_progress, proc_root, sys_root))
-
-
-def main(argv: Optional[List[str]] = None) -> None:   # pragma: no cover - for `python -m`
-    estimate.main(args=argv if argv is not None else sys.argv[1:], prog_name="ksmctl estimate")
-
-
-if __name__ == "__main__":   # pragma: no cover
-    main()
+    ctx.exit(_run(vms, pids, rate, as_json, no_progress, ctx.obj.proc_root, ctx.obj.sys_root))

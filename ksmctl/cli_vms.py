@@ -13,29 +13,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
+from .config import DEFAULT_STATE_FILE
 from .errors import KsmctlError
 from .readings import KsmStat, KsmState, VmReading
+from .state import read_state
 from .units import format_bytes
 
-DEFAULT_STATE_FILE = "/run/ksmctl/state.json"
 SORT_KEYS = ("saved", "share", "merging", "memory", "name", "uuid", "state")
 _NUMERIC = ("saved", "share", "merging", "memory")
-
-
-def _read_state(path: str) -> Optional[Dict[str, Any]]:
-    """The daemon's state (None when no daemon is running or the file is unusable)."""
-    try:
-        from .state import read_state
-    except ImportError:  # pragma: no cover - the lead's module is always there in a release
-        read_state = None
-    if read_state is not None:
-        return read_state(path)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def vm_from_dict(d: Dict[str, Any]) -> VmReading:
@@ -166,31 +151,24 @@ def vms(ctx: click.Context, sort_key: str, reverse: bool, as_json: bool, state_f
     merged page host-wide (pages_sharing / (pages_sharing + pages_shared)), plus its KSM
     zero pages; the SAVED column sums to the host's saving less what merged outside VMs.
     VMs that opted out of merging (nosharepages, mem-merge=off) show as excluded."""
-    c = ctx.obj  # ksmctl.cli.CliContext when run as `ksmctl vms`; None when invoked alone
-    proc_root = getattr(c, "proc_root", "/proc")
-    sys_root = getattr(c, "sys_root", "/sys")
-    config = None
-    if c is not None:
-        try:
-            config = c.config
-        except KsmctlError:
-            config = None
+    c = ctx.obj  # the group's CliContext
+    try:
+        config = c.config
+    except KsmctlError:  # a broken config must not hide the VM view: use the defaults
+        config = None
     if state_file is None:
-        state_file = getattr(config, "state_file", None) or DEFAULT_STATE_FILE
+        state_file = config.state_file if config is not None else DEFAULT_STATE_FILE
     if uri is None:
-        if config is not None and not getattr(config, "libvirt", True):
-            uri = ""
-        else:
-            uri = getattr(config, "libvirt_uri", None) or "qemu:///system"
-    run_root = getattr(config, "run_root", None) or "/run"
+        uri = "qemu:///system" if config is None else (config.libvirt_uri if config.libvirt else "")
+    run_root = config.run_root if config is not None else "/run"
 
     got = None
     if not live:
-        state = _read_state(state_file)
+        state = read_state(state_file)
         if state is not None:
             got = from_daemon(state)
     if got is None:
-        got = collect_live(uri, proc_root, sys_root, run_root)
+        got = collect_live(uri, c.proc_root, c.sys_root, run_root)
     vm_list, ksm, source = got
     table = rows(vm_list, ksm)
     table.sort(key=_sort_key(sort_key), reverse=(sort_key in _NUMERIC) != reverse)

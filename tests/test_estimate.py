@@ -9,7 +9,7 @@ import mmap
 import os
 import tracemalloc
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import pytest
 from click.testing import CliRunner
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ksmctl import estimate as est
-from ksmctl.cli_estimate import estimate as estimate_cmd
+from ksmctl.cli import cli
 from ksmctl.cli_estimate import render_table
 from ksmctl.errors import EXIT_PERMISSION, EXIT_USAGE, PermissionDenied, UsageError
 from ksmctl.estimate import (Estimator, Progress, Target, TokenBucket, parse_ksm_stat,
@@ -409,15 +409,15 @@ def test_memory_per_scanned_page_is_bounded(tmp_path):
 def test_cli_json_and_table(tmp_path):
     host, procs = _two_process_host(tmp_path)
     runner = CliRunner()
-    res = runner.invoke(estimate_cmd, ["--json", "--proc-root", str(host.proc), "--sys-root", str(host.sys),
-                                       "--pid", "101", "--vm", "vm2"])
+    res = runner.invoke(cli, ["--proc-root", str(host.proc), "--sys-root", str(host.sys), "estimate", "--json",
+                              "--pid", "101", "--vm", "vm2"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     exp = expected(procs, False)
     assert data["total"]["achievable"]["pages"] == exp["achievable_nonzero"] + exp["zero_saving"]
     assert data["total"]["achievable"]["bytes"] == data["total"]["achievable"]["pages"] * PS
     assert {t["name"] for t in data["targets"]} == {"proc[101]", "vm2"}
-    res = runner.invoke(estimate_cmd, ["--proc-root", str(host.proc), "--sys-root", str(host.sys)])
+    res = runner.invoke(cli, ["--proc-root", str(host.proc), "--sys-root", str(host.sys), "estimate"])
     assert res.exit_code == 0, res.output
     assert "ALL (2)" in res.output and "vm vm2" in res.output and "EFFICIENCY" in res.output
 
@@ -425,12 +425,12 @@ def test_cli_json_and_table(tmp_path):
 def test_cli_errors_have_exit_codes(tmp_path, monkeypatch):
     host, _ = _two_process_host(tmp_path)
     runner = CliRunner()
-    res = runner.invoke(estimate_cmd, ["--proc-root", str(host.proc), "--vm", "nope"])
+    res = runner.invoke(cli, ["--proc-root", str(host.proc), "estimate", "--vm", "nope"])
     assert res.exit_code == EXIT_USAGE and "no running QEMU guest named 'nope'" in res.output
-    res = runner.invoke(estimate_cmd, ["--rate", "0"])
+    res = runner.invoke(cli, ["estimate", "--rate", "0"])
     assert res.exit_code == EXIT_USAGE
     monkeypatch.setattr(est.os, "geteuid", lambda: 1000)
-    res = runner.invoke(estimate_cmd, ["--proc-root", str(host.proc), "--sys-root", str(host.sys)])
+    res = runner.invoke(cli, ["--proc-root", str(host.proc), "--sys-root", str(host.sys), "estimate"])
     assert res.exit_code == EXIT_PERMISSION and "needs root" in res.output
 
 

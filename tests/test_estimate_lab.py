@@ -9,7 +9,7 @@ from typing import Dict
 import pytest
 from click.testing import CliRunner
 
-from ksmctl.cli_estimate import estimate as estimate_cmd
+from ksmctl.cli import cli
 from ksmctl.estimate import Estimator, parse_smaps_mergeable, resolve_targets
 
 pytestmark = [pytest.mark.lab]
@@ -51,7 +51,7 @@ def test_per_vm_and_cross_vm_potential(lab_guests):
 
 def test_cli_json_on_guests(lab_guests):
     g1, g2 = [g for g in lab_guests if not g.nosharepages][:2]
-    res = CliRunner().invoke(estimate_cmd, ["--vm", g1.name, "--vm", g2.name, "--json", "--no-progress"])
+    res = CliRunner().invoke(cli, ["estimate", "--vm", g1.name, "--vm", g2.name, "--json", "--no-progress"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert [t["name"] for t in data["targets"]] == [g1.name, g2.name]
