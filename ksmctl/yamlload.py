@@ -135,9 +135,8 @@ def describe_errors(e: ValidationError, model: Type[BaseModel], filename: str,
     """One line per problem: 'file:line: key.path: problem'."""
     out = []
     for err in e.errors():
+        # pydantic names validator functions in some locations; they are not keys.
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        # pydantic adds the model name for union members; drop those parts.
-        loc = tuple(p for p in loc if not (isinstance(p, str) and p[:1].isupper()))
         line = None
         for i in range(len(loc), -1, -1):
             if loc[:i] in lines:
@@ -146,11 +145,11 @@ def describe_errors(e: ValidationError, model: Type[BaseModel], filename: str,
         where = "%s:%d" % (filename, line) if line else filename
         key = _fmt(loc) or "top level"
         typ = err["type"]
-        if typ == "extra_forbidden":
+        if typ == "extra_forbidden" and loc:
             allowed = _allowed_keys(model, loc[:-1])
             msg = "unknown key %r%s" % (loc[-1], "; allowed here: " + ", ".join(allowed) if allowed else "")
             key = _fmt(loc[:-1]) or "top level"
-        elif typ == "missing":
+        elif typ == "missing" and loc:
             msg = "required key %r is missing" % loc[-1]
             key = _fmt(loc[:-1]) or "top level"
         else:
