@@ -27,10 +27,13 @@ pkill -x ksmtuned 2>/dev/null || true
 echo "== guest kernel for the libvirt lab"
 bash tests/lab/get-kernel.sh
 
+# pip warns about this machine's unused local index folders; keep the log readable.
+quiet_pip() { "$@" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }; }
+
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 echo "== pip install -e .[test,bench]"
-.venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
+quiet_pip .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
 
 # RHEL 9 runs Python 3.9: the pure-Python core (policies, decisions, readers) must work there.
 PY39=$(ls -d /root/.pyenv/versions/3.9*/bin/python3.9 2>/dev/null | head -n1 || true)
@@ -38,7 +41,7 @@ PY39=${PY39:-$(command -v python3.9 || true)}
 if [ -n "$PY39" ]; then
     echo "== Python 3.9: $PY39"
     [ -x .venv39/bin/python ] || "$PY39" -m venv .venv39
-    .venv39/bin/pip install -q --disable-pip-version-check -e . pytest pytest-timeout hypothesis
+    quiet_pip .venv39/bin/pip install -q --disable-pip-version-check -e . pytest pytest-timeout hypothesis
     .venv39/bin/python -m pytest -q -p no:cacheprovider tests/test_policy_loader.py tests/test_decide.py \
         tests/test_collectors.py tests/test_config.py tests/test_replay.py
 elif [ "${CI:-}" = "true" ]; then
