@@ -62,11 +62,11 @@ def parse_ksm_stat_fields(text: str) -> Dict[str, object]:
     by the kernel's own names. An unparsable future field is skipped, not fatal."""
     out: Dict[str, object] = {}
     for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if not sep:
-            key, _, value = line.partition(" ")
-        key, value = key.strip(), value.strip()
-        if value in ("yes", "no"):
+        parts = line.split()
+        if len(parts) != 2:
+            continue
+        key, value = parts[0].rstrip(":"), parts[1]
+        if value == "yes" or value == "no":
             out[key] = value == "yes"
         else:
             try:
@@ -76,14 +76,20 @@ def parse_ksm_stat_fields(text: str) -> Dict[str, object]:
     return out
 
 
+_KSM_STAT_NAMES = {"ksm_rmap_items": "rmap_items", "ksm_zero_pages": "zero_pages",
+                   "ksm_merging_pages": "merging_pages", "ksm_process_profit": "process_profit",
+                   "ksm_merge_any": "merge_any", "ksm_mergeable": "mergeable"}
+_KSM_STAT_FLAGS = ("merge_any", "mergeable")
+
+
 def parse_ksm_stat(text: str) -> KsmStat:
-    f = parse_ksm_stat_fields(text)
-    ints = {k: v for k, v in f.items() if type(v) is int}
-    bools = {k: v for k, v in f.items() if type(v) is bool}
-    return KsmStat(
-        rmap_items=ints.get("ksm_rmap_items"), zero_pages=ints.get("ksm_zero_pages"),
-        merging_pages=ints.get("ksm_merging_pages"), process_profit=ints.get("ksm_process_profit"),
-        merge_any=bools.get("ksm_merge_any"), mergeable=bools.get("ksm_mergeable"))
+    """One pass straight into KsmStat: it runs for every guest every tick."""
+    kw = {}
+    for key, value in parse_ksm_stat_fields(text).items():
+        name = _KSM_STAT_NAMES.get(key)
+        if name is not None and (type(value) is bool) == (name in _KSM_STAT_FLAGS):
+            kw[name] = value
+    return KsmStat(**kw)  # type: ignore[arg-type]
 
 
 def read_proc_bytes(path: str) -> Optional[bytes]:
