@@ -113,7 +113,7 @@ def test_unknown_signal_never_fires():
     assert d.targets["run"] == 0 and d.reasons == ("guest_free unknown",)
 
 
-ADAPTIVE = parse_policy("""
+ADAPTIVE_TEXT = """
 name: a
 run: {mode: always}
 scan:
@@ -122,7 +122,8 @@ scan:
   sleep_millisecs: {base: 10, floor: 10}
   adaptive: {target_pass_seconds: 4, idle_yield: 1.0, min_passes: 2,
              idle: {pages_to_scan: 100, sleep_millisecs: 1000}, resume_growth: 64MiB}
-""")
+"""
+ADAPTIVE = parse_policy(ADAPTIVE_TEXT)
 
 
 def test_adaptive_paces_passes_then_idles_then_resumes():
@@ -148,12 +149,32 @@ def test_adaptive_paces_passes_then_idles_then_resumes():
     d, st = decide(ADAPTIVE, reading(t=20, mergeable=merge + 10 * MIB, full_scans=2, pages_scanned=256100,
                                      pages_sharing=50025), st)
     assert d.scan_rule == "idle"
-    # ...and resumes at full pace at once when a guest adds 200 MiB; ksmd now holds pages
-    # (its cursor is part-way through a pass), so three passes are needed before idling.
+    # ...and resumes at full pace at once when a guest adds 200 MiB. A new guest's memory
+    # is ahead of ksmd's cursor: two passes again, not three.
     d, st = decide(ADAPTIVE, reading(t=25, mergeable=merge + 200 * MIB, full_scans=2, pages_scanned=256200,
                                      pages_sharing=50025, pages_shared=100), st)
     assert d.scan_rule == "resume" and d.targets["pages_to_scan"] == 384  # 153600 pages / 4 s / 100 per s
-    assert "grew by 200.0 MiB" in d.reason and st.need_passes == 3
+    assert "grew by 200.0 MiB" in d.reason and st.need_passes == 2 and st.passes == 0
+
+
+def test_adaptive_restart_with_pages_held_needs_one_more_pass():
+    p = parse_policy(ADAPTIVE_TEXT.replace("run: {mode: always}", """run:
+  mode: conditional
+  start_when: [{signal: memory_available, below: 50%}]
+  stop_when: [{signal: memory_available, above: 60%}]"""))
+    merge = 400 * MIB
+    # 8 GiB host: stopped with 7 GiB available; ksmd holds 1000 pages from earlier merging.
+    d, st = decide(p, reading(t=0, available=7 * GIB, mergeable=merge, pages_sharing=1000), EngineState())
+    assert d.targets["run"] == 0
+    # Pressure: restart. ksmd's cursor is somewhere in a pass: min_passes + 1 = 3.
+    d, st = decide(p, reading(t=2, available=3 * GIB, mergeable=merge, pages_sharing=1000), st)
+    assert (d.run_rule, d.scan_rule, st.need_passes) == ("start", "resume", 3)
+    d, st = decide(p, reading(t=4, available=3 * GIB, mergeable=merge, pages_sharing=1000, full_scans=2,
+                              pages_scanned=150000), st)
+    assert d.scan_rule == "merging" and st.passes == 2   # two boundaries, quiet, but one short
+    d, st = decide(p, reading(t=6, available=3 * GIB, mergeable=merge, pages_sharing=1000, full_scans=3,
+                              pages_scanned=250000), st)
+    assert d.scan_rule == "idle"
 
 
 def test_adaptive_does_not_idle_while_passes_still_find_merges():
@@ -173,15 +194,15 @@ def test_adaptive_counts_passes_again_when_memory_grows_while_merging():
     # A guest starts (+100 MiB) during the merge pass: its pages need two passes of their own.
     d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge + 100 * MIB, full_scans=2, pages_scanned=204800,
                                      pages_sharing=50000, pages_unshared=2000), st)
-    assert d.scan_rule == "merging" and st.passes == 0 and st.need_passes == 3
+    assert d.scan_rule == "merging" and st.passes == 0 and st.need_passes == 2
     assert "grew by 100.0 MiB while merging" in d.reason
-    # A quiet interval now is not enough: only 1 of 3 passes since the growth.
+    # A quiet interval now is not enough: only 1 of 2 passes since the growth.
     d, st = decide(ADAPTIVE, reading(t=12, mergeable=merge + 100 * MIB, full_scans=3, pages_scanned=256000,
                                      pages_sharing=50000, pages_unshared=2000), st)
     assert d.scan_rule == "merging" and st.passes == 1
-    d, st = decide(ADAPTIVE, reading(t=17, mergeable=merge + 100 * MIB, full_scans=5, pages_scanned=512000,
+    d, st = decide(ADAPTIVE, reading(t=17, mergeable=merge + 100 * MIB, full_scans=4, pages_scanned=512000,
                                      pages_sharing=75000, pages_unshared=2000), st)
-    assert d.scan_rule == "merging" and st.passes == 3   # found 25000 merges: keep going
+    assert d.scan_rule == "merging" and st.passes == 2   # found 25000 merges: keep going
     d, st = decide(ADAPTIVE, reading(t=19, mergeable=merge + 100 * MIB, full_scans=5, pages_scanned=563200,
                                      pages_sharing=75000, pages_unshared=2000), st)
     assert d.scan_rule == "idle"
@@ -241,3 +262,63 @@ def test_decide_is_pure():
     a = decide(policy, r, EngineState())
     b = decide(policy, r, EngineState())
     assert a == b
+
+
+def test_default_starts_when_memory_available_falls_fast_and_keeps_hysteresis():
+    # 8 GiB host: 10% = 838860 KiB (858992640 B) to start; 5% = 419430 KiB (429496320 B) to stop.
+    policy = load_policy("default").policy
+    st = EngineState()
+    d, st = decide(policy, reading(t=0, available=7168 * MIB), st)
+    assert (d.run_rule, d.targets["run"]) == ("stay_stopped", 0)
+    d, st = decide(policy, reading(t=20, available=6656 * MIB), st)   # fell 512 MiB: not yet
+    assert d.run_rule == "stay_stopped"
+    assert "memory_available_fall 512.0 MiB not >= 819.2 MiB" in d.reason
+    d, st = decide(policy, reading(t=40, available=6246 * MIB), st)   # fell 922 MiB within 60 s
+    assert (d.run_rule, d.targets["run"]) == ("start", 1)
+    assert d.reason.startswith("memory_available_fall 922.0 MiB >= 819.2 MiB")
+    # At 70 s the window [10, 70] still holds 6656 MiB: fell 410 MiB, not below 409.6 MiB:
+    # the fall alone keeps KSM running (every other stop condition holds).
+    d, st = decide(policy, reading(t=70, available=6246 * MIB), st)
+    assert d.run_rule == "keep_running"
+    assert "memory_available_fall 410.0 MiB not < 409.6 MiB" in d.reason
+    # At 81 s the 6656 MiB reading (20 s) is out of the 60 s window: no fall, stop.
+    d, st = decide(policy, reading(t=81, available=6246 * MIB), st)
+    assert (d.run_rule, d.targets["run"]) == ("stop", 0)
+    assert [t for t, _ in st.available_history] == [40.0, 70.0, 81.0]
+
+
+def test_adaptive_checks_at_a_tenth_of_the_pace_when_the_last_pass_ended_mid_interval():
+    merge = 4000 * MIB   # 1024000 pages: one pass per 4 s = 2560 per 10 ms; 256 at verify_rate 0.1
+    st = EngineState()
+    d, st = decide(ADAPTIVE, reading(t=0, mergeable=merge), st)
+    d, st = decide(ADAPTIVE, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400), st)
+    # Second boundary inside an interval that still merged 40000 pages: check, slowly.
+    d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge, full_scans=2, pages_scanned=204800,
+                                     pages_sharing=40000), st)
+    assert d.scan_rule == "merging" and st.verifying and d.targets["pages_to_scan"] == 256
+    assert "checking at 0.1 of the pace" in d.reason
+    # The checking interval found 10 merges in 12800 pages (0.78 per 1000 < 1): idle.
+    d, st = decide(ADAPTIVE, reading(t=15, mergeable=merge, full_scans=2, pages_scanned=217600,
+                                     pages_sharing=40010), st)
+    assert d.scan_rule == "idle" and not st.verifying
+
+
+def test_adaptive_goes_back_to_full_pace_when_checking_still_finds_merges():
+    merge = 400 * MIB
+    st = EngineState()
+    d, st = decide(ADAPTIVE, reading(t=0, mergeable=merge), st)
+    d, st = decide(ADAPTIVE, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400), st)
+    d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge, full_scans=2, pages_scanned=204800,
+                                     pages_sharing=40000), st)
+    assert st.verifying
+    # 500 merges in 12800 pages (39 per 1000): full pace, and one more boundary first.
+    d, st = decide(ADAPTIVE, reading(t=15, mergeable=merge, full_scans=2, pages_scanned=217600,
+                                     pages_sharing=40500), st)
+    assert d.scan_rule == "merging" and not st.verifying and st.need_passes == 3
+    assert d.targets["pages_to_scan"] == 256 and "one more pass at full pace" in d.reason
+    d, st = decide(ADAPTIVE, reading(t=20, mergeable=merge, full_scans=2, pages_scanned=320000,
+                                     pages_sharing=40500), st)
+    assert d.scan_rule == "merging"   # quiet, but the third boundary has not come yet
+    d, st = decide(ADAPTIVE, reading(t=25, mergeable=merge, full_scans=3, pages_scanned=422400,
+                                     pages_sharing=40500), st)
+    assert d.scan_rule == "idle"

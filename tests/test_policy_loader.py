@@ -25,7 +25,7 @@ INVALID = [
     ("", "p.yaml: top level: required key 'name' is missing"),
     ("name: x\nrun:\n  mode: conditional\n  start_when:\n    - {signal: memory_used, below: 10%}\n",
      "p.yaml:5: run.start_when[0].signal: 'memory_used' is not allowed: Input should be 'memory_available', "
-     "'memory_free', 'psi_some_avg10', 'psi_some_avg60', 'psi_full_avg10', 'psi_full_avg60', 'guest_committed', "
+     "'memory_free', 'memory_available_fall', 'psi_some_avg10', 'psi_some_avg60', 'psi_full_avg10', 'psi_full_avg60', 'guest_committed', "
      "'guest_maximum', 'guest_rss', 'guest_committed_headroom', 'guest_rss_headroom', 'guest_free', "
      "'running_vms', 'mergeable_memory' or 'merge_potential'"),
     ("name: x\nrun:\n  mode: conditional\n  start_when:\n    - {signal: psi_some_avg10, above: 10%}\n",

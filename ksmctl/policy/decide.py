@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..readings import Readings, vm_signals
 from ..units import format_bytes
@@ -40,6 +40,8 @@ class EngineState:
     passes: int = 0                      # full-scan boundaries seen since (re)start of merging
     last_pass_yield: Optional[float] = None  # new merges per 1000 pages scanned over the last tick
     need_passes: int = 0                 # adaptive: boundaries to see before idling is allowed
+    verifying: bool = False              # adaptive: passes done, checking one interval at verify_rate
+    available_history: Tuple[Tuple[float, int], ...] = ()  # (monotonic, MemAvailable), last FALL_WINDOW s
     idle_mergeable: Optional[int] = None  # adaptive: mergeable memory when passes were last counted from 0
     cpu_scale: float = 1.0               # CPU budget's throttle on the scan rate
 
@@ -57,14 +59,29 @@ class Decision:
         return "; ".join(self.reasons)
 
 
-def signals(r: Readings) -> Dict[Signal, Optional[float]]:
-    """The policy's view of the readings; None where a source gave nothing this tick."""
+FALL_WINDOW = 60.0  # seconds of MemAvailable history behind memory_available_fall
+FALL_HISTORY_MAX = 128
+
+
+def available_history(r: Readings, history: Sequence[Sequence[float]]) -> Tuple[Tuple[float, int], ...]:
+    """The (monotonic, MemAvailable) readings of the last FALL_WINDOW seconds, this one included."""
+    kept = [(float(t), int(v)) for t, v in history if r.monotonic - FALL_WINDOW <= float(t) <= r.monotonic]
+    if r.meminfo is not None:
+        kept.append((r.monotonic, int(r.meminfo.available)))
+    return tuple(kept[-FALL_HISTORY_MAX:])
+
+
+def signals(r: Readings, history: Sequence[Sequence[float]] = ()) -> Dict[Signal, Optional[float]]:
+    """The policy's view of the readings; None where a source gave nothing this tick.
+    `history` is the recent (monotonic, MemAvailable) readings, for memory_available_fall."""
     mi, psi, vms = r.meminfo, r.psi, r.vms
     total = mi.total if mi else None
     s: Dict[Signal, Optional[float]] = {k: None for k in Signal}
     if mi:
         s[Signal.memory_available] = mi.available
         s[Signal.memory_free] = mi.free + mi.buffers + mi.cached
+        recent = [v for t, v in history if r.monotonic - FALL_WINDOW <= t <= r.monotonic]
+        s[Signal.memory_available_fall] = max(0, max(recent + [mi.available]) - mi.available)
     if psi:
         s[Signal.psi_some_avg10] = psi.some_avg10
         s[Signal.psi_some_avg60] = psi.some_avg60
@@ -141,7 +158,8 @@ def _cpu_percent(prev: Optional[Mark], now: Mark) -> Optional[float]:
 
 
 def decide(policy: Policy, r: Readings, state: EngineState) -> Tuple[Decision, EngineState]:
-    sig = signals(r)
+    history = available_history(r, state.available_history)
+    sig = signals(r, history)
     total = r.meminfo.total if r.meminfo else None
     now = _mark(r)
     cpu = _cpu_percent(state.last, now)
@@ -164,7 +182,7 @@ def decide(policy: Policy, r: Readings, state: EngineState) -> Tuple[Decision, E
         active, run_rule = (True, "start") if start else (False, "stay_stopped")
         reasons.extend(why)
 
-    st = replace(state, active=active, last=now)
+    st = replace(state, active=active, last=now, available_history=history)
     advisor_supported = r.ksm.advisor_mode is not None
     targets: Dict[str, object] = {}
 
@@ -240,11 +258,15 @@ def _point(p: ScanPoint) -> Dict[str, object]:
 def _adaptive(policy: Policy, r: Readings, st: EngineState, prev: EngineState, now: Mark,
               sig, sleep: int, cpu: Optional[float], run_rule: str, reasons: List[str]):
     """Pace ksmd to one pass per target_pass_seconds while merges are being found. Once
-    min_passes full passes have completed since merging (re)started (every page stable
-    since the start has then been seen twice, and merged if it could be; one pass more
-    when ksmd already held pages, since its cursor was then part-way through a pass),
-    the first tick whose interval found fewer than idle_yield new merges per 1000 pages
-    scanned goes idle. Resume when mergeable memory grows or pressure starts again."""
+    min_passes full passes have completed since merging (re)started, every page present
+    then has been seen twice and merged if it could be; from then on the first tick whose
+    interval found fewer than idle_yield new merges per 1000 pages scanned goes idle. If
+    that interval still merged (the end of the last pass falls in it), the next interval
+    runs at verify_rate of the pace and decides: idle, or one more pass at full pace.
+    When KSM (re)starts while ksmd already holds pages, its cursor is part-way through a
+    pass and pages behind it changed unseen: one pass more. New guests are added at the
+    end of ksmd's list, ahead of its cursor, so growth needs no extra pass. Resume when
+    mergeable memory grows by resume_growth or pressure starts again."""
     ad = policy.scan.adaptive
     pts = policy.scan.pages_to_scan
     page = r.ksm.page_size
@@ -253,9 +275,12 @@ def _adaptive(policy: Policy, r: Readings, st: EngineState, prev: EngineState, n
     rmap_pages = sum(k.get(n, 0) or 0 for n in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))
     pages_total = max(int((mergeable or 0) // page), rmap_pages, 1)
     need_on_start = ad.min_passes + (1 if rmap_pages > 0 else 0)
+    need_on_growth = ad.min_passes
 
     restarted = run_rule == "start" or prev.active is False
-    mode, passes, need = st.mode, st.passes, st.need_passes
+    mode, passes, need, verifying = st.mode, st.passes, st.need_passes, False
+    if mode == "merging" and not restarted and prev.last is not None:
+        verifying = st.verifying
     last_yield: Optional[float] = None
     idle_mergeable = st.idle_mergeable
     rule = "merging"
@@ -265,7 +290,7 @@ def _adaptive(policy: Policy, r: Readings, st: EngineState, prev: EngineState, n
         rule = "resume" if prev.active is not None else "merging"
     elif mode == "idle":
         if mergeable is not None and grown > ad.resume_growth:
-            mode, passes, need, idle_mergeable = "merging", 0, need_on_start, mergeable
+            mode, passes, need, idle_mergeable = "merging", 0, need_on_growth, mergeable
             rule = "resume"
             reasons.append("mergeable memory grew by %s since idle (> %s)"
                            % (format_bytes(grown), format_bytes(ad.resume_growth)))
@@ -274,7 +299,7 @@ def _adaptive(policy: Policy, r: Readings, st: EngineState, prev: EngineState, n
             reasons.append("no new merges to find; idle scan")
     elif mergeable is not None and grown > ad.resume_growth:
         # New memory while merging: it too needs two passes before anything is known.
-        passes, need, idle_mergeable = 0, need_on_start, mergeable
+        passes, need, idle_mergeable, verifying = 0, max(need_on_growth, need - passes), mergeable, False
         reasons.append("mergeable memory grew by %s while merging: counting passes again"
                        % format_bytes(grown))
     else:
@@ -284,15 +309,28 @@ def _adaptive(policy: Policy, r: Readings, st: EngineState, prev: EngineState, n
         gained = now.saved_pages - last.saved_pages
         if scanned > 0:
             last_yield = 1000.0 * gained / scanned
+            span = round(now.monotonic - last.monotonic, 1)
             if passes >= need and last_yield < ad.idle_yield:
-                mode, rule = "idle", "idle"
+                mode, rule, verifying = "idle", "idle", False
                 idle_mergeable = int(mergeable) if mergeable is not None else idle_mergeable
                 reasons.append("%d full passes since merging started, and the last %gs found %.2f new merges "
-                               "per 1000 pages scanned (< %g): idle"
-                               % (passes, round(now.monotonic - last.monotonic, 1), last_yield, ad.idle_yield))
+                               "per 1000 pages scanned (< %g): idle" % (passes, span, last_yield, ad.idle_yield))
+            elif passes >= need and not verifying:
+                # The passes are done, but this interval still merged (typically the end of
+                # the last pass): check the next interval at a fraction of the pace.
+                verifying = True
+                reasons.append("%d full passes done, the last %gs still found %.2f new merges per 1000 pages: "
+                               "checking at %g of the pace" % (passes, span, last_yield, ad.verify_rate))
+            elif verifying:
+                # Still finding merges at the checking pace: back to full pace for another pass.
+                verifying, need = False, passes + 1
+                reasons.append("still %.2f new merges per 1000 pages while checking: one more pass at full pace"
+                               % last_yield)
     if mergeable is not None:  # growth counts from the low-water mark (guests may also exit)
         idle_mergeable = int(mergeable) if idle_mergeable is None else int(min(idle_mergeable, mergeable))
     rate = pages_total / ad.target_pass_seconds  # pages per second
+    if verifying:
+        rate *= ad.verify_rate
     npages = int(math.ceil(rate * max(sleep, 1) / 1000.0))
     npages = min(max(npages, pts.min), pts.max)
     if rule in ("merging", "resume"):
@@ -300,5 +338,5 @@ def _adaptive(policy: Policy, r: Readings, st: EngineState, prev: EngineState, n
                        % (pages_total, ad.target_pass_seconds, npages, sleep, min(passes, need), need,
                           "" if last_yield is None else ", last interval %.1f new merges/1000 pages" % last_yield))
     st = replace(st, mode=mode, passes=passes, pass_mark=None, last_pass_yield=last_yield,
-                 idle_mergeable=idle_mergeable, need_passes=need)
+                 idle_mergeable=idle_mergeable, need_passes=need, verifying=verifying)
     return npages, rule, st

@@ -24,6 +24,7 @@ class Signal(str, enum.Enum):
 
     memory_available = "memory_available"       # MemAvailable
     memory_free = "memory_free"                 # MemFree + Buffers + Cached (ksmtuned's "free")
+    memory_available_fall = "memory_available_fall"  # how far MemAvailable fell in the last 60 s
     psi_some_avg10 = "psi_some_avg10"           # % of time some task stalled on memory
     psi_some_avg60 = "psi_some_avg60"
     psi_full_avg10 = "psi_full_avg10"
@@ -195,15 +196,18 @@ class Adaptive(Model):
     While merging, ksmd is paced to cover all mergeable memory every target_pass_seconds
     (within the CPU budget): a page merges only when a second pass sees it unchanged, so
     the pass time bounds the time to the saving. After min_passes full passes since
-    merging (re)started (one more when ksmd was already part-way through a pass), every
-    page that could merge has had its chance; from then on the first tick whose interval
-    found fewer than idle_yield new merges per 1000 pages scanned drops ksmd to the idle
-    scan point. It resumes when mergeable memory grows by resume_growth, or when the
-    start conditions become newly true."""
+    merging (re)started (one more when KSM restarts with ksmd part-way through a pass),
+    every page that could merge has had its chance; from then on the first tick whose
+    interval found fewer than idle_yield new merges per 1000 pages scanned drops ksmd to
+    the idle scan point. When that interval still merged (the last pass ended in it), the
+    next one is scanned at verify_rate of the pace and decides: idle, or one more pass.
+    It resumes when mergeable memory grows by resume_growth (new guests: min_passes
+    again), or when the start conditions become newly true."""
 
     target_pass_seconds: float = Field(default=10.0, gt=0, le=86400)
     idle_yield: float = Field(default=1.0, ge=0, le=1000)
     min_passes: int = Field(default=2, ge=1, le=100)
+    verify_rate: float = Field(default=0.1, gt=0, le=1)  # share of the pace while checking for leftovers
     idle: ScanPoint = ScanPoint(pages_to_scan=100, sleep_millisecs=1000)
     resume_growth: int = Field(default=64 * 1024 * 1024, ge=0)
 

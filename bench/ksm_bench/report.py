@@ -1,0 +1,201 @@
+"""Writes results.md (tables, parameters, machine, targets) and the plot PNG."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .metrics import cpu_percent_series, series
+
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+
+
+def _n(v: Optional[float], fmt: str = "%.0f") -> str:
+    return "—" if v is None else fmt % v
+
+
+def _runs(result: dict) -> List[dict]:
+    return list(result["runs"])
+
+
+def table(result: dict) -> str:
+    w = result["params"]["window"]
+    head = ("| controller | pressure phase s | t50 s | t90 s | t99 s | peak %% of achievable | "
+            "saving avg MiB (first %gs) | saving GiB·s (first %gs) | ksmd CPU-s first %gs | "
+            "MiB per ksmd CPU-s | ksmd CPU-s calm / pressure / growth / release / total | "
+            "ksmd CPU-s per GiB of peak | ksmd %% no pressure | idle after merges done s | "
+            "resume after new guests s | new guests: t90 s | controller CPU-s |" % (w, w, w))
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in _runs(result):
+        m = r["metrics"]
+        ph = r["phases"]
+        lines.append("| %s | %.0f | %s | %s | %s | %s | %s | %s | %s | %s | %s / %s / %s / %s / %s | %s | %s | %s | %s | %s | %s |" % (
+            r["controller"]["name"], ph["growth"] - ph["onset"],
+            _n(m["t50_s"]), _n(m["t90_s"]), _n(m["t99_s"]),
+            _n(None if m["peak_fraction"] is None else 100 * m["peak_fraction"], "%.1f"),
+            _n(m["saving_avg_mib"]), _n(m["saving_integral_gib_s"], "%.1f"), _n(m["cpu_window_s"], "%.1f"),
+            _n(m["mib_per_cpu_s"]),
+            _n(m["cpu_calm_s"], "%.1f"), _n(m["cpu_pressure_s"], "%.1f"), _n(m["cpu_growth_s"], "%.1f"),
+            _n(m["cpu_release_s"], "%.1f"), _n(m["cpu_total_s"], "%.1f"),
+            _n(m["cpu_s_per_gib_peak"], "%.1f"), _n(m["cpu_no_pressure_percent"], "%.1f"),
+            _n(m["quiet_after_done_s"]), _n(m["resume_s"]), _n(m["growth_t90_s"]),
+            _n(m.get("controller_cpu_s"), "%.1f")))
+    return "\n".join(lines)
+
+
+def _by(result: dict, name: str) -> Optional[dict]:
+    for r in _runs(result):
+        if r["controller"]["name"] == name:
+            return r["metrics"]
+    return None
+
+
+def targets(result: dict, policy: str = "ksmctl default") -> List[str]:
+    """The issue's targets for the default policy, checked against this run."""
+    d = _by(result, policy)
+    kt = _by(result, "ksmtuned default")
+    kt10 = _by(result, "ksmtuned 10s")
+    adv = _by(result, "kernel advisor")
+    out: List[str] = []
+    if d is None:
+        return ["(%s was not run)" % policy]
+
+    def row(ok: Optional[bool], text: str) -> None:
+        out.append("- %s %s" % ({True: "**HOLDS**", False: "**MISSED**", None: "n/a"}[ok], text))
+
+    if kt is not None:
+        if d["t90_s"] is None:
+            row(False, "90%% sooner than ksmtuned default: %s never reached 90%%" % policy)
+        elif kt["t90_s"] is None:
+            ph = next(r["phases"] for r in _runs(result) if r["controller"]["name"] == "ksmtuned default")
+            bound = ph["growth"] - ph["onset"]
+            row(True if 6 * d["t90_s"] <= bound else None,
+                "90%% at least 6x sooner than ksmtuned default: %.0f s; ksmtuned default did not reach 90%% "
+                "within its %.0f s pressure phase (so at least %.1fx)" % (d["t90_s"], bound, bound / max(d["t90_s"], 1)))
+        else:
+            ratio = kt["t90_s"] / max(d["t90_s"], 1.0)
+            row(ratio >= 6, "90%% at least 6x sooner than ksmtuned default: %.0f s vs %.0f s (%.1fx)"
+                % (d["t90_s"], kt["t90_s"], ratio))
+    row(d["peak_fraction"] is not None and d["peak_fraction"] >= 0.99,
+        "peak >= 99%% of the achievable: %.1f%%" % (100 * (d["peak_fraction"] or 0)))
+    rivals = [(n, x["mib_per_cpu_s"]) for n, x in (("ksmtuned default", kt), ("ksmtuned 10s", kt10),
+                                                   ("kernel advisor", adv)) if x and x["mib_per_cpu_s"]]
+    if rivals and d["mib_per_cpu_s"]:
+        best = max(rivals, key=lambda x: x[1])
+        row(d["mib_per_cpu_s"] >= 2.5 * best[1], "MiB per ksmd CPU-s at least 2.5x the better of ksmtuned "
+            "and the advisor: %.0f vs %.0f (%s, %.1fx)" % (d["mib_per_cpu_s"], best[1], best[0],
+                                                         d["mib_per_cpu_s"] / best[1]))
+    for n, x in (("ksmtuned default", kt), ("ksmtuned 10s", kt10)):
+        if x and x["cpu_s_per_gib_peak"] and d["cpu_s_per_gib_peak"]:
+            row(d["cpu_s_per_gib_peak"] <= x["cpu_s_per_gib_peak"], "ksmd CPU-s per GiB of peak no more than %s: "
+                "%.1f vs %.1f" % (n, d["cpu_s_per_gib_peak"], x["cpu_s_per_gib_peak"]))
+    pol_interval = None
+    for r in _runs(result):
+        if r["controller"]["name"] == policy:
+            pol_interval = r["controller"]["interval"]
+    if pol_interval:
+        # Samples are 1 s apart: a time is known to within a second.
+        q = d["quiet_after_done_s"]
+        row(q is not None and q <= 2 * pol_interval + 1, "ksmd under 1%% of a core within two intervals (%gs, "
+            "+1 s sampling) once merges stop: %s s" % (2 * pol_interval, _n(q)))
+        rs = d["resume_s"]
+        row(rs is not None and rs <= 2 * pol_interval + 1, "full-speed merging within two intervals (+1 s "
+            "sampling) of new guests: %s s" % _n(rs))
+    return out
+
+
+def markdown(result: dict, plot_name: str, elapsed: Optional[float] = None) -> str:
+    p, mach, wl = result["params"], result["machine"], result["workload"]
+    r0 = _runs(result)[0] if _runs(result) else None
+    page = result["page_size"]
+    parts = ["# ksmctl against what hosts run today: KSM benchmark results", ""]
+    parts.append("Machine: %s, %s cores (%s), %.1f GiB RAM, kernel %s; ksmtuned package %s; %s." % (
+        mach["hostname"], mach["cores"], mach["cpu"], mach["mem_total_gib"], mach["kernel"],
+        mach["ksmtuned_package"], mach["date"]))
+    if elapsed is not None:
+        parts.append("Run took %.1f minutes." % (elapsed / 60))
+    parts.append("")
+    if r0:
+        a = r0["achievable_pages"]
+        parts.append("Workload: %d guests (%.2f GiB) from the start, %d more (%.2f GiB) during pressure; "
+                     "achievable saving %.2f GiB, then %.2f GiB (use_zero_pages=%d, max_page_sharing=%d). "
+                     "Pressure: a ballast holds free memory (MemFree+Buffers+Cached) at %.0f%% of MemTotal, "
+                     "MemAvailable never below %g GiB." % (
+                         len(wl["guests"]), sum(g["mib"] for g in wl["guests"]) / 1024.0,
+                         len(wl["growth"]), sum(g["mib"] for g in wl["growth"]) / 1024.0,
+                         a["initial"] * page / GIB, a["all"] * page / GIB, r0["use_zero_pages"],
+                         r0["max_page_sharing"], 100 * p["pressure_free"], p["floor_gib"]))
+        parts.append("")
+        parts.append("Phases: calm %gs, pressure %gs (at least %gx the controller's interval), new guests "
+                     "%gs, release %gs. Window for the per-window columns: the first %gs of pressure." % (
+                         p["calm"], p["pressure"], p["slow_factor"], p["growth"], p["release"], p["window"]))
+    parts += ["", table(result), "", "![saving and ksmd CPU](%s)" % plot_name, "", "## Targets (policies/default.yaml)", ""]
+    parts += targets(result)
+    parts += ["", "## Notes", ""]
+    for r in _runs(result):
+        notes = []
+        if r["foreign_mergeable_bytes"] > 64 * MIB:
+            notes.append("%.0f MiB of other mergeable memory on the host" % (r["foreign_mergeable_bytes"] / MIB))
+        notes.append("MemAvailable min %.1f GiB" % (r["min_mem_available"] / GIB))
+        parts.append("- %s (%s): %s" % (r["controller"]["name"], r["controller"]["description"], "; ".join(notes)))
+    parts.append("")
+    return "\n".join(parts)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(12, 9), sharex=True)
+    page = result["page_size"]
+    colors = plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors
+    for i, r in enumerate(_runs(result)):
+        s = r["samples"]
+        on = r["phases"]["onset"]
+        ts, saved = series(s, "saved_pages")
+        name = r["controller"]["name"]
+        style = "-" if name.startswith("ksmctl") else "--"
+        width = 2.2 if name == "ksmctl default" else 1.2
+        line, = ax1.plot([t - on for t in ts], [v * page / GIB for v in saved], label=name,
+                         color=colors[(2 * i) % 20 if i < 10 else 20 + i], linestyle=style, linewidth=width)
+        cts, cpu = series(s, "ksmd_cpu")
+        pt, pv = cpu_percent_series(cts, cpu)
+        # 3-sample moving average: ksmd CPU time has 10 ms resolution.
+        sm = [sum(pv[max(0, i - 2):i + 1]) / len(pv[max(0, i - 2):i + 1]) for i in range(len(pv))]
+        ax2.plot([t - on for t in pt], sm, color=line.get_color(), label=name, linestyle=style, linewidth=width)
+        gr = r["phases"]["growth"] - on
+        ax1.axvline(gr, color=line.get_color(), alpha=0.2, linestyle=":")
+    if _runs(result):
+        r0 = _runs(result)[0]
+        a0 = r0["achievable_pages"]["initial"] * page / GIB
+        a1 = r0["achievable_pages"]["all"] * page / GIB
+        ax1.axhline(a0, color="k", linestyle="--", linewidth=0.8, label="achievable (initial guests)")
+        ax1.axhline(a1, color="gray", linestyle="--", linewidth=0.8, label="achievable (all guests)")
+    ax1.axvline(0, color="k", linewidth=0.8)
+    ax2.axvline(0, color="k", linewidth=0.8)
+    ax1.set_ylabel("saving (GiB): pages_sharing + ksm_zero_pages")
+    ax2.set_ylabel("ksmd CPU (% of one core, 3 s average)")
+    ax2.set_xlabel("seconds since pressure onset (dotted: more guests start)")
+    ax1.legend(fontsize=8, ncol=2)
+    ax1.grid(alpha=0.3)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(str(path), dpi=110)
+    plt.close(fig)
+
+
+def write(result: dict, out: Path, elapsed: Optional[float] = None) -> Dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    png = out / "ksm_bench.png"
+    plot(result, png)
+    md = out / "results.md"
+    md.write_text(markdown(result, png.name, elapsed))
+    meta = {k: result[k] for k in ("params", "workload", "machine", "page_size") if k in result}
+    meta["ksm_found"] = result.get("ksm_found")
+    meta["elapsed_s"] = elapsed
+    meta["summary"] = [{"controller": r["controller"], "phases": r["phases"], "metrics": r["metrics"],
+                        "achievable_pages": r["achievable_pages"]} for r in _runs(result)]
+    (out / "params.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+    return {"md": md, "png": png, "json": out / "params.json"}

@@ -1,0 +1,183 @@
+"""Runs every controller, one after another, on the same workload, and writes the results."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import controllers as ctl
+from .metrics import Phases, summarize
+from .sampler import Sampler
+from .workload import (MIB, PAGE, Ballast, WorkloadSpec, achievable_pages, meminfo, start_guests)
+
+GIB = 1024 * MIB
+
+
+@dataclass
+class Params:
+    calm: float = 10.0          # no pressure, guests running
+    pressure: float = 80.0      # ballast holds free memory at the target (scaled up for slow controllers)
+    slow_factor: float = 3.5    # pressure phase >= slow_factor x the controller's interval
+    growth: float = 30.0        # more guests start, still under pressure
+    release: float = 10.0       # ballast released
+    window: float = 80.0        # comparison window from pressure onset (same for all)
+    pressure_free: float = 0.17  # target free memory (MemFree+Buffers+Cached) as a share of MemTotal
+    floor_gib: float = 3.0      # the ballast never lets MemAvailable fall below this
+    controllers: List[str] = field(default_factory=lambda: list(ctl.ALL))
+
+    def pressure_for(self, c: ctl.Controller) -> float:
+        return max(self.pressure, self.slow_factor * c.interval)
+
+
+def machine() -> Dict[str, object]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        ksmtuned = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "ksmtuned"], capture_output=True,
+                                  text=True).stdout.strip() or None
+    except OSError:
+        ksmtuned = None
+    return {"kernel": platform.release(), "cpu": cpu, "cores": os.cpu_count(),
+            "mem_total_gib": round(meminfo()["MemTotal"] / GIB, 2), "python": platform.python_version(),
+            "ksmtuned_package": ksmtuned, "hostname": platform.node(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def foreign_mergeable(ours: List[int]) -> int:
+    """RSS of processes with mergeable memory that are not part of the workload."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) in ours:
+            continue
+        try:
+            st = Path("/proc/%s/ksm_stat" % name).read_text()
+            if "ksm_mergeable: yes" in st or "ksm_merge_any: yes" in st:
+                total += int(Path("/proc/%s/statm" % name).read_text().split()[1]) * PAGE
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+def estimate_seconds(p: Params, setup: float = 15.0) -> float:
+    total = 0.0
+    for name in p.controllers:
+        c = ctl.make(name)
+        lead = max(0.0, c.interval / 2.0 - p.calm) if c.interval > 2 * p.calm else 0.0
+        total += lead + p.calm + p.pressure_for(c) + p.growth + p.release + setup
+    return total
+
+
+def run_one(c: ctl.Controller, spec: WorkloadSpec, p: Params, workdir: Path, log=print) -> Dict[str, object]:
+    ctl.kernel_reset()
+    mi = meminfo()
+    ballast = Ballast(int(mi["MemTotal"] * p.pressure_free), int(p.floor_gib * GIB)).start()
+    guests = []
+    phase = ["setup"]
+    sampler: Optional[Sampler] = None
+    try:
+        nonce = int(time.time()) & 0xFFFF
+        guests = start_guests(spec.guests, 0, spec.families, nonce)
+        foreign = foreign_mergeable([g.proc.pid for g in guests] + ballast.pids)  # type: ignore
+        extra = lambda: {"ballast": ballast.rss()}  # noqa: E731
+        sampler = Sampler(lambda: phase[0], extra)
+        # A controller that looks every N seconds is started so that its first look after
+        # pressure onset falls N/2 s after it: the expected case, neither lucky nor unlucky.
+        lead = max(0.0, c.interval / 2.0 - p.calm) if c.interval > 2 * p.calm else 0.0
+        c.start(workdir)
+        time.sleep(lead)
+        phase[0] = "calm"
+        sampler.start()
+        t0 = sampler.t0
+        time.sleep(p.calm)
+        phase[0] = "pressure"
+        onset = time.monotonic() - t0
+        ballast.hold()
+        time.sleep(p.pressure_for(c))
+        more = start_guests(spec.growth, len(spec.guests), spec.families, nonce)
+        guests += more
+        growth = time.monotonic() - t0
+        phase[0] = "growth"
+        time.sleep(p.growth)
+        phase[0] = "release"
+        release = time.monotonic() - t0
+        ballast.release()
+        time.sleep(p.release)
+        samples = sampler.stop()
+        sampler = None
+        end = float(samples[-1]["t"])  # type: ignore[arg-type]
+        own_cpu = c.own_cpu()
+    finally:
+        if sampler is not None:
+            sampler.stop()
+        try:
+            c.stop()
+        finally:
+            for g in guests:
+                g.stop()
+            ballast.stop()
+            ctl.kernel_reset()
+    uzp = bool(int(samples[0].get("use_zero_pages") or 0))
+    mps = int(samples[0].get("max_page_sharing") or 256)
+    a0 = achievable_pages(spec.guests, spec.families, uzp, mps)
+    a1 = achievable_pages(spec.guests + spec.growth, spec.families, uzp, mps)
+    ph = Phases(onset, growth, release, end)
+    m = summarize(samples, ph, a0, a1, PAGE, p.window)
+    m["controller_cpu_s"] = own_cpu
+    min_avail = min(int(s["mem_available"]) for s in samples)  # type: ignore[arg-type]
+    return {"controller": c.info(), "phases": asdict(ph), "achievable_pages": {"initial": a0, "all": a1},
+            "use_zero_pages": uzp, "max_page_sharing": mps, "foreign_mergeable_bytes": foreign,
+            "min_mem_available": min_avail, "metrics": m, "samples": samples}
+
+
+def run_all(spec: WorkloadSpec, p: Params, out: Path, log=print, lock: bool = True) -> Dict[str, object]:
+    """Every controller in p.controllers, in order. Holds the KSM test lock throughout
+    (lock=False: the caller already holds it) and restores the knobs found."""
+    sys.path.insert(0, str(ctl.REPO))
+    from tests.ksmlock import ksm_exclusive, restore, snapshot  # noqa: E402
+
+    out.mkdir(parents=True, exist_ok=True)
+    result: Dict[str, object] = {"params": asdict(p), "workload": spec.to_dict(), "machine": machine(),
+                                 "page_size": PAGE, "runs": []}
+    if lock:
+        guard = ksm_exclusive()
+    else:
+        @contextlib.contextmanager
+        def _restoring():
+            saved = snapshot()
+            try:
+                yield saved
+            finally:
+                restore(saved)
+        guard = _restoring()
+    with guard as found, tempfile.TemporaryDirectory(prefix="ksm-bench-") as tmp:
+        result["ksm_found"] = found
+        for i, name in enumerate(p.controllers):
+            c = ctl.make(name)
+            t = time.monotonic()
+            log("[%d/%d] %s: pressure %gs ..." % (i + 1, len(p.controllers), c.name, p.pressure_for(c)))
+            r = run_one(c, spec, p, Path(tmp) / ("c%02d" % i), log)
+            m = r["metrics"]
+            log("    t90 %s s, peak %.1f%%, ksmd %.1f CPU-s, %.0f MiB/CPU-s  (%.0fs)" % (
+                _f(m["t90_s"]), 100 * (m["peak_fraction"] or 0), m["cpu_total_s"] or 0,
+                m["mib_per_cpu_s"] or 0, time.monotonic() - t))
+            result["runs"].append(r)  # type: ignore[union-attr]
+            (out / "run.json").write_text(json.dumps(result))
+    return result
+
+
+def _f(v: Optional[float]) -> str:
+    return "-" if v is None else "%.0f" % v

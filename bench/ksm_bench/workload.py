@@ -1,0 +1,256 @@
+"""The workload: guest-like processes with a known duplicate structure, and a ballast.
+
+Each guest maps anonymous memory, fills it page by page from a plan, marks it
+MADV_MERGEABLE and then rewrites its churn pages with fresh unique contents at a steady
+rate until its stdin closes. The plan's page kinds:
+
+- zero: pages written with zeros (allocated, not the shared zero page);
+- os: contents shared by every guest (an OS image): id j in each guest that has > j;
+- app: contents shared by the guests of one family (guest index % families);
+- within: contents duplicated inside one guest only (a pool of `within_pool` ids);
+- churn: rewritten continuously with unique contents: never mergeable;
+- unique: everything else.
+
+Because every content is known, the achievable saving is exact: a content present in
+c pages saves c - ceil(c / max_page_sharing) pages (KSM chains a content into stable
+nodes of at most max_page_sharing sharers); zero pages with use_zero_pages=1 map to the
+kernel's zero page and save one page each.
+
+The ballast is one process of plain (non-mergeable) anonymous memory, populated so it
+is really resident. While it holds, it keeps "free" memory (MemFree + Buffers + Cached,
+ksmtuned's measure) at a target by growing or shrinking in 64 MiB chunks, and never
+lets MemAvailable fall below a floor (other work on the host keeps its memory). Memory
+that KSM frees is taken up by the ballast again: the pressure is sustained, as on a
+host whose demand exceeds RAM, and ksmtuned keeps seeing free memory below its threshold.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MIB = 1024 * 1024
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """One guest: size and the share of each page kind (fractions of its pages)."""
+
+    mib: int
+    zero: float = 0.10
+    os: float = 0.35
+    app: float = 0.10
+    within: float = 0.10
+    within_pool: int = 512        # distinct contents of the within-guest duplicates
+    churn: float = 0.02
+    churn_rate: float = 0.5       # share of the churn pages rewritten per second
+
+    @property
+    def pages(self) -> int:
+        return self.mib * MIB // PAGE
+
+    def counts(self) -> Dict[str, int]:
+        n = self.pages
+        c = {k: int(n * getattr(self, k)) for k in ("zero", "os", "app", "within", "churn")}
+        c["unique"] = n - sum(c.values())
+        if c["unique"] < 0:
+            raise ValueError("guest shares add up to more than 1: %r" % (self,))
+        return c
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    guests: List[GuestSpec]
+    growth: List[GuestSpec] = field(default_factory=list)   # started during pressure
+    families: int = 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_workload() -> WorkloadSpec:
+    """About 4.3 GiB of guests, then 1.1 GiB more during pressure; shares vary per guest."""
+    return WorkloadSpec(
+        guests=[
+            GuestSpec(1024, zero=0.15, os=0.40, app=0.10, within=0.05, within_pool=256, churn=0.02),
+            GuestSpec(768, zero=0.05, os=0.35, app=0.15, within=0.10, within_pool=1024, churn=0.01),
+            GuestSpec(512, zero=0.20, os=0.30, app=0.05, within=0.15, within_pool=64, churn=0.03),
+            GuestSpec(1024, zero=0.10, os=0.45, app=0.10, within=0.05, within_pool=2048, churn=0.02),
+            GuestSpec(640, zero=0.08, os=0.25, app=0.20, within=0.10, within_pool=512, churn=0.04),
+            GuestSpec(448, zero=0.25, os=0.35, app=0.00, within=0.20, within_pool=128, churn=0.01),
+        ],
+        growth=[
+            GuestSpec(640, zero=0.12, os=0.40, app=0.10, within=0.08, within_pool=300, churn=0.02),
+            GuestSpec(512, zero=0.10, os=0.30, app=0.15, within=0.10, within_pool=700, churn=0.02),
+        ],
+    )
+
+
+def quick_workload() -> WorkloadSpec:
+    """About 400 MiB, for the test suite and for iterating."""
+    return WorkloadSpec(
+        guests=[GuestSpec(128, zero=0.10, os=0.40, within=0.10, within_pool=64),
+                GuestSpec(96, zero=0.20, os=0.30, app=0.10, within=0.05, within_pool=32, churn=0.03),
+                GuestSpec(96, zero=0.05, os=0.45, app=0.10, within=0.10, within_pool=128)],
+        growth=[GuestSpec(96, zero=0.10, os=0.35, app=0.10, within=0.10, within_pool=50)],
+    )
+
+
+def _saving(copies: int, max_page_sharing: int) -> int:
+    return copies - int(math.ceil(copies / max_page_sharing)) if copies > 0 else 0
+
+
+def content_copies(guests: Iterable[GuestSpec], families: int) -> Counter:
+    """How many pages hold each mergeable content (zero pages under key 'zero')."""
+    copies: Counter = Counter()
+    guests = list(guests)
+    for g, spec in enumerate(guests):
+        c = spec.counts()
+        copies["zero"] += c["zero"]
+        for j in range(c["os"]):
+            copies[("os", j)] += 1
+        for j in range(c["app"]):
+            copies[("app", g % families, j)] += 1
+        pool = max(1, spec.within_pool)
+        for j in range(c["within"]):
+            copies[("within", g, j % pool)] += 1
+    return copies
+
+
+def achievable_pages(guests: Iterable[GuestSpec], families: int = 2, use_zero_pages: bool = False,
+                     max_page_sharing: int = 256) -> int:
+    """The saving (pages) that merging everything mergeable in these guests gives."""
+    copies = content_copies(guests, families)
+    zero = copies.pop("zero", 0)
+    total = sum(_saving(c, max_page_sharing) for c in copies.values())
+    total += zero if use_zero_pages else _saving(zero, max_page_sharing)
+    return total
+
+
+# -- the guest process --------------------------------------------------------------------
+
+GUEST_CHILD = HERE / "guest_proc.py"
+BALLAST_CHILD = HERE / "ballast_proc.py"
+
+
+class Guest:
+    def __init__(self, index: int, spec: GuestSpec, families: int, nonce: int) -> None:
+        self.index, self.spec = index, spec
+        c = spec.counts()
+        self.argv = [sys.executable, str(GUEST_CHILD), str(index), str(index % families), str(nonce),
+                     str(c["zero"]), str(c["os"]), str(c["app"]), str(c["within"]), str(spec.within_pool),
+                     str(c["churn"]), str(c["unique"]), "%g" % spec.churn_rate]
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> "Guest":
+        self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return self
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("ready"):
+            raise RuntimeError("guest %d did not start: %r" % (self.index, line))
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_guests(specs: List[GuestSpec], first_index: int, families: int, nonce: int) -> List[Guest]:
+    guests = [Guest(first_index + i, s, families, nonce).start() for i, s in enumerate(specs)]
+    for g in guests:
+        g.wait_ready()
+    return guests
+
+
+# -- the ballast ---------------------------------------------------------------------------
+
+class Ballast:
+    """Controls the ballast children: hold free memory at `target_free` bytes (never
+    letting MemAvailable fall below `floor`), or release everything. `workers` processes
+    populate in parallel (page faults run at about 700 MiB/s per core here)."""
+
+    def __init__(self, target_free: int, floor: int, workers: int = 1) -> None:
+        self.target_free, self.floor, self.workers = target_free, floor, workers
+        self.procs: List[subprocess.Popen] = []
+
+    def start(self) -> "Ballast":
+        self.procs = [subprocess.Popen([sys.executable, str(BALLAST_CHILD), str(self.target_free), str(self.floor),
+                                        str(self.workers)], stdin=subprocess.PIPE, text=True)
+                      for _ in range(self.workers)]
+        return self
+
+    @property
+    def pids(self) -> List[int]:
+        return [p.pid for p in self.procs]
+
+    def _send(self, cmd: str) -> None:
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.write(cmd + "\n")
+            p.stdin.flush()
+
+    def hold(self) -> None:
+        self._send("hold")
+
+    def release(self) -> None:
+        self._send("release")
+
+    def rss(self) -> int:
+        total = 0
+        for p in self.procs:
+            try:
+                total += int(Path("/proc/%d/statm" % p.pid).read_text().split()[1]) * PAGE
+            except (OSError, ValueError, IndexError):
+                pass
+        return total
+
+    def stop(self) -> None:
+        for p in self.procs:
+            try:
+                p.stdin.close()  # type: ignore[union-attr]
+            except OSError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+
+
+def meminfo() -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    with open("/proc/meminfo") as f:
+        for line in f:
+            k, _, rest = line.partition(":")
+            out[k] = int(rest.split()[0]) * 1024
+    return out
+
+
+def wait_until(cond, timeout: float, step: float = 0.2) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(step)
+    return bool(cond())
