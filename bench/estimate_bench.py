@@ -19,7 +19,7 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

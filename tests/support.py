@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import time
 from typing import Callable, Optional
 
@@ -44,3 +46,14 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: fl
             return last
         time.sleep(interval)
     raise AssertionError("timed out after %.1fs waiting for %s (last: %r)" % (timeout, what, last))
+
+
+def terminate(p: "subprocess.Popen", timeout: float = 30, sig: int = signal.SIGTERM) -> None:
+    """Stop a child we started: `sig` (SIGTERM) first, SIGKILL if it outlives `timeout`."""
+    if p.poll() is None:
+        p.send_signal(sig)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

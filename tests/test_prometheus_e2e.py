@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.parse
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 import yaml
 
 from .dashboard_exprs import RULES, dashboard, dashboard_exprs, operands, rule_exprs, substitute
 from .ksmlock import KSM, ksm_exclusive
-from .support import need, need_root, need_tool, wait_for
+from .support import need, need_root, need_tool, terminate, wait_for
 
 pytestmark = [pytest.mark.prometheus, pytest.mark.kernel, pytest.mark.timeout(300)]
 
@@ -84,13 +80,7 @@ class Prom:
 
 
 def _stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    terminate(p)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import pytest
 from ksmctl import install as inst
 from ksmctl.errors import EXIT_REFUSED
 from tests.ksmlock import KSM, ksm_exclusive
-from tests.support import need, need_root, wait_for
+from tests.support import need, need_root, terminate, wait_for
 from tests.test_coexist import real_ksmtuned  # noqa: F401  (fixture)
 
 POLICY = """\
@@ -83,13 +83,7 @@ def service(tmp_path):
 
     yield start, rx
     for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        terminate(p)
     rx.close()
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
-from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import pytest
