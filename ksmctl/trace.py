@@ -38,9 +38,8 @@ def state_to_dict(s: EngineState) -> Dict[str, Any]:
 
 def state_from_dict(d: Dict[str, Any]) -> EngineState:
     kw = dict(d)
-    for key in ("last", "pass_mark"):
-        if kw.get(key) is not None:
-            kw[key] = Mark(**kw[key])
+    if kw.get("last") is not None:
+        kw["last"] = Mark(**kw["last"])
     known = {f.name for f in fields(EngineState)}
     return EngineState(**{k: v for k, v in kw.items() if k in known})
 

@@ -36,7 +36,6 @@ class EngineState:
     npages: Optional[int] = None         # step strategy's pages_to_scan
     mode: str = "merging"                # adaptive: "merging" or "idle"
     last: Optional[Mark] = None          # previous tick
-    pass_mark: Optional[Mark] = None     # at the last completed full scan
     passes: int = 0                      # full-scan boundaries seen since (re)start of merging
     last_pass_yield: Optional[float] = None  # new merges per 1000 pages scanned over the last tick
     need_passes: int = 0                 # adaptive: boundaries to see before idling is allowed
@@ -188,15 +187,13 @@ def decide(policy: Policy, r: Readings, state: EngineState) -> Tuple[Decision, E
 
     if not active:
         if run.mode == "conditional" and run.on_stop == "background" and run.background is not None:
-            targets.update(_point(run.background))
-            targets["run"] = 1
+            # A scan rate of our own: the kernel's advisor must not own it.
+            targets = {"advisor_mode": "none"} if advisor_supported else {}
+            targets.update(_point(run.background), run=1)
             scan_rule = "background"
         else:
-            targets["run"] = 0
-            scan_rule = "none"
-        if advisor_supported and scan_rule == "background":
-            targets = {"advisor_mode": "none", **targets}
-        st = replace(st, mode="merging", passes=0, pass_mark=None)
+            targets, scan_rule = {"run": 0}, "none"
+        st = replace(st, mode="merging", passes=0)
         return Decision(targets, run_rule, scan_rule, tuple(reasons), cpu), st
 
     # 2. How fast should ksmd scan?
@@ -337,6 +334,6 @@ def _adaptive(policy: Policy, r: Readings, st: EngineState, prev: EngineState, n
         reasons.append("merging: %d mergeable pages, one pass per %gs -> %d pages per %d ms; %d of %d passes%s"
                        % (pages_total, ad.target_pass_seconds, npages, sleep, min(passes, need), need,
                           "" if last_yield is None else ", last interval %.1f new merges/1000 pages" % last_yield))
-    st = replace(st, mode=mode, passes=passes, pass_mark=None, last_pass_yield=last_yield,
+    st = replace(st, mode=mode, passes=passes, last_pass_yield=last_yield,
                  idle_mergeable=idle_mergeable, need_passes=need, verifying=verifying)
     return npages, rule, st
