@@ -28,32 +28,14 @@ sys.path.insert(0, str(ROOT))
 
 from ksmctl.collectors.procfs import ProcFs  # noqa: E402
 from ksmctl.collectors.vms import VmCollector  # noqa: E402
+from tests.fixtures import make_sys as make_fixture_sys  # noqa: E402
 from tests.lab import proctree  # noqa: E402
 
 TARGET_MS = 50.0
 TARGET_GROWTH = 1 << 20
 
-KSM_SYS = {
-    "run": "1", "pages_to_scan": "100", "sleep_millisecs": "20", "pages_shared": "100000",
-    "pages_sharing": "400000", "pages_unshared": "3000", "pages_volatile": "7", "pages_scanned": "123456",
-    "pages_skipped": "42", "full_scans": "9", "general_profit": "1610000000", "ksm_zero_pages": "0",
-    "use_zero_pages": "0", "merge_across_nodes": "1", "max_page_sharing": "256",
-    "stable_node_chains": "0", "stable_node_dups": "0", "stable_node_chains_prune_millisecs": "2000",
-    "smart_scan": "1", "advisor_mode": "[none] scan-time", "advisor_target_scan_time": "200",
-    "advisor_max_cpu": "70", "advisor_min_pages_to_scan": "500", "advisor_max_pages_to_scan": "30000",
-}
-
-
 def rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def make_sys(root: Path) -> Path:
-    d = root / "kernel/mm/ksm"
-    d.mkdir(parents=True)
-    for k, v in KSM_SYS.items():
-        (d / k).write_text(v + "\n")
-    return root
 
 
 def make_ksmd(proc_root: Path) -> None:
@@ -156,7 +138,10 @@ def main() -> None:
         tmp = Path(t)
         uri, proc_root, run_root, _guests = proctree.host(tmp, args.domains, others=200)
         make_ksmd(proc_root)
-        sys_root = make_sys(tmp / "sys")
+        # A host with 1.5 GiB merged, as a busy hypervisor's sysfs shows it.
+        sys_root = make_fixture_sys(tmp / "sys", {"pages_shared": "100000", "pages_sharing": "400000",
+                                                  "pages_unshared": "3000", "general_profit": "1610000000",
+                                                  "ksm_zero_pages": "0"})
         print("%d domains (libvirt test driver), %d QEMU + 200 other processes in a generated /proc"
               % (args.domains, args.domains))
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from tests.support import wait_for
+
 LAB_DIR = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("KSMCTL_LAB_CACHE", "/var/cache/ksmctl-lab"))
 URI = "qemu:///system"
@@ -124,17 +126,6 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
-
-
-def wait_until(cond, timeout: float, what: str, interval: float = 0.1):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        last = cond()
-        if last:
-            return last
-        time.sleep(interval)
-    raise RuntimeError("lab: timed out after %.0fs waiting for %s (last: %r)" % (timeout, what, last))
 
 
 def ensure_kernel() -> Path:
@@ -296,7 +287,7 @@ class Lab:
         self.prepare_host()
         if self.virtlogd_pid() is None:
             _run(["virtlogd", "-d"])
-            pid = wait_until(self.virtlogd_pid, 20, "virtlogd to write its pid file")
+            pid = wait_for(self.virtlogd_pid, 20, "virtlogd to write its pid file")
             self.started_virtlogd = pid
         self.start_libvirtd()
 
@@ -304,10 +295,10 @@ class Lab:
         pid = self.libvirtd_pid()
         if pid is None:
             _run(["libvirtd", "-d"])
-            pid = wait_until(self.libvirtd_pid, 30, "libvirtd to write its pid file")
+            pid = wait_for(self.libvirtd_pid, 30, "libvirtd to write its pid file")
             # We own whatever libvirtd runs from now on (it may replace one we killed).
             self.started_libvirtd = pid
-        wait_until(self.libvirt_answers, 30, "libvirtd to answer on " + URI)
+        wait_for(self.libvirt_answers, 30, "libvirtd to answer on " + URI)
         self._conn = None
         return pid
 
@@ -354,15 +345,15 @@ class Lab:
         (self.workdir / (name + ".xml")).write_text(xml)
         self.guests[name] = guest
         self.conn().createXML(xml, 0)  # transient: gone for good once destroyed
-        guest.pid = wait_until(lambda: read_pidfile(self.run_root / "libvirt/qemu" / (name + ".pid")),
-                               30, "the pid file of " + name)
+        guest.pid = wait_for(lambda: read_pidfile(self.run_root / "libvirt/qemu" / (name + ".pid")),
+                             30, "the pid file of " + name)
         return guest
 
     def wait_ready(self, guests: List[Guest], timeout: float = 300) -> None:
         for g in guests:
             try:
-                wait_until(g.ready, timeout, "guest %s to print %s" % (g.name, READY_MARKER), 0.2)
-            except RuntimeError as e:
+                wait_for(g.ready, timeout, "guest %s to print %s" % (g.name, READY_MARKER), 0.2)
+            except AssertionError as e:  # wait_for's timeout: add what the guest printed
                 raise RuntimeError("%s\nserial log tail:\n%s" % (e, g.serial()[-2000:])) from None
 
     def destroy_guest(self, guest: Guest) -> None:
