@@ -15,6 +15,7 @@ from .config import Config, load_config
 from .daemon import Daemon
 from .errors import KsmctlError, PermissionDenied
 from .estimate_schedule import PeriodicEstimate
+from .exporter import build_exporter
 from .ksm_writer import KsmWriter
 from .policy.loader import load_policy
 from .sdnotify import Notifier
@@ -44,8 +45,7 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
                policy_override=policy_name)
     if once:
         d.config = config.model_copy(update={"restore_on_exit": False})
-    if vms is not None:
-        vms.on_change(d.request_tick)
+    vms.on_change(d.request_tick)
     if not dry_run:
         d.on_shutdown.append(lambda: marker.sync(sysfs))
     if config.estimate.enabled and not once:
@@ -54,14 +54,11 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
                                     on_error=lambda m: collector.report_error("estimate", m))
         periodic.start()
         d.on_shutdown.append(periodic.stop)
-    # --- exporter wiring (ksmctl/exporter.py) ---
     if config.exporter.enabled or config.exporter.textfile:
-        from .exporter import build_exporter
         exporter = build_exporter(config.exporter, serve=not once)
         d.observers.append(exporter.observer)
         d.on_shutdown.append(exporter.stop)
         _count_policy_errors(d, exporter.metrics)
-    # --- end exporter wiring ---
     return d
 
 
