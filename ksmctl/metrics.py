@@ -15,6 +15,8 @@ live here under a lock and are emitted as families, so there are no `_created` s
 """
 from __future__ import annotations
 
+import bisect
+
 import logging
 import math
 import platform
@@ -137,10 +139,7 @@ class MetricsCollector(Collector):
                 if knob in self._external:
                     self._external[knob] += 1
             self._ticks["ok" if rec.ok else "failed"] += 1
-            i = 0
-            while i < len(TICK_BUCKETS) and rec.duration > TICK_BUCKETS[i]:
-                i += 1
-            self._buckets[i] += 1
+            self._buckets[bisect.bisect_left(TICK_BUCKETS, rec.duration)] += 1
             self._dur_sum += rec.duration
             self._last_tick = rec.wall
             if rec.ok:
