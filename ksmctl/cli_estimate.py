@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Callable, List, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, List, Optional, Sequence, TextIO
 
 import click
 
 from .errors import EXIT_FAILURE, KsmctlError
-from .estimate import EstimateResult, Estimator, Progress, resolve_targets
+
+if TYPE_CHECKING:   # the estimator pulls in numpy: imported when the command runs, not for every CLI call
+    from .estimate import EstimateResult, Progress
 
 EXIT_INTERRUPTED = 130   # shell convention for SIGINT; the partial result is still printed
 
@@ -114,8 +116,8 @@ def render_table(r: EstimateResult) -> str:
 
 
 def _run(vms: Sequence[str], pids: Sequence[int], rate: Optional[float], as_json: bool,
-         no_progress: bool, proc_root: str, sys_root: str,
-         estimator_factory: Callable[..., Estimator] = Estimator) -> int:
+         no_progress: bool, proc_root: str, sys_root: str) -> int:
+    from .estimate import Estimator, resolve_targets
     err = sys.stderr
     bar: Optional[ProgressLine] = None
     if not no_progress and err.isatty():
@@ -124,9 +126,8 @@ def _run(vms: Sequence[str], pids: Sequence[int], rate: Optional[float], as_json
         targets = resolve_targets(vms, pids, proc_root)
         if not targets:
             click.echo("no process has mergeable memory (nothing to estimate)", err=True)
-        est = estimator_factory(proc_root=proc_root, sys_root=sys_root,
-                                rate_limit_bytes_per_s=rate * 1024 * 1024 if rate else None,
-                                progress=bar)
+        est = Estimator(proc_root=proc_root, sys_root=sys_root, progress=bar,
+                        rate_limit_bytes_per_s=rate * 1024 * 1024 if rate else None)
         result = est.run(targets)
     except KsmctlError as e:
         if bar:

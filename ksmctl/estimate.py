@@ -10,10 +10,14 @@ Why this shape:
   byte-confirmation unnecessary: for n distinct pages the chance that any two collide is
   below n^2 / 2^129 (2^-73 for a whole TiB of distinct pages), and a collision would
   misreport one page. So no page content is ever kept, only hashes, and only in memory.
-- The per-page work is all in C: a reused 128 KiB buffer (it stays in cache: reading into
-  multi-MiB buffers was measured 2x slower), `map(xxh3_128_intdigest, map(view.__getitem__,
-  slices))` fed straight to `Counter.update`. All-zero buffers are recognised with one
-  memcmp (`bytes.startswith`) and never hashed.
+- The per-page work is all in C: a reused, page-aligned 256 KiB buffer (it stays in L2
+  while hashed; a bytearray's 16-byte offset made the kernel's copy up to 3x slower),
+  one memoryview per page made once, and `b"".join(map(xxh3_128_digest, pages))`
+  appended to a flat per-target buffer. Counting happens once, by a sort
+  (estimate_count.py), not by a dict lookup per page. All-zero buffers are recognised
+  with one memcmp (`bytes.startswith`) and never hashed.
+- /proc/<pid>/mem, not process_vm_readv(2): the latter's read-only pin makes the kernel
+  unshare every KSM page it reads, so the scan would undo the merging it measures.
 - "Achieved" is measured on the same pages as "achievable": pagemap gives each present
   page's frame number (root only), so pages that already share a frame (a KSM page, or the
   kernel's zero page) are counted exactly, without trusting global counters that also
@@ -30,27 +34,24 @@ Accounting (pages; see docs/estimate.md):
 """
 from __future__ import annotations
 
-import collections
 import errno
-import itertools
-import math
 import mmap
-import operator
 import os
 import re
 import time
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import xxhash
 
 from .collectors.procfs import parse_ksm_stat_fields as parse_ksm_stat
 from .errors import PermissionDenied, ReadError, UsageError
+from .estimate_count import KeyTally
 
 HASH_NAME = "xxh3_128"
-_hash = xxhash.xxh3_128_intdigest
+_hash = xxhash.xxh3_128_digest   # 16-byte keys: measured faster to make and to count than ints
 
 PM_PRESENT = 1 << 63
 PM_SWAPPED = 1 << 62
@@ -81,7 +82,7 @@ _RUN_RE = re.compile(rb"[PS]+")
 _SHARED_RE = re.compile(rb"S+")
 _FILE_RE = re.compile(rb"F+")
 
-BUFFER_BYTES = 128 * 1024     # per read: small enough to stay in L2 while it is hashed
+BUFFER_BYTES = 256 * 1024     # per read: small enough to stay in L2 (1 MiB here) while it is hashed
 WINDOW_PAGES = 4096           # pagemap entries read at once (16 MiB of address space)
 _QEMU_NAME_RE = re.compile(r"(?:^|,)guest=((?:[^,]|,,)+)")
 
@@ -412,48 +413,14 @@ def zero_saving(zero: int, zero_mapped: int, use_zero_pages: bool,
 
 # ---------------------------------------------------------------------------- counting
 
-class _Tally:
-    """Key counts per target and across targets; keys are content hashes or frame numbers.
+class _TargetKeys:
+    """What scanning one target accumulates: its pages' hashes (16 bytes each, appended in
+    order) and the frame numbers of its pages that share a frame."""
 
-    A target's counts live in a Counter while it is scanned; on commit they are merged
-    into the global Counter and, when shares will be needed, kept as a key list plus a
-    count array (8 + 4 bytes per distinct key; the key objects are mostly those of the
-    global dict). Merging and shares run as C-level map/update calls, not Python loops.
-    """
-
-    def __init__(self, keep_for_shares: bool) -> None:
-        self.total: collections.Counter = collections.Counter()
-        self.keep = keep_for_shares
-        self._kept: List[Tuple[List[int], array]] = []
-
-    def commit(self, counts: collections.Counter) -> Tuple[int, int, int]:
-        """Merge one target's counts; return its (keys, keys seen once, pages)."""
-        values = array("I", counts.values())
-        result = (len(values), values.count(1), sum(values))
-        if self.keep:
-            self._kept.append((list(counts), values))
-        del values
-        total = self.total
-        if not total:
-            self.total = counts   # take it over: no copy for the first (or only) target
-            return result
-        common = list(counts.keys() & total.keys())
-        old = list(map(total.__getitem__, common))
-        dict.update(total, counts)
-        dict.update(total, zip(common, map(operator.add, old, map(counts.__getitem__, common))))
-        return result
-
-    def shares(self) -> List[float]:
-        """Per committed target: sum over its keys of n * (c - 1) / c, c the global count."""
-        out = []
-        get = self.total.__getitem__
-        for keys, counts in self._kept:
-            out.append(sum(counts) - math.fsum(map(operator.truediv, counts, map(get, keys))))
-        return out
-
-    def drop(self) -> None:
-        self.total = collections.Counter()
-        self._kept = []
+    def __init__(self) -> None:
+        self.digests = bytearray()
+        self.frames: List[np.ndarray] = []
+        self.huge_zero = 0   # pages mapping the huge zero page
 
 
 class TokenBucket:
@@ -480,6 +447,24 @@ class _Gone(Exception):
     """The target process exited (or exec'd) during the scan."""
 
 
+CAP_SYS_PTRACE, CAP_SYS_ADMIN = 19, 21
+_NEEDED_CAPS = ((CAP_SYS_PTRACE, "CAP_SYS_PTRACE", "to read other users' process memory"),
+                (CAP_SYS_ADMIN, "CAP_SYS_ADMIN", "for page frame numbers in pagemap"))
+
+
+def missing_capabilities(status_text: str) -> List[str]:
+    """Capabilities the scan needs that CapEff in /proc/self/status lacks (root can lack them
+    too, e.g. under the shipped unit's CapabilityBoundingSet)."""
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                eff = int(line.split()[1], 16)
+            except (IndexError, ValueError):
+                return []
+            return ["%s (%s)" % (name, why) for bit, name, why in _NEEDED_CAPS if not eff >> bit & 1]
+    return []
+
+
 # ---------------------------------------------------------------------------- engine
 
 class Estimator:
@@ -501,7 +486,7 @@ class Estimator:
         self.progress = progress
         self.progress_interval_s = progress_interval_s
         self.clock = clock
-        self.zero_hash = _hash(bytes(page_size))
+        self.zero_key = np.frombuffer(_hash(bytes(page_size)), dtype="<u8").copy()
         self._zero_pfns: Tuple[int, ...] = ()
         self._huge_zero: Optional[int] = None   # first pfn of the huge zero page, if any
 
@@ -570,22 +555,36 @@ class Estimator:
 
     # -- scanning
 
-    def run(self, targets: Sequence[Target]) -> EstimateResult:
+    def _check_capabilities(self) -> None:
         if os.geteuid() != 0:
             raise PermissionDenied(
-                "ksmctl estimate needs root: it reads other processes' memory through "
-                "/proc/<pid>/mem and their frame numbers through /proc/<pid>/pagemap")
+                "ksmctl estimate needs root: it reads other processes' memory and their "
+                "frame numbers through /proc/<pid>/pagemap")
+        try:
+            status = (self.proc / "self" / "status").read_text()
+        except OSError:
+            return   # a fixture /proc tree has no `self`
+        missing = missing_capabilities(status)
+        if missing:
+            raise PermissionDenied(
+                "the estimate runs as root but without %s. Under the shipped systemd unit, "
+                "grant them with a drop-in (systemctl edit ksmctl): [Service] "
+                "CapabilityBoundingSet=CAP_SYS_PTRACE CAP_SYS_ADMIN" % " and ".join(missing))
+
+    def run(self, targets: Sequence[Target]) -> EstimateResult:
+        self._check_capabilities()
         use_zero = bool(self._ksm_int("use_zero_pages", 0))
         mps = self._ksm_int("max_page_sharing", 256)
         result = EstimateResult(page_size=self.ps, use_zero_pages=use_zero, max_page_sharing=mps)
         self._probe_zero_pfns()
-        keep = len(targets) > 1
-        contents, frames = _Tally(keep), _Tally(keep)
-        zero_by_target: List[Tuple[int, int]] = []
-        buf = bytearray(self.buffer_bytes)
+        contents, frames = KeyTally(2), KeyTally(1)
+        # Page-aligned (an anonymous mmap, not a bytearray): the kernel's copy into a buffer
+        # that starts 16 bytes into a page was measured up to 3x slower.
+        buf = mmap.mmap(-1, self.buffer_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self._view = memoryview(buf)
         self._zeros = bytes(self.buffer_bytes)
-        self._slices = [slice(i, i + self.ps) for i in range(0, self.buffer_bytes, self.ps)]
+        # One memoryview per page of the buffer, made once: slicing per page cost ~40% of hashing.
+        self._pages = [self._view[i:i + self.ps] for i in range(0, self.buffer_bytes, self.ps)]
         plans = []
         for t in targets:
             try:
@@ -603,10 +602,9 @@ class Estimator:
             for t, regions in plans:
                 te = TargetEstimate(t.pid, t.name, t.kind,
                                     mergeable_rss_bytes=sum(r.rss_bytes for r in regions))
-                tc: collections.Counter = collections.Counter()
-                fc: collections.Counter = collections.Counter()
+                acc = _TargetKeys()
                 try:
-                    self._scan_target(t, regions, te, tc, fc)
+                    self._scan_target(t, regions, te, acc)
                 except _Gone:
                     result.skipped.append(Skipped(t.pid, t.name, "exited during the scan"))
                     continue
@@ -615,75 +613,72 @@ class Estimator:
                     continue
                 except KeyboardInterrupt:
                     result.partial = True
-                    self._commit(te, tc, fc, contents, frames, zero_by_target, use_zero, mps)
+                    self._commit(te, acc, contents, frames)
                     result.targets.append(te)
                     raise
-                self._commit(te, tc, fc, contents, frames, zero_by_target, use_zero, mps)
+                self._commit(te, acc, contents, frames)
                 result.targets.append(te)
                 self._report(t.name, force=True)
         except KeyboardInterrupt:
             result.partial = True
         finally:
+            for v in self._pages:
+                v.release()
             self._view.release()
-            del buf
-        self._finish(result, contents, frames, zero_by_target, use_zero, mps)
-        contents.drop()
-        frames.drop()
+            buf.close()
+        self._finish(result, contents, frames, use_zero, mps)
         result.bytes_read = self._done
         result.elapsed_s = self.clock() - self._started
         result.cpu_s = time.process_time() - cpu0
         result.host = self.host_counters()
         return result
 
-    def _commit(self, te: TargetEstimate, tc: collections.Counter, fc: collections.Counter,
-                contents: _Tally, frames: _Tally, zero_by_target: List[Tuple[int, int]],
-                use_zero: bool, mps: int) -> None:
-        te.zero_pages = tc.pop(self.zero_hash, 0)
-        zm = 0
-        for pfn in self._zero_pfns:
-            zm += fc.pop(pfn, 0)
-        te.zero_mapped_pages = zm + fc.pop(-1, 0)   # -1: pages of the huge zero page
-        distinct, singles, nonzero = contents.commit(tc)
-        te.distinct_nonzero = distinct
-        te.duplicate_pages = nonzero - singles
-        te.achievable_alone = (nonzero - distinct) + zero_saving(
-            te.zero_pages, te.zero_mapped_pages, use_zero)
-        fdistinct, _, fpages = frames.commit(fc)
-        te.achieved_alone = (fpages - fdistinct) + te.zero_mapped_pages
-        zero_by_target.append((te.zero_pages, te.zero_mapped_pages))
+    def _commit(self, te: TargetEstimate, acc: _TargetKeys, contents: KeyTally,
+                frames: KeyTally) -> None:
+        """Hand one target's keys to the tallies, less zero pages (counted on their own)."""
+        keys = np.frombuffer(acc.digests, dtype="<u8").reshape(-1, 2)
+        acc.digests = bytearray()
+        zero = (keys[:, 0] == self.zero_key[0]) & (keys[:, 1] == self.zero_key[1])
+        nzero = int(np.count_nonzero(zero))
+        te.zero_pages += nzero
+        contents.add_target(keys[~zero] if nzero else keys)
+        pfns = np.concatenate(acc.frames) if acc.frames else np.zeros(0, dtype=np.uint64)
+        acc.frames = []
+        on_zero = np.isin(pfns, np.array(self._zero_pfns, dtype=np.uint64))
+        te.zero_mapped_pages = int(np.count_nonzero(on_zero)) + acc.huge_zero
+        frames.add_target(pfns[~on_zero])
 
-    def _finish(self, result: EstimateResult, contents: _Tally, frames: _Tally,
-                zero_by_target: List[Tuple[int, int]], use_zero: bool, mps: int) -> None:
+    def _finish(self, result: EstimateResult, contents: KeyTally, frames: KeyTally,
+                use_zero: bool, mps: int) -> None:
         ts = result.targets
         result.scanned_pages = sum(t.scanned_pages for t in ts)
         result.unreadable_pages = sum(t.unreadable_pages for t in ts)
         result.zero_pages = z = sum(t.zero_pages for t in ts)
         result.zero_mapped_pages = zm = sum(t.zero_mapped_pages for t in ts)
-        counts = list(contents.total.values())
-        nonzero = sum(counts)
-        result.distinct_nonzero = len(counts)
-        result.duplicate_pages = nonzero - counts.count(1)
-        result.achievable_nonzero = nonzero - len(counts)
+        c = contents.finish()
+        result.distinct_nonzero = c.distinct
+        result.duplicate_pages = c.duplicate_pages
+        result.achievable_nonzero = c.saving
         result.zero_saving = zero_saving(z, zm, use_zero)
-        over = sum(-(-c // mps) - 1 for c in counts if c > mps) if mps > 0 else 0
-        result.achievable_capped = (result.achievable_nonzero - over
+        result.achievable_capped = (c.saving - c.capped_excess(mps)
                                     + zero_saving(z, zm, use_zero, mps if mps > 0 else None))
-        del counts
-        fcounts = list(frames.total.values())
-        result.achieved = sum(fcounts) - len(fcounts) + zm
-        del fcounts
-        if len(ts) == 1:
-            t = ts[0]
-            t.achievable_share, t.achieved_share = float(t.achievable_alone), float(t.achieved_alone)
-            return
-        cshares, fshares = contents.shares(), frames.shares()
-        for t, cs, fs in zip(ts, cshares, fshares):
-            zshare = result.zero_saving * t.zero_pages / z if z else 0.0
-            t.achievable_share = cs + zshare
-            t.achieved_share = fs + t.zero_mapped_pages
+        f = frames.finish()
+        result.achieved = f.saving + zm
+        for t, tcnt, fcnt in zip(ts, c.targets, f.targets):
+            t.distinct_nonzero = tcnt.distinct
+            t.duplicate_pages = tcnt.pages - tcnt.singles
+            t.achievable_alone = (tcnt.pages - tcnt.distinct) + zero_saving(
+                t.zero_pages, t.zero_mapped_pages, use_zero)
+            t.achieved_alone = (fcnt.pages - fcnt.distinct) + t.zero_mapped_pages
+            if len(ts) == 1:
+                t.achievable_share, t.achieved_share = float(t.achievable_alone), float(t.achieved_alone)
+            else:
+                zshare = result.zero_saving * t.zero_pages / z if z else 0.0
+                t.achievable_share = tcnt.share + zshare
+                t.achieved_share = fcnt.share + t.zero_mapped_pages
 
     def _scan_target(self, t: Target, regions: List[Region], te: TargetEstimate,
-                     tc: collections.Counter, fc: collections.Counter) -> None:
+                     acc: _TargetKeys) -> None:
         base = self.proc / str(t.pid)
         try:
             pm_fd = os.open(base / "pagemap", os.O_RDONLY)
@@ -700,7 +695,7 @@ class Estimator:
         try:
             te.ksm_stat = self._ksm_stat(base)
             for r in regions:
-                self._scan_region(t, pm_fd, mem_fd, r, te, tc, fc)
+                self._scan_region(t, pm_fd, mem_fd, r, te, acc)
             after = self._ksm_stat(base)
             if after:
                 te.ksm_stat = after
@@ -716,11 +711,9 @@ class Estimator:
             return {}
 
     def _scan_region(self, t: Target, pm_fd: int, mem_fd: int, r: Region, te: TargetEstimate,
-                     tc: collections.Counter, fc: collections.Counter) -> None:
+                     acc: _TargetKeys) -> None:
         ps = self.ps
         vpn, end_vpn = r.start // ps, r.end // ps
-        fc_update = fc.update
-        mask_and = PFN_MASK.__and__
         while vpn < end_vpn:
             want = min(self.window_pages, end_vpn - vpn)
             try:
@@ -734,40 +727,36 @@ class Estimator:
                 raise _Gone()
             n = len(pm) // 8
             cls = pm[7::8].translate(_CLASS)
-            entries = None
             if b"F" in cls and self._huge_zero is not None:
-                entries = memoryview(pm).cast("Q")
-                cls = self._huge_zero_runs(cls, entries, fc)
+                cls = self._huge_zero_runs(cls, pm, acc)
             if b"S" in cls:
-                if entries is None:
-                    entries = memoryview(pm).cast("Q")
-                for m in _SHARED_RE.finditer(cls):
-                    fc_update(map(mask_and, entries[m.start():m.end()]))
+                shared = np.frombuffer(cls, dtype=np.uint8) == _C_SHARED[0]
+                acc.frames.append(np.frombuffer(pm, dtype="<u8")[shared] & np.uint64(PFN_MASK))
             for m in _RUN_RE.finditer(cls):
                 a, b = m.span()
-                self._read_run(t, mem_fd, (vpn + a) * ps, b - a, te, tc)
-            if entries is not None:
-                entries.release()
+                self._read_run(t, mem_fd, (vpn + a) * ps, b - a, te, acc)
             vpn += n
 
-    def _huge_zero_runs(self, cls: bytes, entries: memoryview, fc: collections.Counter) -> bytes:
+    def _huge_zero_runs(self, cls: bytes, pm: bytes, acc: _TargetKeys) -> bytes:
         """File-flagged pages that are the huge zero page count as zero-mapped; others skipped."""
         lo = self._huge_zero
         hi = lo + 512
         out = bytearray(cls)
+        entries = memoryview(pm).cast("Q")
         for m in _FILE_RE.finditer(cls):
             for i in range(m.start(), m.end()):
                 if lo <= entries[i] & PFN_MASK < hi:
                     out[i] = _C_EXCL[0]   # read (content is zero) but do not count its frame
-                    fc[-1] += 1
+                    acc.huge_zero += 1
+        entries.release()
         return bytes(out)
 
     def _read_run(self, t: Target, mem_fd: int, addr: int, npages: int, te: TargetEstimate,
-                  tc: collections.Counter) -> None:
+                  acc: _TargetKeys) -> None:
         ps = self.ps
-        view, slices, zeros = self._view, self._slices, self._zeros
-        getitem = view.__getitem__
-        update = tc.update
+        view, pages, zeros = self._view, self._pages, self._zeros
+        per_buffer = len(pages)
+        digests, join = acc.digests, b"".join
         left = npages * ps
         while left:
             want = min(self.buffer_bytes, left)
@@ -794,9 +783,9 @@ class Estimator:
                 continue
             got = k * ps
             if zeros.startswith(view[:got]):
-                tc[self.zero_hash] += k
+                te.zero_pages += k
             else:
-                update(map(_hash, map(getitem, itertools.islice(slices, k))))
+                digests += join(map(_hash, pages if k == per_buffer else pages[:k]))
             te.scanned_pages += k
             addr += got
             left -= got

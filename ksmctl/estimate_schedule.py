@@ -14,7 +14,10 @@ from typing import Callable, Optional
 
 from .config import EstimateConfig
 from .errors import KsmctlError
-from .estimate import Estimator, discover_mergeable
+
+
+class EstimateFailed(KsmctlError):
+    """The scan ran but read nothing it could count."""
 from .readings import EstimateSummary
 
 log = logging.getLogger("ksmctl.estimate")
@@ -33,17 +36,22 @@ class PeriodicEstimate:
         self._thread: Optional[threading.Thread] = None
 
     def run_once(self) -> Optional[EstimateSummary]:
+        from .estimate import Estimator, discover_mergeable   # numpy: only when estimates are on
         t0 = time.monotonic()
         try:
             targets = discover_mergeable(self.proc_root, exclude=[os.getpid()])
             est = Estimator(proc_root=self.proc_root, sys_root=self.sys_root,
                             rate_limit_bytes_per_s=self.config.rate_mib_s * 1024 * 1024)
             result = est.run(targets)
+            if targets and not result.targets:
+                # Nothing readable is not "nothing to gain": publishing zeros would tell a
+                # merge_potential policy to stop KSM.
+                raise EstimateFailed("no process could be scanned: %s" % "; ".join(
+                    "%s (pid %d): %s" % (s.name, s.pid, s.reason) for s in result.skipped[:3]))
         except KsmctlError as e:
-            log.error("periodic estimate failed: %s", e.message)
-            if self.on_error:
-                self.on_error(e.message)
-            return None
+            return self._failed(e.message)
+        except OSError as e:
+            return self._failed("%s" % e)
         ps = result.page_size
         summary = EstimateSummary(achievable=result.achievable * ps, achieved=result.achieved * ps,
                                   scanned=result.scanned_pages * ps, finished_wall=time.time(),
@@ -52,6 +60,12 @@ class PeriodicEstimate:
                  summary.achievable >> 20, summary.achieved >> 20, summary.duration_seconds)
         self.publish(summary)
         return summary
+
+    def _failed(self, message: str) -> None:
+        log.error("periodic estimate failed: %s", message)
+        if self.on_error:
+            self.on_error(message)
+        return None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
