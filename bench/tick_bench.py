@@ -84,12 +84,20 @@ def timed(fn, n: int):
     return times
 
 
-def report(what: str, times) -> None:
-    med = statistics.median(times)
-    p95 = sorted(times)[int(len(times) * 0.95) - 1]
-    print("%-28s median %6.2f ms  p95 %6.2f ms  max %6.2f ms  target %.0f ms: median %s, p95 %s" % (
-        what, med, p95, max(times), TARGET_MS, "OK" if med <= TARGET_MS else "OVER",
-        "OK" if p95 <= TARGET_MS else "OVER"))
+def report(what: str, fn, n: int, rounds: int) -> None:
+    """`rounds` rounds of n ticks, each round's median and p95 printed. This 2-core VM's
+    speed drifts by up to 2x over minutes (other tenants), so one round is not a verdict:
+    the target is judged on the median of the round medians."""
+    medians, p95s = [], []
+    for i in range(rounds):
+        times = timed(fn, n)
+        medians.append(statistics.median(times))
+        p95s.append(sorted(times)[int(len(times) * 0.95) - 1])
+        print("%-28s round %d: median %6.2f ms  p95 %6.2f ms  max %6.2f ms" % (
+            what, i + 1, medians[-1], p95s[-1], max(times)))
+    med, p95 = statistics.median(medians), statistics.median(p95s)
+    print("%-28s median of rounds %6.2f ms (best %.2f), p95 %6.2f ms; target %.0f ms: ratio %.2f, %s" % (
+        what, med, min(medians), p95, TARGET_MS, med / TARGET_MS, "OK" if med <= TARGET_MS else "OVER"))
 
 
 def growth(what: str, fn, ticks: int, traced: int) -> None:
@@ -127,7 +135,8 @@ def main() -> None:
     ap.add_argument("--domains", type=int, default=500)
     ap.add_argument("--ticks", type=int, default=10000, help="ticks for the memory-growth run")
     ap.add_argument("--traced", type=int, default=200, help="ticks traced with tracemalloc afterwards")
-    ap.add_argument("--timed", type=int, default=200, help="ticks timed one by one")
+    ap.add_argument("--timed", type=int, default=100, help="ticks timed one by one, per round")
+    ap.add_argument("--rounds", type=int, default=5, help="timed rounds")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     try:
@@ -150,13 +159,13 @@ def main() -> None:
         n = len(vms.collect())
         assert n == args.domains and vms.source == "libvirt", (n, vms.source)
         print("first collect (fetches every domain's XML once): %.1f ms" % first)
-        report("VmCollector.collect()", timed(vms.collect, args.timed))
+        report("VmCollector.collect()", vms.collect, args.timed, args.rounds)
 
         daemon = build_daemon(tmp, uri, proc_root, run_root, sys_root)
         if daemon is not None:
             rec = daemon.tick()
             assert rec.readings is not None and len(rec.readings.vms) == args.domains, rec.errors
-            report("full daemon tick", timed(daemon.tick, args.timed))
+            report("full daemon tick", daemon.tick, args.timed, args.rounds)
             growth("full daemon tick", daemon.tick, args.ticks, args.traced)
         else:
             growth("VmCollector.collect()", vms.collect, args.ticks, args.traced)

@@ -6,6 +6,7 @@ one stays); SIGTERM/SIGINT stop, restoring the knobs found at start when configu
 """
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -162,6 +163,12 @@ class Daemon:
         rec.duration = time.perf_counter() - t0
         self.ticks += 1
         self.last = rec
+        if self.ticks == 1:
+            # What the first tick has loaded (modules, pydantic models, libvirt bindings,
+            # per-VM caches) lives as long as the daemon. Frozen, it is no longer walked by
+            # every full garbage collection: measured ~20 ms per tick at 500 VMs.
+            gc.collect()
+            gc.freeze()
         for obs in self.observers:
             try:
                 obs(rec)

@@ -4,9 +4,11 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ksmctl.collectors.host import CollectionFailed, HostCollector
-from ksmctl.collectors.procfs import ProcFs, parse_ksm_stat, parse_psi
+from ksmctl.collectors.procfs import ProcFs, ksm_stat_by_lines, parse_ksm_stat, parse_psi
 from ksmctl.collectors.sysfs import KsmSysfs, parse_advisor_mode
 from ksmctl.errors import KsmNotAvailable, ReadError
 from ksmctl.readings import KSM_ATTRIBUTES
@@ -82,6 +84,21 @@ def test_ksm_stat_both_line_formats():
     assert st.merge_any is False and st.mergeable is True
     old = parse_ksm_stat("ksm_rmap_items 5\n")  # 6.1: one field only
     assert old.rmap_items == 5 and old.merging_pages is None and old.mergeable is None
+
+
+_KSM_KEYS = ["ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages", "ksm_process_profit",
+             "ksm_merge_any:", "ksm_mergeable:", "ksm_future_field", "other", "ksm_rmap_items:"]
+_KSM_VALUES = ["0", "12", "-3", "yes", "no", "x", "1.5", ""]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(_KSM_KEYS + _KSM_VALUES), min_size=0, max_size=3),
+                max_size=8))
+def test_ksm_stat_fast_path_agrees_with_line_parser(lines):
+    """parse_ksm_stat pairs tokens for speed; on any layout it must give what the
+    line-by-line parser gives."""
+    text = "\n".join(" ".join(words) for words in lines) + "\n"
+    assert parse_ksm_stat(text) == ksm_stat_by_lines(text)
 
 
 def test_mergeable_rss_counts_only_mergeable_processes(tmp_path):

@@ -211,6 +211,24 @@ def test_stale_or_reused_pid_is_never_attributed(host3, content, why):
     assert any("vm0000" in m and why in m for _s, m in c.errors), c.errors
 
 
+def test_pid_reused_after_verification_is_noticed(host3):
+    """Once verified, a guest's pid is only re-checked by the identity of the ksm_stat it
+    reads; a new process under the same pid (a new /proc/<pid> directory) must still be
+    caught, not attributed."""
+    import shutil
+    proc_root = host3[1]
+    c = collector(host3)
+    v = by_name(c.collect())["vm0000"]
+    assert v.pid is not None and v.ksm is not None and v.ksm.merging_pages
+    for _ in range(2):   # steady state: identity unchanged, same readings
+        assert by_name(c.collect())["vm0000"].pid == v.pid
+    shutil.rmtree(proc_root / str(v.pid))
+    proctree.add_process(proc_root, v.pid, ["/usr/bin/python3", "-c", "pass"], merging=777)
+    again = by_name(c.collect())["vm0000"]
+    assert again.pid is None and again.ksm is None
+    assert any("vm0000" in m and "not a QEMU process" in m for _s, m in c.errors), c.errors
+
+
 def test_same_name_different_uuid_is_not_attributed(host3):
     proc_root, run_root = host3[1], host3[2]
     proctree.add_process(proc_root, 60, proctree.qemu_argv("vm0000", "99999999-9999-9999-9999-999999999999"))

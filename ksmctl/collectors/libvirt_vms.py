@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..errors import KsmctlError
 from ..readings import VmReading
-from .procfs import ProcFs, parse_ksm_stat, read_proc_bytes
+from .procfs import ProcFs, parse_ksm_stat, read_proc_bytes, read_proc_identified
 from .qemu_procs import QemuArgs, QemuProcScanner, parse_qemu_cmdline, split_cmdline
 
 log = logging.getLogger("ksmctl.vms")
@@ -108,6 +108,7 @@ class _Known:
     had_pid: bool = False
     argv_raw: Optional[bytes] = None  # the verified command line, so a tick only compares
     args: Optional[QemuArgs] = None
+    ident: Optional[Tuple[int, int]] = None  # its ksm_stat's (inode, ctime) when verified
 
 
 def nosharepages(xml: str) -> bool:
@@ -339,7 +340,7 @@ class LibvirtCollector:
         known = self._known.get(uuid)
         if known is None:
             known = self._known[uuid] = _Known()
-        pid, args = self._pid(uuid, name, known)
+        pid, args, raw = self._pid(uuid, name, known)
         excluded_xml = self._xml_excluded(dom, uuid, name, pid, known)
         excluded = bool(excluded_xml) or bool(args is not None and args.mem_merge_off)
 
@@ -350,11 +351,9 @@ class LibvirtCollector:
         rss = kib("balloon.rss")
         ksm = None
         if pid is not None:
-            base = "%s/%d/" % (self._proc_root, pid)
-            raw = read_proc_bytes(base + "ksm_stat")
             ksm = parse_ksm_stat(raw.decode("ascii", "replace")) if raw is not None else None
             if rss is None:
-                statm = read_proc_bytes(base + "statm")
+                statm = read_proc_bytes("%s/%d/statm" % (self._proc_root, pid))
                 try:
                     rss = int(statm.split()[1]) * self._page_size if statm else None
                 except (ValueError, IndexError):
@@ -386,35 +385,47 @@ class LibvirtCollector:
             known.argv_raw, known.args = raw, args
         return args, ""
 
-    def _pid(self, uuid: str, name: str, known: _Known) -> Tuple[Optional[int], Optional[QemuArgs]]:
-        """The guest's QEMU pid, verified against /proc/<pid>/cmdline; None if unknown."""
+    def _pid(self, uuid: str, name: str,
+             known: _Known) -> Tuple[Optional[int], Optional[QemuArgs], Optional[bytes]]:
+        """The guest's QEMU pid, verified against /proc/<pid>/cmdline, and its ksm_stat
+        bytes; (None, None, None) if unknown. Once verified, a tick only checks that the
+        ksm_stat it reads is still that process's (read_proc_identified)."""
         if known.pid is not None:
+            got = read_proc_identified("%s/%d/ksm_stat" % (self._proc_root, known.pid))
+            if got is not None and known.ident is not None and got[1] == known.ident:
+                return known.pid, known.args, got[0]
             args, _ = self._check_pid(known.pid, uuid, name, known)
             if args is not None:
-                return known.pid, args
-            known.pid = known.argv_raw = known.args = None
+                return known.pid, args, self._identify(known)
+            known.pid = known.argv_raw = known.args = known.ident = None
         path = self.pid_dir / (name + ".pid")
         try:
             text = path.read_text().strip()
         except OSError:
             if known.had_pid:
                 raise _Vanished() from None  # it had a process; the pid file went with it
-            return None, None
+            return None, None, None
         try:
             pid = int(text)
         except ValueError:
             self._note(uuid, "%s: pid file %s holds %r, not a pid" % (name, path, text[:20]))
-            return None, None
+            return None, None, None
         args, why = self._check_pid(pid, uuid, name, known)
         if args is None:
             if why == "gone" and known.had_pid:
                 raise _Vanished()
             self._note(uuid, "%s: ignoring stale pid file %s: pid %d is %s"
                        % (name, path, pid, "gone" if why == "gone" else why))
-            return None, None
+            return None, None, None
         known.pid = pid
         known.had_pid = True
-        return pid, args
+        return pid, args, self._identify(known)
+
+    def _identify(self, known: _Known) -> Optional[bytes]:
+        """Read the just-verified process's ksm_stat and remember which file it was."""
+        got = read_proc_identified("%s/%d/ksm_stat" % (self._proc_root, known.pid))
+        known.ident = got[1] if got is not None else None
+        return got[0] if got is not None else None
 
     def _xml_excluded(self, dom: Any, uuid: str, name: str, pid: Optional[int],
                       known: _Known) -> Optional[bool]:

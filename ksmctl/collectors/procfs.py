@@ -83,7 +83,36 @@ _KSM_STAT_FLAGS = ("merge_any", "mergeable")
 
 
 def parse_ksm_stat(text: str) -> KsmStat:
-    """One pass straight into KsmStat: it runs for every guest every tick."""
+    """Straight into KsmStat in one pass, no intermediate dict: it runs for every guest
+    every tick. Must agree with ksm_stat_by_lines (tested)."""
+    kw = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 2:
+            continue
+        key, value = parts
+        name = _KSM_STAT_NAMES.get(key.rstrip(":"))
+        if name is None:
+            continue
+        if value == "yes" or value == "no":
+            if name in _KSM_STAT_FLAGS:
+                kw[name] = value == "yes"
+            else:
+                kw.pop(name, None)   # a flag where a number belongs: the field is unknown
+            continue
+        try:
+            number = int(value)
+        except ValueError:
+            continue
+        if name in _KSM_STAT_FLAGS:
+            kw.pop(name, None)
+        else:
+            kw[name] = number
+    return KsmStat(**kw)  # type: ignore[arg-type]
+
+
+def ksm_stat_by_lines(text: str) -> KsmStat:
+    """The general parser (any line layout); parse_ksm_stat's fast path must agree with it."""
     kw = {}
     for key, value in parse_ksm_stat_fields(text).items():
         name = _KSM_STAT_NAMES.get(key)
@@ -95,16 +124,39 @@ def parse_ksm_stat(text: str) -> KsmStat:
 def read_proc_bytes(path: str) -> Optional[bytes]:
     """A /proc file's bytes, or None when the process is gone. Plain os calls on str
     paths: this runs for every process every tick, where pathlib's overhead shows."""
+    got = _read(path, False)
+    return None if got is None else got[0]
+
+
+def read_proc_identified(path: str) -> Optional[Tuple[bytes, Tuple[int, int]]]:
+    """A /proc file's bytes and the identity (inode, ctime) of the file read.
+
+    /proc/<pid>/ files get their inode when first looked up and keep it while the dentry
+    is cached; a new process that reuses the pid gets new inodes. So an unchanged identity
+    proves the pid still names the process verified earlier, at the price of one fstat
+    instead of re-reading its command line. (A changed one only means: verify again.)
+    """
+    return _read(path, True)
+
+
+def _read(path: str, identify: bool) -> Optional[Tuple[bytes, Tuple[int, int]]]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        chunks = []
+        ident = (0, 0)
+        if identify:
+            st = os.fstat(fd)
+            ident = (st.st_ino, st.st_ctime_ns)
+        data = os.read(fd, 16384)
+        if len(data) < 16384:   # procfs hands a file out whole when it fits, as regular files do
+            return data, ident
+        chunks = [data]
         while True:
-            chunk = os.read(fd, 16384)
+            chunk = os.read(fd, 65536)
             if not chunk:
-                return b"".join(chunks)
+                return b"".join(chunks), ident
             chunks.append(chunk)
     except OSError:
         return None
