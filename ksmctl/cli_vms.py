@@ -15,7 +15,7 @@ import click
 
 from .config import DEFAULT_STATE_FILE
 from .errors import KsmctlError
-from .readings import KsmStat, KsmState, VmReading
+from .readings import KsmStat, KsmState, VmReading, vm_dicts
 from .state import read_state
 from .units import format_bytes
 
@@ -24,7 +24,7 @@ _NUMERIC = ("saved", "share", "merging", "memory")
 
 
 def vm_from_dict(d: Dict[str, Any]) -> VmReading:
-    """A VmReading from the state file's dict (dataclasses.asdict); unknown keys ignored."""
+    """A VmReading from one of the state file's VM dicts (see vm_dicts); unknown keys ignored."""
     ksm = d.get("ksm")
     fields = VmReading.__dataclass_fields__
     kw = {k: v for k, v in d.items() if k in fields and k != "ksm"}
@@ -45,9 +45,10 @@ def ksm_from_dict(d: Dict[str, Any]) -> Optional[KsmState]:
 
 def from_daemon(state: Dict[str, Any]) -> Optional[Tuple[List[VmReading], Optional[KsmState], str]]:
     readings = state.get("readings")
-    if not isinstance(readings, dict) or not isinstance(readings.get("vms"), list):
+    rows = vm_dicts(readings.get("vms")) if isinstance(readings, dict) else None
+    if rows is None:
         return None
-    vms = [vm_from_dict(v) for v in readings["vms"] if isinstance(v, dict)]
+    vms = [vm_from_dict(v) for v in rows]
     age = time.time() - float(state.get("updated") or time.time())
     return vms, ksm_from_dict(readings.get("ksm") or {}), "daemon (state %.0fs old)" % max(age, 0)
 

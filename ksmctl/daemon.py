@@ -193,7 +193,7 @@ class Daemon:
             "changes": [{"knob": c.knob, "old": c.old, "new": c.new} for c in rec.changes],
             "external_changes": rec.external,
             "errors": [list(e) for e in rec.errors],
-            "readings": rec.readings.to_dict() if rec.readings else None,
+            "readings": rec.readings.to_dict(vm_table=True) if rec.readings else None,
             "status": status_line(rec),
             "exporter": {"listen": self.config.exporter.listen if self.config.exporter.enabled else None},
         }

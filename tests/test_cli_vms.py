@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from ksmctl.cli import cli
-from ksmctl.readings import KsmStat, VmReading
+from ksmctl.readings import KsmStat, VmReading, vms_table
 from tests.fixtures import make_sys
 from tests.lab import proctree
 from tests.support import need
@@ -74,12 +74,14 @@ def test_sort_reverse(host):
     assert [v["name"] for v in json.loads(r.output)["vms"]] == ["vm0000", "vm0001", "vm0002"]
 
 
-def test_from_running_daemon_state_file(host):
+@pytest.mark.parametrize("form", ["table", "dicts"])
+def test_from_running_daemon_state_file(host, form):
+    """The daemon writes VMs as a table (vms_table); a list of dicts is read too."""
     vms = [VmReading(uuid="u-%d" % i, name="daemon-vm%d" % i, pid=100 + i, balloon_current=1 << 30,
                      ksm=KsmStat(merging_pages=100 * i, zero_pages=0), excluded=(i == 0))
            for i in range(3)]
     state = {"pid": os.getpid(), "updated": 0,
-             "readings": {"vms": [asdict(v) for v in vms],
+             "readings": {"vms": vms_table(vms) if form == "table" else [asdict(v) for v in vms],
                           "ksm": {"values": {"pages_sharing": 200, "pages_shared": 100}, "page_size": 4096}}}
     host["state"].write_text(json.dumps(state))
     r = invoke(host, "--json")

@@ -148,3 +148,16 @@ def test_mergeable_memory_takes_guests_from_vm_readings(tmp_path):
     r = HostCollector(sysfs, ProcFs(str(make_proc(tmp_path / "proc", processes=procs))), vms=Vms()).collect()
     assert r.mergeable_rss == (123 + 7) * page
     assert ("libvirt", "domain x vanished") in r.errors
+
+
+def test_vm_table_round_trips_to_the_dicts_traces_hold():
+    """The state file's VM table decodes to exactly what Readings.to_dict writes for traces."""
+    from ksmctl.readings import KsmStat, KsmState, Readings, VmReading, vm_dicts, vms_table
+    vms = (VmReading(uuid="u1", name="a", pid=7, balloon_current=1 << 30, rss=5,
+                     ksm=KsmStat(rmap_items=1, zero_pages=2, merging_pages=3, process_profit=4,
+                                 merge_any=False, mergeable=True)),
+           VmReading(uuid="u2", name="b", state="paused", excluded=True))
+    r = Readings(monotonic=1.0, wall=2.0, ksm=KsmState(values={}), vms=vms)
+    assert vm_dicts(r.to_dict(vm_table=True)["vms"]) == r.to_dict()["vms"]
+    assert vm_dicts(vms_table(())) == []
+    assert vm_dicts({"fields": ["uuid"]}) is None and vm_dicts("x") is None

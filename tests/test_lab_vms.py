@@ -18,6 +18,7 @@ import pytest
 from ksmctl.collectors.procfs import ProcFs
 from ksmctl.collectors.sysfs import KsmSysfs
 from ksmctl.collectors.vms import VmCollector, vm_savings
+from ksmctl.readings import vm_dicts
 from ksmctl.readings import VmReading
 from tests.ksmlock import KSM, ksm_exclusive
 from tests.lab.lab import URI, Guest, Lab, kill_pid, pid_alive
@@ -57,7 +58,7 @@ def _state(path: Path):
 
 def _vms_in_state(path: Path, source: str):
     st = _state(path)
-    vms = ((st or {}).get("readings") or {}).get("vms")
+    vms = vm_dicts(((st or {}).get("readings") or {}).get("vms"))
     if not vms or any(v["source"] != source for v in vms):
         return None
     return {v["uuid"]: v for v in vms}
