@@ -35,7 +35,8 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 echo "== pip install -e .[test,bench]"
 quiet_pip .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
 
-# RHEL 9 runs Python 3.9: the pure-Python core (policies, decisions, readers) must work there.
+# RHEL 9 runs Python 3.9: the pure-Python core (policies, decisions, readers) and the
+# estimator's counting (numpy 2.0 is the last for 3.9) must work there.
 PY39=$(ls -d /root/.pyenv/versions/3.9*/bin/python3.9 2>/dev/null | head -n1 || true)
 PY39=${PY39:-$(command -v python3.9 || true)}
 if [ -n "$PY39" ]; then
@@ -43,7 +44,8 @@ if [ -n "$PY39" ]; then
     [ -x .venv39/bin/python ] || "$PY39" -m venv .venv39
     quiet_pip .venv39/bin/pip install -q --disable-pip-version-check -e . pytest pytest-timeout hypothesis
     .venv39/bin/python -m pytest -q -p no:cacheprovider tests/test_policy_loader.py tests/test_decide.py \
-        tests/test_collectors.py tests/test_config.py tests/test_replay.py
+        tests/test_collectors.py tests/test_config.py tests/test_replay.py \
+        tests/test_estimate_count.py tests/test_estimate.py
 elif [ "${CI:-}" = "true" ]; then
     echo "scripts/test.sh: no Python 3.9 interpreter found (pyenv) in CI" >&2
     exit 1
