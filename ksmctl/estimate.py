@@ -51,7 +51,7 @@ from .errors import PermissionDenied, ReadError, UsageError
 from .estimate_count import KeyTally
 
 HASH_NAME = "xxh3_128"
-_hash = xxhash.xxh3_128_digest   # 16-byte keys: measured faster to make and to count than ints
+_hash = xxhash.xxh3_128_digest   # 16 bytes, appended to a flat buffer and counted by one sort
 
 PM_PRESENT = 1 << 63
 PM_SWAPPED = 1 << 62
@@ -625,7 +625,10 @@ class Estimator:
             for v in self._pages:
                 v.release()
             self._view.release()
-            buf.close()
+            try:
+                buf.close()
+            except BufferError:   # a slice still referenced by an interrupted read: GC closes it
+                pass
         self._finish(result, contents, frames, use_zero, mps)
         result.bytes_read = self._done
         result.elapsed_s = self.clock() - self._started

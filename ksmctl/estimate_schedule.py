@@ -14,13 +14,13 @@ from typing import Callable, Optional
 
 from .config import EstimateConfig
 from .errors import KsmctlError
+from .readings import EstimateSummary
+
+log = logging.getLogger("ksmctl.estimate")
 
 
 class EstimateFailed(KsmctlError):
     """The scan ran but read nothing it could count."""
-from .readings import EstimateSummary
-
-log = logging.getLogger("ksmctl.estimate")
 
 
 class PeriodicEstimate:

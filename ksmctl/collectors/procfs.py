@@ -112,7 +112,7 @@ def parse_ksm_stat(text: str) -> KsmStat:
 
 
 def ksm_stat_by_lines(text: str) -> KsmStat:
-    """The general parser (any line layout); parse_ksm_stat's fast path must agree with it."""
+    """The general parser, by way of parse_ksm_stat_fields; parse_ksm_stat must agree with it."""
     kw = {}
     for key, value in parse_ksm_stat_fields(text).items():
         name = _KSM_STAT_NAMES.get(key)
