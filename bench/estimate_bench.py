@@ -93,6 +93,7 @@ def main(argv: List[str] = None) -> int:
     n_shared, n_within = max(1, int(n * args.shared) // 3), max(1, int(n * args.within) // 4)
 
     from tests.ksmlock import ksm_exclusive   # mergeable children: keep other KSM users out
+    from tests.mergeable import release
     with ksm_exclusive():
         children = []
         try:
@@ -119,10 +120,7 @@ def main(argv: List[str] = None) -> int:
             peak = tracemalloc.get_traced_memory()[1]
             tracemalloc.stop()
         finally:
-            for c in children:
-                c.stdin.close()
-            for c in children:
-                c.wait()
+            release(children, timeout=60)
     r = best
     gib = r.bytes_read / 2**30
     per_core = gib / r.cpu_s if r.cpu_s else float("inf")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mmap
 import subprocess
 import sys
-from typing import List
+from typing import Iterable, List
 
 PAGE = mmap.PAGESIZE
 
@@ -23,6 +23,23 @@ def hold(pages: int, distinct: int) -> None:
     sys.stdout.write("ready %d\n" % __import__("os").getpid())
     sys.stdout.flush()
     sys.stdin.read()
+
+
+def release(procs: Iterable[subprocess.Popen], timeout: float = 10.0) -> None:
+    """Stop children that hold memory until their stdin closes: every stdin is closed
+    first, so they exit together; then each is reaped, SIGKILLed if it outlives `timeout`."""
+    procs = list(procs)
+    for p in procs:
+        try:
+            p.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 class Holder:
@@ -49,17 +66,7 @@ class Holder:
         return [p.pid for p in self.procs]
 
     def __exit__(self, *exc) -> None:
-        for p in self.procs:
-            try:
-                p.stdin.close()
-            except OSError:
-                pass
-        for p in self.procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        release(self.procs)
 
 
 if __name__ == "__main__":

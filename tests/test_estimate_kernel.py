@@ -19,6 +19,7 @@ import pytest
 from ksmctl.estimate import (Estimator, Target, discover_mergeable, parse_ksm_stat,
                              parse_smaps_mergeable, zero_saving)
 from tests.ksmlock import KSM, ksm_exclusive
+from tests.mergeable import release
 from tests.support import need, need_root, need_tool, wait_for
 
 pytestmark = pytest.mark.kernel
@@ -102,17 +103,7 @@ class Children:
         return {name: p.pid for name, p in self.procs.items()}
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            try:
-                p.stdin.close()   # type: ignore[union-attr]
-            except OSError:
-                pass
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        release(self.procs.values())
 
 
 @pytest.fixture

@@ -35,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
+from tests.mergeable import release  # the repo root is on sys.path (run_ksm_bench.py, pytest)
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
 HERE = Path(__file__).resolve().parent
@@ -161,17 +163,8 @@ class Guest:
             raise RuntimeError("guest %d did not start: %r" % (self.index, line))
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        try:
-            self.proc.stdin.close()  # type: ignore[union-attr]
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        if self.proc is not None:
+            release([self.proc])
 
 
 def start_guests(specs: List[GuestSpec], first_index: int, families: int, nonce: int) -> List[Guest]:
@@ -224,17 +217,7 @@ class Ballast:
         return total
 
     def stop(self) -> None:
-        for p in self.procs:
-            try:
-                p.stdin.close()  # type: ignore[union-attr]
-            except OSError:
-                pass
-        for p in self.procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        release(self.procs, timeout=20)
         self.procs = []
 
 
