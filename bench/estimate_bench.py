@@ -25,7 +25,7 @@ from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ksmctl.estimate import (BUFFER_BYTES, Estimator, Target, parse_smaps_mergeable,  # noqa: E402
+from ksmctl.estimate.scan import (BUFFER_BYTES, Estimator, Target, parse_smaps_mergeable,  # noqa: E402
                              zero_saving)
 
 TARGET_GIB_PER_CORE = 2.0

@@ -28,7 +28,7 @@ TARGET_MB = 15.0
 
 
 def make_tick(n_vms: int):
-    from ksmctl.daemon import TickRecord
+    from ksmctl.service.daemon import TickRecord
     from ksmctl.policy.decide import Decision
     from ksmctl.policy.loader import load_policy
     from ksmctl.readings import KSM_ATTRIBUTES, KsmStat, KsmState, MemInfo, Psi, Readings, VmReading
@@ -58,9 +58,9 @@ def rss_mb() -> float:
 def child_rss(n_vms: int) -> None:
     """Runs in a fresh interpreter: RSS before and after the exporter exists and serves."""
     import gc
-    from ksmctl import exporter as _e  # noqa: F401  (imports are not the exporter's runtime cost)
+    from ksmctl.export import http as _e  # noqa: F401  (imports are not the exporter's runtime cost)
     from ksmctl.config import ExporterConfig
-    from ksmctl.exporter import Exporter
+    from ksmctl.export.http import Exporter
     rec = make_tick(n_vms)
     gc.collect()
     before = rss_mb()
@@ -104,8 +104,8 @@ def main() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from ksmctl.config import ExporterConfig
-    from ksmctl.exporter import Exporter
-    from ksmctl.metrics import MetricsCollector, render_text
+    from ksmctl.export.http import Exporter
+    from ksmctl.export.metrics import MetricsCollector, render_text
     rec = make_tick(a.vms)
 
     reg = CollectorRegistry(auto_describe=False)

@@ -54,10 +54,10 @@ def build_daemon(tmp: Path, uri: str, proc_root: Path, run_root: Path, sys_root:
     """A real Daemon over the generated trees, or None when ksmctl.daemon has no tick()."""
     try:
         from ksmctl.collectors.host import HostCollector
-        from ksmctl.collectors.sysfs import KsmSysfs
+        from ksmctl.kernel.sysfs import KsmSysfs
         from ksmctl.config import Config
-        from ksmctl.daemon import Daemon
-        from ksmctl.ksm_writer import KsmWriter
+        from ksmctl.service.daemon import Daemon
+        from ksmctl.kernel.writer import KsmWriter
         from ksmctl.policy.loader import load_policy
     except ImportError as e:
         print("full tick: skipped (%s)" % e)

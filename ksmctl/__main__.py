@@ -1,3 +1,3 @@
-from .cli import main
+from ksmctl.cli import main
 
 main()

@@ -11,9 +11,9 @@ from typing import Any, Dict, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .errors import ConfigError
-from .units import parse_duration
-from .yamlload import YamlProblem, load_yaml, validate
+from ksmctl.errors import ConfigError
+from ksmctl.units import parse_duration
+from ksmctl.yamlload import YamlProblem, load_yaml, validate
 
 DEFAULT_CONFIG_PATH = "/etc/ksmctl/config.yaml"
 DEFAULT_STATE_FILE = "/run/ksmctl/state.json"

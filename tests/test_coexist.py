@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmctl.coexist import CoexistenceChecker, DriftDetector, check_or_refuse
+from ksmctl.service.coexist import CoexistenceChecker, DriftDetector, check_or_refuse
 from ksmctl.errors import EXIT_REFUSED, Refused
 from tests.ksmlock import KSM, ksm_exclusive
 from tests.support import need, need_root, wait_for

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from ksmctl.collectors.host import CollectionFailed, HostCollector
 from ksmctl.collectors.procfs import ProcFs, ksm_stat_by_lines, parse_ksm_stat, parse_psi
-from ksmctl.collectors.sysfs import KsmSysfs, parse_advisor_mode
+from ksmctl.kernel.sysfs import KsmSysfs, parse_advisor_mode
 from ksmctl.errors import KsmNotAvailable, ReadError
 from ksmctl.readings import KSM_ATTRIBUTES
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 
-from ksmctl.collectors.sysfs import KsmSysfs
+from ksmctl.kernel.sysfs import KsmSysfs
 
 from .daemon_proc import ALWAYS_ON_POLICY, STOP_POLICY, DaemonProc, wait_ticks
 from .ksmlock import ksm_exclusive

@@ -6,10 +6,10 @@ import threading
 
 from ksmctl.collectors.host import HostCollector
 from ksmctl.collectors.procfs import ProcFs
-from ksmctl.collectors.sysfs import KsmSysfs
+from ksmctl.kernel.sysfs import KsmSysfs
 from ksmctl.config import Config
-from ksmctl.daemon import Daemon
-from ksmctl.ksm_writer import KsmWriter
+from ksmctl.service.daemon import Daemon
+from ksmctl.kernel.writer import KsmWriter
 from ksmctl.policy.loader import parse_policy, LoadedPolicy
 
 from .fixtures import make_proc, make_sys

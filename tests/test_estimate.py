@@ -16,11 +16,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ksmctl import estimate as est
+from ksmctl.estimate import scan as est
 from ksmctl.cli import cli
-from ksmctl.cli_estimate import render_table
+from ksmctl.cli.estimate import render_table
 from ksmctl.errors import EXIT_PERMISSION, EXIT_USAGE, PermissionDenied, UsageError
-from ksmctl.estimate import (Estimator, Progress, Target, TokenBucket, parse_ksm_stat,
+from ksmctl.estimate.scan import (Estimator, Progress, Target, TokenBucket, parse_ksm_stat,
                              parse_smaps_mergeable, qemu_guest_name, zero_saving)
 from tests.ksmlock import ksm_exclusive
 from tests.support import need_root
@@ -479,7 +479,7 @@ def test_periodic_estimate_publishes_and_refuses_to_publish_nothing(tmp_path):
     """A scan that could read no target is a failure, not a zero potential: publishing 0
     would make a merge_potential policy stop KSM."""
     from ksmctl.config import EstimateConfig
-    from ksmctl.estimate_schedule import PeriodicEstimate
+    from ksmctl.estimate.schedule import PeriodicEstimate
     host, procs = _two_process_host(tmp_path)
     published, errors = [], []
     pe = PeriodicEstimate(EstimateConfig(enabled=True), str(host.proc), str(host.sys),

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ksmctl.estimate_count import KeyTally
+from ksmctl.estimate.count import KeyTally
 
 Key = Tuple[int, ...]
 

@@ -16,7 +16,7 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from ksmctl.estimate import (Estimator, Target, discover_mergeable, parse_ksm_stat,
+from ksmctl.estimate.scan import (Estimator, Target, discover_mergeable, parse_ksm_stat,
                              parse_smaps_mergeable, zero_saving)
 from tests.ksmlock import KSM, ksm_exclusive
 from tests.mergeable import release

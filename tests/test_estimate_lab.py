@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from ksmctl.cli import cli
-from ksmctl.estimate import Estimator, parse_smaps_mergeable, resolve_targets
+from ksmctl.estimate.scan import Estimator, parse_smaps_mergeable, resolve_targets
 
 pytestmark = [pytest.mark.lab]
 

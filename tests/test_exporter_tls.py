@@ -16,7 +16,7 @@ import pytest
 
 from ksmctl.config import ExporterConfig
 from ksmctl.errors import ConfigError
-from ksmctl.exporter import BasicAuth, Exporter, load_web_config
+from ksmctl.export.http import BasicAuth, Exporter, load_web_config
 
 from .support import need_tool
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from ksmctl import install as inst
-from ksmctl.cli_service import install_command, uninstall_command
+from ksmctl.service import install as inst
+from ksmctl.cli.service import install_command, uninstall_command
 from ksmctl.errors import EXIT_OK, EXIT_USAGE, UsageError
 
 UNIT = "etc/systemd/system/ksmctl.service"

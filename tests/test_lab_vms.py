@@ -16,7 +16,7 @@ from typing import Dict, List
 import pytest
 
 from ksmctl.collectors.procfs import ProcFs
-from ksmctl.collectors.sysfs import KsmSysfs
+from ksmctl.kernel.sysfs import KsmSysfs
 from ksmctl.collectors.vms import VmCollector, vm_savings
 from ksmctl.readings import vm_dicts
 from ksmctl.readings import VmReading

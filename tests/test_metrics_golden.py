@@ -20,10 +20,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ksmctl.collectors.host import HostCollector
 from ksmctl.collectors.procfs import ProcFs
-from ksmctl.collectors.sysfs import KsmSysfs
-from ksmctl.daemon import TickRecord
-from ksmctl.ksm_writer import Change
-from ksmctl.metrics import MetricsCollector, render_text
+from ksmctl.kernel.sysfs import KsmSysfs
+from ksmctl.service.daemon import TickRecord
+from ksmctl.kernel.writer import Change
+from ksmctl.export.metrics import MetricsCollector, render_text
 from ksmctl.policy.decide import EngineState, decide
 from ksmctl.policy.loader import LoadedPolicy, parse_policy
 from ksmctl.readings import EstimateSummary, KsmStat, VmReading

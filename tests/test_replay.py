@@ -9,13 +9,13 @@ from click.testing import CliRunner
 from ksmctl.cli import cli
 from ksmctl.collectors.host import HostCollector
 from ksmctl.collectors.procfs import ProcFs
-from ksmctl.collectors.sysfs import KsmSysfs
+from ksmctl.kernel.sysfs import KsmSysfs
 from ksmctl.config import Config, TraceConfig
-from ksmctl.daemon import Daemon
-from ksmctl.ksm_writer import KsmWriter
+from ksmctl.service.daemon import Daemon
+from ksmctl.kernel.writer import KsmWriter
 from ksmctl.policy.loader import load_policy
-from ksmctl.replay import replay
-from ksmctl.trace import TraceWriter
+from ksmctl.policy.replay import replay
+from ksmctl.service.trace import TraceWriter
 
 from .fixtures import MEMINFO, make_proc, make_sys
 
@@ -91,7 +91,7 @@ def test_readings_to_dict_matches_asdict_and_round_trips():
     import dataclasses
 
     from ksmctl.readings import EstimateSummary, KsmStat, Psi, VmReading
-    from ksmctl.trace import readings_from_dict
+    from ksmctl.service.trace import readings_from_dict
     sys_root = make_sys(__import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "sys")
     proc_root = make_proc(sys_root.parent / "proc")
     r = HostCollector(KsmSysfs(str(sys_root)), ProcFs(str(proc_root))).collect()

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from ksmctl.sdnotify import Notifier
+from ksmctl.service.sdnotify import Notifier
 
 
 def _receiver(tmp_path, abstract: bool):
@@ -81,7 +81,7 @@ def test_send_errors_never_raise(tmp_path, caplog):
     # The manager went away: the socket path no longer exists.
     n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "gone.sock")})
     assert n.enabled
-    caplog.set_level("DEBUG", logger="ksmctl.sdnotify")
+    caplog.set_level("DEBUG", logger="ksmctl.service.sdnotify")
     assert n.ready() is False
     assert n.watchdog() is False
     assert "gone.sock" in caplog.text

@@ -11,7 +11,7 @@ from typing import List
 
 import pytest
 
-from ksmctl import install as inst
+from ksmctl.service import install as inst
 from ksmctl.errors import EXIT_REFUSED
 from tests.ksmlock import KSM, ksm_exclusive
 from tests.support import need, need_root, terminate, wait_for

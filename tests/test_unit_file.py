@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ksmctl import install as inst
+from ksmctl.service import install as inst
 from tests.support import need_tool
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,9 +9,9 @@ from typing import Any, Callable, List, Optional
 
 import pytest
 
-from ksmctl.collectors.libvirt_vms import LibvirtCollector, nosharepages
+from ksmctl.collectors.vms.libvirt import LibvirtCollector, nosharepages
 from ksmctl.collectors.procfs import ProcFs
-from ksmctl.collectors.qemu_procs import QemuProcScanner, parse_qemu_cmdline
+from ksmctl.collectors.vms.qemu import QemuProcScanner, parse_qemu_cmdline
 from ksmctl.collectors.vms import VmCollector, vm_savings, vm_signals
 from ksmctl.readings import KsmStat, KsmState, MemInfo, VmReading
 from tests.lab import proctree

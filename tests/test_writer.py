@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from ksmctl.collectors.procfs import ProcFs
-from ksmctl.collectors.sysfs import KsmSysfs
+from ksmctl.kernel.sysfs import KsmSysfs
 from ksmctl.errors import KernelWriteError, Refused, UsageError
-from ksmctl.ksm_writer import KsmWriter, validate_value
+from ksmctl.kernel.writer import KsmWriter, validate_value
 from ksmctl.readings import MemInfo
 
 from .fixtures import make_sys

@@ -11,10 +11,10 @@ import logging
 import time
 from typing import Callable, List, Optional, Tuple
 
-from ..errors import KsmctlError, ReadError
-from ..readings import EstimateSummary, Readings
-from .procfs import ProcFs
-from .sysfs import KsmSysfs
+from ksmctl.errors import KsmctlError, ReadError
+from ksmctl.readings import EstimateSummary, Readings
+from ksmctl.collectors.procfs import ProcFs
+from ksmctl.kernel.sysfs import KsmSysfs
 
 log = logging.getLogger("ksmctl.collect")
 

@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 from typing import Container, Dict, Iterator, Optional, Tuple
 
-from ..errors import ReadError
-from ..readings import KsmStat, MemInfo, Psi
+from ksmctl.errors import ReadError
+from ksmctl.readings import KsmStat, MemInfo, Psi
 
 _MEMINFO_FIELDS = {
     "MemTotal": "total", "MemAvailable": "available", "MemFree": "free",

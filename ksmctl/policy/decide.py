@@ -7,9 +7,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from ..readings import Readings, vm_signals
-from ..units import format_bytes
-from .model import BYTE_SIGNALS, Condition, Policy, ScanPoint, Signal
+from ksmctl.readings import Readings, vm_signals
+from ksmctl.units import format_bytes
+from ksmctl.policy.model import BYTE_SIGNALS, Condition, Policy, ScanPoint, Signal
 
 # Bounded rule labels (they become a metric label).
 RUN_RULES = ("off", "always", "start", "stop", "keep_running", "stay_stopped")

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Union
 
-from ..errors import PolicyError
-from ..yamlload import YamlProblem, load_yaml, validate
-from .model import Policy
+from ksmctl.errors import PolicyError
+from ksmctl.yamlload import YamlProblem, load_yaml, validate
+from ksmctl.policy.model import Policy
 
 MAX_POLICY_BYTES = 1024 * 1024
 

@@ -12,7 +12,7 @@ from typing import Any, List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..units import parse_duration, parse_size
+from ksmctl.units import parse_duration, parse_size
 
 
 class Model(BaseModel):

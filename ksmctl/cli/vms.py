@@ -13,11 +13,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import click
 
-from .config import DEFAULT_STATE_FILE
-from .errors import KsmctlError
-from .readings import KsmStat, KsmState, VmReading, vm_dicts
-from .state import read_state
-from .units import format_bytes
+from ksmctl.config import DEFAULT_STATE_FILE
+from ksmctl.errors import KsmctlError
+from ksmctl.readings import KsmStat, KsmState, VmReading, vm_dicts
+from ksmctl.service.state import read_state
+from ksmctl.units import format_bytes
 
 SORT_KEYS = ("saved", "share", "merging", "memory", "name", "uuid", "state")
 _NUMERIC = ("saved", "share", "merging", "memory")
@@ -55,9 +55,9 @@ def from_daemon(state: Dict[str, Any]) -> Optional[Tuple[List[VmReading], Option
 
 def collect_live(uri: Optional[str], proc_root: str, sys_root: str,
                  run_root: str) -> Tuple[List[VmReading], Optional[KsmState], str]:
-    from .collectors.procfs import ProcFs
-    from .collectors.sysfs import KsmSysfs
-    from .collectors.vms import VmCollector
+    from ksmctl.collectors.procfs import ProcFs
+    from ksmctl.kernel.sysfs import KsmSysfs
+    from ksmctl.collectors.vms import VmCollector
     collector = VmCollector(uri=uri, proc=ProcFs(proc_root), run_root=run_root, events=False)
     # The collector's "falling back to /proc, retrying" warning is for the daemon's log;
     # here the source line of the output says it.
@@ -80,7 +80,7 @@ def collect_live(uri: Optional[str], proc_root: str, sys_root: str,
 
 
 def rows(vms: List[VmReading], ksm: Optional[KsmState]) -> List[Dict[str, Any]]:
-    from .collectors.vms import vm_savings
+    from ksmctl.collectors.vms import vm_savings
     savings = vm_savings(vms, ksm)
     out = []
     for vm in vms:

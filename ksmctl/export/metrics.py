@@ -28,9 +28,9 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
-from . import __version__
-from .policy.decide import RUN_RULES, SCAN_RULES
-from .readings import KSM_TUNABLES, KsmState, Readings, VmReading
+from ksmctl import __version__
+from ksmctl.policy.decide import RUN_RULES, SCAN_RULES
+from ksmctl.readings import KSM_TUNABLES, KsmState, Readings, VmReading
 
 log = logging.getLogger("ksmctl.metrics")
 

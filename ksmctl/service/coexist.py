@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from ksmctl.collectors.sysfs import parse_advisor_mode
+from ksmctl.kernel.sysfs import parse_advisor_mode
 from ksmctl.errors import Refused
 
 log = logging.getLogger(__name__)

@@ -29,12 +29,12 @@ from typing import Any, Dict, List, Optional, Tuple
 from prometheus_client.registry import CollectorRegistry
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from . import __version__
-from .config import ExporterConfig
-from .errors import ConfigError, KsmctlError
-from .fsutil import atomic_write
-from .metrics import MetricsCollector, render_text
-from .yamlload import YamlProblem, load_yaml, validate
+from ksmctl import __version__
+from ksmctl.config import ExporterConfig
+from ksmctl.errors import ConfigError, KsmctlError
+from ksmctl.fsutil import atomic_write
+from ksmctl.export.metrics import MetricsCollector, render_text
+from ksmctl.yamlload import YamlProblem, load_yaml, validate
 
 log = logging.getLogger("ksmctl.exporter")
 

@@ -5,9 +5,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .policy.decide import EngineState, decide
-from .policy.model import Policy
-from .trace import read_trace
+from ksmctl.policy.decide import EngineState, decide
+from ksmctl.policy.model import Policy
+from ksmctl.service.trace import read_trace
 
 
 @dataclass

@@ -8,10 +8,10 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, TextIO
 
 import click
 
-from .errors import EXIT_FAILURE, KsmctlError
+from ksmctl.errors import EXIT_FAILURE, KsmctlError
 
 if TYPE_CHECKING:   # the estimator pulls in numpy: imported when the command runs, not for every CLI call
-    from .estimate import EstimateResult, Progress
+    from ksmctl.estimate.scan import EstimateResult, Progress
 
 EXIT_INTERRUPTED = 130   # shell convention for SIGINT; the partial result is still printed
 
@@ -117,7 +117,7 @@ def render_table(r: EstimateResult) -> str:
 
 def _run(vms: Sequence[str], pids: Sequence[int], rate: Optional[float], as_json: bool,
          no_progress: bool, proc_root: str, sys_root: str) -> int:
-    from .estimate import Estimator, resolve_targets
+    from ksmctl.estimate.scan import Estimator, resolve_targets
     err = sys.stderr
     bar: Optional[ProgressLine] = None
     if not no_progress and err.isatty():

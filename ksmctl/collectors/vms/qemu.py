@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..readings import VmReading
-from .procfs import ProcFs
+from ksmctl.readings import VmReading
+from ksmctl.collectors.procfs import ProcFs
 
 _SUFFIXES = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 

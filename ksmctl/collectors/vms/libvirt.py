@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from ..errors import KsmctlError
-from ..readings import VmReading
-from .procfs import ProcFs, parse_ksm_stat, read_proc_bytes, read_proc_identified
-from .qemu_procs import QemuArgs, QemuProcScanner, parse_qemu_cmdline, split_cmdline
+from ksmctl.errors import KsmctlError
+from ksmctl.readings import VmReading
+from ksmctl.collectors.procfs import ProcFs, parse_ksm_stat, read_proc_bytes, read_proc_identified
+from ksmctl.collectors.vms.qemu import QemuArgs, QemuProcScanner, parse_qemu_cmdline, split_cmdline
 
 log = logging.getLogger("ksmctl.vms")
 

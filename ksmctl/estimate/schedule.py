@@ -12,9 +12,9 @@ import threading
 import time
 from typing import Callable, Optional
 
-from .config import EstimateConfig
-from .errors import KsmctlError
-from .readings import EstimateSummary
+from ksmctl.config import EstimateConfig
+from ksmctl.errors import KsmctlError
+from ksmctl.readings import EstimateSummary
 
 log = logging.getLogger("ksmctl.estimate")
 
@@ -36,7 +36,7 @@ class PeriodicEstimate:
         self._thread: Optional[threading.Thread] = None
 
     def run_once(self) -> Optional[EstimateSummary]:
-        from .estimate import Estimator, discover_mergeable   # numpy: only when estimates are on
+        from ksmctl.estimate.scan import Estimator, discover_mergeable   # numpy: only when estimates are on
         t0 = time.monotonic()
         try:
             targets = discover_mergeable(self.proc_root, exclude=[os.getpid()])

@@ -6,19 +6,19 @@ import logging
 import os
 from typing import Any, List, Optional
 
-from .collectors.host import HostCollector
-from .collectors.procfs import ProcFs
-from .collectors.sysfs import KsmSysfs
-from .collectors.vms import VmCollector
-from .coexist import CoexistenceChecker, check_or_refuse
-from .config import Config, load_config
-from .daemon import Daemon
-from .errors import KsmctlError, PermissionDenied
-from .estimate_schedule import PeriodicEstimate
-from .exporter import build_exporter
-from .ksm_writer import KsmWriter
-from .policy.loader import load_policy
-from .sdnotify import Notifier
+from ksmctl.collectors.host import HostCollector
+from ksmctl.collectors.procfs import ProcFs
+from ksmctl.kernel.sysfs import KsmSysfs
+from ksmctl.collectors.vms import VmCollector
+from ksmctl.service.coexist import CoexistenceChecker, check_or_refuse
+from ksmctl.config import Config, load_config
+from ksmctl.service.daemon import Daemon
+from ksmctl.errors import KsmctlError, PermissionDenied
+from ksmctl.estimate.schedule import PeriodicEstimate
+from ksmctl.export.http import build_exporter
+from ksmctl.kernel.writer import KsmWriter
+from ksmctl.policy.loader import load_policy
+from ksmctl.service.sdnotify import Notifier
 
 log = logging.getLogger("ksmctl.service")
 

@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from ..errors import KsmNotAvailable, ReadError
-from ..readings import KSM_ATTRIBUTES, KsmState
+from ksmctl.errors import KsmNotAvailable, ReadError
+from ksmctl.readings import KSM_ATTRIBUTES, KsmState
 
 KSM_SUBDIR = "kernel/mm/ksm"
 

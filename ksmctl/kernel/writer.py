@@ -12,10 +12,10 @@ import logging
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from .collectors.sysfs import KsmSysfs
-from .errors import KernelWriteError, PermissionDenied, Refused, UsageError
-from .readings import KsmState, MemInfo
-from .units import format_bytes
+from ksmctl.kernel.sysfs import KsmSysfs
+from ksmctl.errors import KernelWriteError, PermissionDenied, Refused, UsageError
+from ksmctl.readings import KsmState, MemInfo
+from ksmctl.units import format_bytes
 
 log = logging.getLogger("ksmctl.writer")
 

@@ -1,7 +1,6 @@
 """`ksmctl install` and `ksmctl uninstall`: the system-service files (see docs/service.md).
 
-Registered by the main CLI with cli.add_command(install_command) and
-cli.add_command(uninstall_command).
+Registered by the CLI group (ksmctl/cli/__init__.py).
 """
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ from typing import Callable, Optional
 
 import click
 
-from ksmctl import install as _install
+from ksmctl.service import install as _install
 from ksmctl.errors import KsmctlError
 
 NEXT_STEPS = """\
@@ -78,6 +77,6 @@ def uninstall_command(root: str) -> None:
         click.echo("then: systemctl daemon-reload")
 
 
-# The names the main CLI registers (ksmctl/cli.py: _register_optional_commands).
+# The names the CLI group registers (ksmctl/cli/__init__.py).
 install = install_command
 uninstall = uninstall_command

@@ -47,7 +47,7 @@ HIDDEN_FROM_SERVICE = ("/home/", "/root/", "/run/user/", "/tmp/", "/var/tmp/")
 
 def data_roots() -> List[Path]:
     """An installed wheel carries its data in ksmctl/data/; a checkout has it at the top."""
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parent.parent
     return [pkg / "data", pkg.parent]
 
 
@@ -65,7 +65,7 @@ def shipped_file(relpath: str) -> Path:
 
 def shipped_policies() -> List[Path]:
     """The shipped policy files, from the first place that has any."""
-    pkg = Path(__file__).resolve().parent
+    pkg = Path(__file__).resolve().parent.parent
     for d in (pkg / "data" / "policies", pkg / "policies", pkg.parent / "policies"):
         found = sorted(p for p in d.glob("*.yaml") if p.is_file())
         if found:

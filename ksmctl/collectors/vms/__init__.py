@@ -11,9 +11,9 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..readings import KsmState, VmReading, vm_signals  # noqa: F401  (vm_signals: re-exported)
-from .libvirt_vms import LibvirtCollector
-from .procfs import ProcFs
+from ksmctl.readings import KsmState, VmReading, vm_signals  # noqa: F401  (vm_signals: re-exported)
+from ksmctl.collectors.vms.libvirt import LibvirtCollector
+from ksmctl.collectors.procfs import ProcFs
 
 NO_LIBVIRT_URIS = ("", "none", "off")
 

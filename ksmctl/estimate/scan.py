@@ -46,9 +46,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import xxhash
 
-from .collectors.procfs import parse_ksm_stat_fields as parse_ksm_stat
-from .errors import PermissionDenied, ReadError, UsageError
-from .estimate_count import KeyTally
+from ksmctl.collectors.procfs import parse_ksm_stat_fields as parse_ksm_stat
+from ksmctl.errors import PermissionDenied, ReadError, UsageError
+from ksmctl.estimate.count import KeyTally
 
 HASH_NAME = "xxh3_128"
 _hash = xxhash.xxh3_128_digest   # 16 bytes, appended to a flat buffer and counted by one sort

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from .fsutil import atomic_write
+from ksmctl.fsutil import atomic_write
 
 
 def write_state(path: str, state: Dict[str, Any]) -> None:

@@ -15,18 +15,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from . import __version__
-from .collectors.host import CollectionFailed, HostCollector
-from .coexist import DriftDetector
-from .config import Config
-from .errors import KsmctlError, PermissionDenied
-from .ksm_writer import Change, KsmWriter
-from .policy.decide import Decision, EngineState, decide
-from .policy.loader import LoadedPolicy, load_policy
-from .readings import Readings
-from .state import write_state
-from .trace import TraceWriter, decision_to_dict
-from .units import format_bytes
+from ksmctl import __version__
+from ksmctl.collectors.host import CollectionFailed, HostCollector
+from ksmctl.service.coexist import DriftDetector
+from ksmctl.config import Config
+from ksmctl.errors import KsmctlError, PermissionDenied
+from ksmctl.kernel.writer import Change, KsmWriter
+from ksmctl.policy.decide import Decision, EngineState, decide
+from ksmctl.policy.loader import LoadedPolicy, load_policy
+from ksmctl.readings import Readings
+from ksmctl.service.state import write_state
+from ksmctl.service.trace import TraceWriter, decision_to_dict
+from ksmctl.units import format_bytes
 
 log = logging.getLogger("ksmctl.daemon")
 

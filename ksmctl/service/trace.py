@@ -8,9 +8,9 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
-from .errors import UsageError
-from .policy.decide import Decision, EngineState, Mark
-from .readings import EstimateSummary, KsmStat, KsmState, MemInfo, Psi, Readings, VmReading
+from ksmctl.errors import UsageError
+from ksmctl.policy.decide import Decision, EngineState, Mark
+from ksmctl.readings import EstimateSummary, KsmStat, KsmState, MemInfo, Psi, Readings, VmReading
 
 TRACE_VERSION = 1
 
