@@ -165,22 +165,22 @@ class Targets(Mapping[str, KnobValue]):
     they took a dict. Values are checked against the kernel's ranges by the writer
     (writer.validate_value), the only place that writes them."""
 
-    values: Mapping[str, KnobValue]
+    knobs: Mapping[str, KnobValue]
 
     def __post_init__(self) -> None:
-        for name in self.values:
+        for name in self.knobs:
             k = BY_NAME.get(name)
             if k is None or not k.writable:
                 raise ValueError("not a writable KSM knob: %r" % name)
 
     def __getitem__(self, name: str) -> KnobValue:
-        return self.values[name]
+        return self.knobs[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.values)
+        return iter(self.knobs)
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.knobs)
 
     def to_dict(self) -> Dict[str, KnobValue]:
-        return dict(self.values)
+        return dict(self.knobs)
