@@ -91,6 +91,11 @@ class KsmStat:
     merge_any: Optional[bool] = None
     mergeable: Optional[bool] = None
 
+    def kernel_fields(self) -> Dict[str, object]:
+        """The fields present, under the kernel's own names (ksm_rmap_items, ...), as
+        `ksmctl estimate --json` shows them."""
+        return {"ksm_" + name: value for name, value in vars(self).items() if value is not None}
+
 
 @dataclass(frozen=True)
 class VmReading:
