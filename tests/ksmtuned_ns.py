@@ -23,14 +23,17 @@ exits, and the kernel kills everything else in the namespace: ksmtuned's loop, i
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import mmap
 import os
 import select
 import subprocess
 import sys
+import time
 
 GUEST_ARGV0 = "qemu-system-x86_64"
+PR_SET_THP_DISABLE = 41
 
 
 def guest(kib: int) -> None:
@@ -38,9 +41,13 @@ def guest(kib: int) -> None:
     m = mmap.mmap(-1, size)
     for off in range(0, size, mmap.PAGESIZE):
         m[off] = 1
+    buf = bytearray(1)
     sys.stdout.write("ok\n")
     sys.stdout.flush()
-    sys.stdin.read()  # hold the memory until the sandbox closes our stdin
+    # Hold the memory until the sandbox closes our stdin, reading into a buffer made
+    # beforehand: blocked here, nothing allocates, and the RSS stays put.
+    while os.readv(0, [buf]):
+        pass
 
 
 def _reply(obj) -> None:
@@ -76,11 +83,22 @@ def _spawn_guest(kib: int, bin_dir: str) -> subprocess.Popen:
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     ready, _, _ = select.select([p.stdout], [], [], 30)
     line = p.stdout.readline() if ready else b""
+    deadline = time.monotonic() + 30
+    while line.strip() == b"ok" and _state(p.pid) != "S":  # until it blocks in its read
+        if time.monotonic() > deadline:
+            line = b"ok, but never blocked"
+            break
+        time.sleep(0.005)
     if line.strip() != b"ok":
         p.kill()
         p.wait()
         raise RuntimeError("guest of %d KiB did not come up (said %r)" % (kib, line))
     return p
+
+
+def _state(pid: int) -> str:
+    with open("/proc/%d/stat" % pid) as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def _stop_guest(p: subprocess.Popen) -> None:
@@ -101,6 +119,9 @@ def init(config_path: str) -> None:
         _reply({"error": "mounting the fakes failed: %s" % e})
         sys.exit(1)
     _reply({"mounted": checked, "pid": os.getpid()})
+    # No transparent huge pages for anything started from here: khugepaged collapsing a
+    # guest's pages would change its RSS between the test's reading and ksmtuned's.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0)
     guests = {}
     log = open(config["log"], "ab")
     for line in sys.stdin:

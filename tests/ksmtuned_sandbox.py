@@ -129,11 +129,20 @@ class Sandbox:
         self._check_mounts()
 
     def _ns_init_pid(self) -> Optional[int]:
+        """unshare's one child (found by its parent pid where /proc has no children file)."""
         assert self.proc is not None
+        me = self.proc.pid
         try:
-            children = Path("/proc/%d/task/%d/children" % (self.proc.pid, self.proc.pid)).read_text().split()
+            children = Path("/proc/%d/task/%d/children" % (me, me)).read_text().split()
         except OSError:
-            return None
+            children = []
+            for entry in os.listdir("/proc"):
+                try:
+                    stat = Path("/proc/%s/stat" % entry).read_text() if entry.isdigit() else ""
+                except OSError:
+                    continue
+                if stat and int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                    children.append(entry)
         return int(children[0]) if children else None
 
     def _check_mounts(self) -> None:
