@@ -45,8 +45,8 @@ BOOT_KNOBS = {"run": "0", "pages_to_scan": "100", "sleep_millisecs": "20"}
 SHIM = """#!/bin/sh
 # ksmtuned's `sleep` in the sandbox: report that the tick is done (and the interval
 # ksmtuned asked for), then wait until the test says "next".
-echo "$*" > {ready}
-read next < {go}
+echo "$*" > '{ready}'
+read next < '{go}'
 """
 
 CONF = """# Private ksmtuned.conf for tests/test_ksmtuned_real.py: no KSM_* settings, so the

@@ -349,5 +349,7 @@ def test_ksmtuned_policy_matches_real_ksmtuned(scenario, tmp_path):
     with ksm_exclusive() as saved:
         run_scenario(scenario, tmp_path)
         now = snapshot()
-        assert {k: now.get(k) for k in KNOBS} == {k: saved.get(k) for k in KNOBS}, \
-            "the host's /sys/kernel/mm/ksm changed during the test"
+        assert {k: now.get(k) for k in KNOBS} == {k: saved.get(k) for k in KNOBS}, (
+            "the host's /sys/kernel/mm/ksm changed during the test (from %s to %s): the sandbox leaked, "
+            "or another KSM writer (a ksmtuned started by its package?) runs outside the test lock"
+            % ({k: saved.get(k) for k in KNOBS}, {k: now.get(k) for k in KNOBS}))
