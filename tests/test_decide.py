@@ -1,5 +1,6 @@
 """decide() as a pure function: ksmtuned's algorithm tick by tick (expected values worked
-out by hand from the ksmtuned script), hysteresis, the adaptive strategy and the budget."""
+out by hand from the ksmtuned script, to document the arithmetic; tests/test_ksmtuned_real.py
+compares the policy with the real script), hysteresis, the adaptive strategy and the budget."""
 from __future__ import annotations
 
 from typing import Optional
