@@ -119,3 +119,43 @@ def test_a_write_refused_halfway_keeps_the_earlier_ones_on_record(tmp_path):
     else:
         raise AssertionError("the write of run should have failed")
     assert o.written() == {"sleep_millisecs": 50} and o.original() == {"sleep_millisecs": 20}
+
+
+# -- through the daemon ---------------------------------------------------------------
+def _daemon(tmp_path, policy: str, dry_run: bool = False):
+    from ksmctl.collectors.host import HostCollector
+    from ksmctl.collectors.procfs import ProcFs
+    from ksmctl.config import Config
+    from ksmctl.policy.loader import LoadedPolicy, parse_policy
+    from ksmctl.service.daemon import Daemon
+
+    from .fixtures import make_proc
+    sys_root = make_sys(tmp_path / "sys", {"run": "0"})
+    collector = HostCollector(KsmSysfs(str(sys_root)), ProcFs(str(make_proc(tmp_path / "proc"))))
+    lp = LoadedPolicy(parse_policy(policy, "p.yaml"), "p.yaml", "0" * 64)
+    d = Daemon(Config(state_file=str(tmp_path / "state.json")), lp, collector,
+               KsmWriter(collector.sysfs, dry_run=dry_run))
+    return d, sys_root / "kernel/mm/ksm"
+
+
+ALWAYS = "name: always-on\ninterval: 3600\nrun: {mode: always}\nownership: {on_external_change: %s}\n"
+
+
+def test_dry_run_daemon_does_not_report_its_own_unwritten_targets(tmp_path):
+    d, ksm = _daemon(tmp_path, ALWAYS % "reassert", dry_run=True)
+    recs = [d.tick() for _ in range(3)]
+    assert [(c.knob, c.new) for c in recs[0].changes] == [("pages_to_scan", 64), ("run", 1)]
+    assert [r.external for r in recs] == [[], [], []]
+    assert (ksm / "run").read_text() == "0\n"
+
+
+def test_daemon_reports_once_and_backs_off(tmp_path, caplog):
+    d, ksm = _daemon(tmp_path, ALWAYS % "back_off")
+    assert [c.knob for c in d.tick().changes] == ["pages_to_scan", "run"]
+    (ksm / "run").write_text("0\n")  # another writer stops KSM
+    caplog.set_level("WARNING")
+    recs = [d.tick() for _ in range(3)]
+    assert [r.external for r in recs] == [["run"], [], []]
+    assert caplog.text.count("run was changed by another writer: ksmctl wrote 1, it is now 0; "
+                             "policy says back off") == 1
+    assert all(r.changes == [] for r in recs) and (ksm / "run").read_text() == "0\n"

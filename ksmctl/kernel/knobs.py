@@ -233,3 +233,21 @@ class Targets(Mapping[str, KnobValue]):
 
     def to_dict(self) -> Dict[str, KnobValue]:
         return dict(self.knobs)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown_table() -> str:
+    """docs/metrics.md's table of every attribute (tests/test_knob_table.py holds the
+    file equal to it; KSMCTL_UPDATE_DOCS=1 rewrites it)."""
+    rows = ["| attribute | values | since | metric | type | meaning |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for k in KNOBS:
+        metric = "`%s{mode}`" % k.metric if k.kind is Kind.CHOICE else "`%s`" % k.metric
+        if k.scale != 1:
+            metric += " (`%s` / %g)" % (k.name, k.scale)
+        rows.append("| `%s` | %s | %s | %s | %s | %s |" % (
+            k.name, _cell(k.range_text()), k.since, metric, k.metric_type.value, _cell(k.help)))
+    return "\n".join(rows) + "\n"
