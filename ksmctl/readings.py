@@ -150,7 +150,7 @@ class Readings:
         """Bytes KSM could still save (achievable minus achieved), from the estimator."""
         return self.estimate.remaining if self.estimate is not None else None
 
-    def to_dict(self, vm_table: bool = False) -> dict:
+    def to_dict(self, vm_table: bool = False) -> Dict[str, Any]:
         """Plain data for the state file and traces. Written out by hand: dataclasses.asdict
         deep-copies every field, and cost most of a tick with 500 VMs. vm_table: the VMs as
         rows under one list of field names (the state file's form, see vms_table)."""

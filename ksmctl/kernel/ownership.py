@@ -46,7 +46,7 @@ class Drift:
 class Plan:
     """One tick's answer: the targets to hand the writer, and the external changes seen."""
 
-    targets: Dict[str, KnobValue]
+    targets: Dict[str, object]  # as the decision gave them; the writer validates
     drifts: Tuple[Drift, ...]
 
     @property
@@ -61,10 +61,10 @@ class KnobOwnership:
         self._original: Dict[str, Optional[KnobValue]] = {}  # found before our first write (None: unread)
         self._written: Dict[str, KnobValue] = {}    # what the kernel should show, by us
         self._reported: Dict[str, KnobValue] = {}   # external value already reported
-        self._backing_off: Dict[str, Optional[KnobValue]] = {}  # knob -> our target when we backed off
+        self._backing_off: Dict[str, object] = {}  # knob -> our target when we backed off
 
     # -- each tick ----------------------------------------------------------------------
-    def plan(self, wanted: Mapping[str, KnobValue], state: KsmState,
+    def plan(self, wanted: Mapping[str, object], state: KsmState,
              on_change: OnExternalChange = OnExternalChange.REASSERT) -> Plan:
         """Compare what we wrote with what the kernel shows, then say which of `wanted`
         to write: all of it (reassert), or all but the knobs we are backing off from."""
