@@ -31,8 +31,9 @@ def make_tick(n_vms: int):
     from ksmctl.service.daemon import TickRecord
     from ksmctl.policy.decide import Decision
     from ksmctl.policy.loader import load_policy
-    from ksmctl.readings import KSM_ATTRIBUTES, KsmStat, KsmState, MemInfo, Psi, Readings, VmReading
-    values = {a: 1000 + i for i, a in enumerate(KSM_ATTRIBUTES) if a != "advisor_mode"}
+    from ksmctl.kernel.knobs import attribute_names
+    from ksmctl.readings import KsmStat, KsmState, MemInfo, Psi, Readings, VmReading
+    values = {a: 1000 + i for i, a in enumerate(attribute_names()) if a != "advisor_mode"}
     ksm = KsmState(values=values, advisor_mode="none", advisor_modes=("none", "scan-time"))
     vms = tuple(VmReading(uuid="00000000-0000-4000-8000-%012d" % i, name="guest-%04d" % i, pid=10000 + i,
                           balloon_current=4 << 30, balloon_maximum=8 << 30, rss=(3 << 30) + i,

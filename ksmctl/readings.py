@@ -8,22 +8,9 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
-# Every attribute of /sys/kernel/mm/ksm that ksmctl knows, in kernel documentation order.
-# Older kernels lack some; those are reported as "not supported by this kernel".
-KSM_COUNTERS = (
-    "pages_shared", "pages_sharing", "pages_unshared", "pages_volatile",
-    "pages_scanned", "pages_skipped", "full_scans", "general_profit", "ksm_zero_pages",
-    "stable_node_chains", "stable_node_dups",
-)
-KSM_TUNABLES = (
-    "run", "pages_to_scan", "sleep_millisecs", "use_zero_pages", "merge_across_nodes",
-    "max_page_sharing", "stable_node_chains_prune_millisecs", "smart_scan",
-    "advisor_target_scan_time", "advisor_max_cpu", "advisor_min_pages_to_scan",
-    "advisor_max_pages_to_scan",
-)
-KSM_ATTRIBUTES = KSM_TUNABLES + ("advisor_mode",) + KSM_COUNTERS
+# The attributes of /sys/kernel/mm/ksm, their kinds and ranges: ksmctl/kernel/knobs.py.
 
 
 @dataclass(frozen=True)
@@ -40,6 +27,10 @@ class KsmState:
 
     def get(self, name: str, default: Optional[int] = None) -> Optional[int]:
         return self.values.get(name, default)
+
+    def current(self, name: str) -> Optional[Union[int, str]]:
+        """Any knob's value as read (advisor_mode's selected word), None when absent."""
+        return self.advisor_mode if name == "advisor_mode" else self.values.get(name)
 
     @property
     def saved_pages(self) -> int:
@@ -159,7 +150,7 @@ class Readings:
         """Bytes KSM could still save (achievable minus achieved), from the estimator."""
         return self.estimate.remaining if self.estimate is not None else None
 
-    def to_dict(self, vm_table: bool = False) -> dict:
+    def to_dict(self, vm_table: bool = False) -> Dict[str, Any]:
         """Plain data for the state file and traces. Written out by hand: dataclasses.asdict
         deep-copies every field, and cost most of a tick with 500 VMs. vm_table: the VMs as
         rows under one list of field names (the state file's form, see vms_table)."""

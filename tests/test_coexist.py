@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from ksmctl.service.coexist import CoexistenceChecker, DriftDetector, check_or_refuse
+from ksmctl.kernel.ownership import KnobOwnership
+from ksmctl.kernel.sysfs import KsmSysfs
+from ksmctl.kernel.writer import KsmWriter
+from ksmctl.service.coexist import CoexistenceChecker, check_or_refuse
 from ksmctl.errors import EXIT_REFUSED, Refused
 from tests.ksmlock import KSM, ksm_exclusive
 from tests.support import need, need_root, wait_for
@@ -130,37 +133,6 @@ def test_refuse_names_what_to_stop_and_force_lets_through(roots, caplog):
     assert check_or_refuse([], force=False) == []
 
 
-def test_drift_is_reported_once_per_external_change():
-    d = DriftDetector()
-    written = {"pages_to_scan": 800, "sleep_millisecs": 20, "run": 1}
-    assert d.changed(written, {"pages_to_scan": 800, "sleep_millisecs": 20, "run": 1}) == []
-    [first] = d.changed(written, {"pages_to_scan": 1250, "sleep_millisecs": 20, "run": 1})
-    assert (first.knob, first.expected, first.found, first.first) == ("pages_to_scan", 800, 1250, True)
-    assert "pages_to_scan" in first.message() and "1250" in first.message()
-    # Still different next tick (policy backs off, or the re-assert failed): not new.
-    [again] = d.changed(written, {"pages_to_scan": 1250, "sleep_millisecs": 20, "run": 1})
-    assert again.first is False
-    # The other writer changes it once more: a new event.
-    [third] = d.changed(written, {"pages_to_scan": 64, "sleep_millisecs": 20, "run": 1})
-    assert third.first is True
-    # Re-asserted: clean; a later change of the same value is new again.
-    assert d.changed(written, {"pages_to_scan": 800, "sleep_millisecs": 20, "run": 1}) == []
-    fourth = d.changed(written, {"pages_to_scan": 64, "sleep_millisecs": 20, "run": 0})
-    assert [(x.knob, x.first) for x in fourth] == [("pages_to_scan", True), ("run", True)]
-    assert [(x.knob, x.first) for x in d.changed(written, {"pages_to_scan": 800, "run": 0})] == [
-        ("run", False)]
-    # Knobs this kernel lacks are not drift.
-    assert d.changed({"smart_scan": 1}, {}) == []
-
-
-def test_drift_forget_after_backoff():
-    d = DriftDetector()
-    assert d.changed({"run": 1}, {"run": 0})[0].first
-    assert not d.changed({"run": 1}, {"run": 0})[0].first
-    d.forget("run")
-    assert d.changed({"run": 1}, {"run": 0})[0].first
-
-
 # -- the real thing ---------------------------------------------------------------
 
 
@@ -252,15 +224,14 @@ def test_external_write_to_pages_to_scan_is_detected():
     with ksm_exclusive():
         if (KSM / "advisor_mode").exists():
             (KSM / "advisor_mode").write_text("none")
-        detector = DriftDetector()
-
-        def now():
-            return {k: int((KSM / k).read_text()) for k in ("pages_to_scan", "sleep_millisecs")}
-
-        (KSM / "pages_to_scan").write_text("777")  # "the daemon" writes
-        written = {"pages_to_scan": 777, "sleep_millisecs": now()["sleep_millisecs"]}
-        assert detector.changed(written, now()) == []
+        sysfs = KsmSysfs()
+        owner = KnobOwnership()
+        ours = 778 if sysfs.read().get("pages_to_scan") == 777 else 777  # a real write
+        wanted = {"pages_to_scan": ours}
+        KsmWriter(sysfs).apply(wanted, sysfs.read(), wrote=owner.wrote)  # "the daemon" writes
+        assert sysfs.read().get("pages_to_scan") == ours
+        assert owner.plan(wanted, sysfs.read()).drifts == ()
         # Another writer, between ticks (as ksmtuned's KSMCTL start does).
         subprocess.run(["sh", "-c", "echo 1250 > /sys/kernel/mm/ksm/pages_to_scan"], check=True)
-        [drift] = detector.changed(written, now())
-        assert (drift.knob, drift.expected, drift.found, drift.first) == ("pages_to_scan", 777, 1250, True)
+        [drift] = owner.plan(wanted, sysfs.read()).drifts
+        assert (drift.knob, drift.expected, drift.found, drift.first) == ("pages_to_scan", ours, 1250, True)

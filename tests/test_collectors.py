@@ -11,7 +11,7 @@ from ksmctl.collectors.host import CollectionFailed, HostCollector
 from ksmctl.collectors.procfs import ProcFs, ksm_stat_by_lines, parse_ksm_stat, parse_psi
 from ksmctl.kernel.sysfs import KsmSysfs, parse_advisor_mode
 from ksmctl.errors import KsmNotAvailable, ReadError
-from ksmctl.readings import KSM_ATTRIBUTES
+from ksmctl.kernel.knobs import attribute_names
 
 from .fixtures import KSM_STAT_NEW, OLD_KERNEL_DROPS, make_proc, make_sys
 
@@ -19,7 +19,7 @@ from .fixtures import KSM_STAT_NEW, OLD_KERNEL_DROPS, make_proc, make_sys
 def test_new_kernel_reads_every_attribute(tmp_path):
     s = KsmSysfs(str(make_sys(tmp_path)), page_size=4096).read()
     assert s.unsupported == frozenset()
-    assert set(s.values) | {"advisor_mode"} == set(KSM_ATTRIBUTES)
+    assert set(s.values) | {"advisor_mode"} == set(attribute_names())
     assert s.advisor_mode == "none" and s.advisor_modes == ("none", "scan-time")
     assert s.get("pages_sharing") == 25000 and s.running
     assert s.saved_bytes == (25000 + 500) * 4096

@@ -40,17 +40,7 @@ def test_writes_only_changes_in_safe_order(tmp_path):
     assert [c.knob for c in changes] == ["advisor_mode", "sleep_millisecs", "run"]  # pages_to_scan unchanged
     assert sysfs.writes == ["advisor_mode", "sleep_millisecs", "run"]
     assert (tmp_path / "kernel/mm/ksm/sleep_millisecs").read_text() == "50\n"
-    assert w.original == {"advisor_mode": "scan-time", "sleep_millisecs": 20, "run": 0}
-
-
-def test_restore_puts_back_what_was_found_and_never_unmerges(tmp_path):
-    sysfs = KsmSysfs(str(make_sys(tmp_path, {"run": "0"})), page_size=4096)
-    w = KsmWriter(sysfs)
-    w.apply({"run": 1, "pages_to_scan": 5000}, sysfs.read())
-    w.apply({"pages_to_scan": 6000}, sysfs.read())
-    restored = w.restore(sysfs.read())
-    assert {(c.knob, c.new) for c in restored} == {("pages_to_scan", 100), ("run", 0)}
-    assert (tmp_path / "kernel/mm/ksm/run").read_text() == "0\n"
+    assert [(c.old, c.new) for c in changes] == [("scan-time", "none"), (20, 50), (0, 1)]
 
 
 @pytest.mark.parametrize("knob,value,message", [
@@ -68,6 +58,18 @@ def test_validation_messages(knob, value, message):
     with pytest.raises(UsageError) as e:
         validate_value(knob, value)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("value,expected", [("02", 2), (" 7 ", 7), (True, 1), (5, 5)])
+def test_numbers_are_normalised_before_checks(value, expected):
+    assert validate_value("pages_to_scan", value) == expected
+
+
+@pytest.mark.parametrize("value", ["+2", "\u0662", "\uff12", "1_0", "2.0", "0x2", "", 2.0])
+def test_only_ascii_digits_are_numbers(value):
+    with pytest.raises(UsageError) as e:
+        validate_value("run", value)
+    assert str(e.value) == "run: %r is not a whole number; allowed: 0..2" % (value,)
 
 
 def test_unsupported_knob_on_old_kernel(tmp_path):

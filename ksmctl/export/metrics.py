@@ -30,59 +30,21 @@ from prometheus_client.utils import floatToGoString
 
 from ksmctl import __version__
 from ksmctl.policy.decide import RUN_RULES, SCAN_RULES
-from ksmctl.readings import KSM_TUNABLES, KsmState, Readings, VmReading
+from ksmctl.kernel import knobs
+from ksmctl.kernel.knobs import Kind, MetricType
+from ksmctl.readings import KsmState, Readings, VmReading
 
 log = logging.getLogger("ksmctl.metrics")
 
 # Error sources: bounded. Anything else a collector reports is counted as "other".
 ERROR_SOURCES = ("sysfs", "proc", "libvirt", "policy", "trace", "estimate", "exporter", "other")
-# Knobs ksmctl may write or see changed: bounded by the kernel's attribute list.
-KNOBS = KSM_TUNABLES + ("advisor_mode",)
 TICK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-# sysfs counters: (attribute, metric, type, help). Cumulative ones are `_total` counters.
-KSM_COUNTER_METRICS = (
-    ("pages_shared", "ksm_pages_shared", "gauge",
-     "KSM pages in use (one physical page each, shared by the pages_sharing mappings)."),
-    ("pages_sharing", "ksm_pages_sharing", "gauge",
-     "Pages that map a KSM page instead of their own copy: each one is a page saved."),
-    ("pages_unshared", "ksm_pages_unshared", "gauge",
-     "Pages scanned as candidates but unique so far."),
-    ("pages_volatile", "ksm_pages_volatile", "gauge",
-     "Pages that change too fast to be merged."),
-    ("pages_scanned", "ksm_pages_scanned_total", "counter",
-     "Pages ksmd has scanned since boot."),
-    ("pages_skipped", "ksm_pages_skipped_total", "counter",
-     "Pages the smart_scan optimisation skipped since boot."),
-    ("full_scans", "ksm_full_scans_total", "counter",
-     "Completed passes over all mergeable memory since boot."),
-    ("general_profit", "ksm_general_profit_bytes", "gauge",
-     "Kernel's net saving: merged memory minus KSM's own metadata (negative: KSM costs more than it saves)."),
-    ("ksm_zero_pages", "ksm_zero_pages", "gauge",
-     "Empty pages mapped to the kernel zero page (use_zero_pages): each one is a page saved."),
-    ("stable_node_chains", "ksm_stable_node_chains", "gauge",
-     "Stable node chains (KSM pages that hit max_page_sharing)."),
-    ("stable_node_dups", "ksm_stable_node_dups", "gauge",
-     "Duplicated stable nodes in chains."),
-)
-# Tunables: (attribute, metric, divisor to the base unit, help).
-KSM_TUNABLE_METRICS = (
-    ("run", "ksm_run", 1, "KSM state: 0 stopped, 1 running, 2 stopped and unmerging."),
-    ("pages_to_scan", "ksm_pages_to_scan", 1, "Pages ksmd scans per wake-up."),
-    ("sleep_millisecs", "ksm_sleep_seconds", 1000, "ksmd's sleep between scan batches (sleep_millisecs)."),
-    ("use_zero_pages", "ksm_use_zero_pages", 1, "1 when empty pages are merged with the kernel zero page."),
-    ("merge_across_nodes", "ksm_merge_across_nodes", 1, "1 when pages merge across NUMA nodes."),
-    ("max_page_sharing", "ksm_max_page_sharing", 1, "Maximum sharers of one KSM page."),
-    ("stable_node_chains_prune_millisecs", "ksm_stable_node_chains_prune_seconds", 1000,
-     "Interval of stale stable node chain pruning."),
-    ("smart_scan", "ksm_smart_scan", 1, "1 when ksmd skips pages that did not merge on earlier passes."),
-    ("advisor_target_scan_time", "ksm_advisor_target_scan_time_seconds", 1,
-     "Kernel advisor: target time for one full pass."),
-    ("advisor_max_cpu", "ksm_advisor_max_cpu_ratio", 100, "Kernel advisor: CPU cap for ksmd (1 = one core)."),
-    ("advisor_min_pages_to_scan", "ksm_advisor_min_pages_to_scan", 1, "Kernel advisor: lower bound of pages_to_scan."),
-    ("advisor_max_pages_to_scan", "ksm_advisor_max_pages_to_scan", 1, "Kernel advisor: upper bound of pages_to_scan."),
-)
-_TUNABLE_BY_KNOB = {a: (m, s) for a, m, s, _ in KSM_TUNABLE_METRICS}
+
+def _knob_labels() -> Tuple[str, ...]:
+    """ksmctl_changes/ksmctl_external_changes label values: the writable knobs, bounded by
+    the table (kernel/knobs.py)."""
+    return tuple(k.name for k in knobs.export_order() if k.writable)
 
 
 def _source(name: str) -> str:
@@ -108,8 +70,8 @@ class MetricsCollector(Collector):
         self._decisions: Dict[Tuple[str, str], float] = {("run", r): 0.0 for r in RUN_RULES}
         self._decisions.update({("scan", r): 0.0 for r in SCAN_RULES})
         self._errors: Dict[str, float] = {s: 0.0 for s in ERROR_SOURCES}
-        self._changes: Dict[str, float] = {k: 0.0 for k in KNOBS}
-        self._external: Dict[str, float] = {k: 0.0 for k in KNOBS}
+        self._changes: Dict[str, float] = {k: 0.0 for k in _knob_labels()}
+        self._external: Dict[str, float] = {k: 0.0 for k in _knob_labels()}
         self._ticks: Dict[str, float] = {"ok": 0.0, "failed": 0.0}
         self._buckets = [0] * (len(TICK_BUCKETS) + 1)
         self._dur_sum = 0.0
@@ -222,7 +184,7 @@ class MetricsCollector(Collector):
         ch = CounterMetricFamily("ksmctl_changes", "Knob writes ksmctl made, by knob.", labels=["knob"])
         ex = CounterMetricFamily("ksmctl_external_changes", "Ticks that found a knob changed by another "
                                  "writer, by knob.", labels=["knob"])
-        for k in KNOBS:
+        for k in st["changes"]:
             ch.add_metric([k], st["changes"][k])
             ex.add_metric([k], st["external"][k])
         out += [ch, ex]
@@ -252,24 +214,19 @@ class MetricsCollector(Collector):
     def _ksm(k: KsmState) -> List[Metric]:
         out: List[Metric] = []
         v = k.values
-        for attr, name, typ, doc in KSM_COUNTER_METRICS:
-            if attr not in v:
+        for knob in knobs.export_order():
+            if knob.kind is Kind.CHOICE:
+                if k.advisor_mode is not None:  # advisor_mode, the one word-valued knob
+                    f = GaugeMetricFamily(knob.metric, knob.help, labels=["mode"])
+                    for mode in k.advisor_modes or (k.advisor_mode,):
+                        f.add_metric([mode], 1.0 if mode == k.advisor_mode else 0.0)
+                    out.append(f)
+            elif knob.name not in v:
                 continue  # unsupported by this kernel or unreadable this tick
-            value = _num(v[attr])
-            if typ == "counter":
-                out.append(CounterMetricFamily(name[:-len("_total")], doc, value=value))
+            elif knob.metric_type is MetricType.COUNTER:
+                out.append(CounterMetricFamily(knob.family, knob.help, value=_num(v[knob.name])))
             else:
-                out.append(GaugeMetricFamily(name, doc, value=value))
-        for attr, name, scale, doc in KSM_TUNABLE_METRICS:
-            if attr in v:
-                out.append(GaugeMetricFamily(name, doc, value=_num(v[attr]) / scale))
-        if k.advisor_mode is not None:
-            f = GaugeMetricFamily("ksm_advisor_mode", "Scan-rate advisor mode: 1 for the selected one "
-                                  "(none: pages_to_scan as written; scan-time: the kernel sets it).",
-                                  labels=["mode"])
-            for mode in k.advisor_modes or (k.advisor_mode,):
-                f.add_metric([mode], 1.0 if mode == k.advisor_mode else 0.0)
-            out.append(f)
+                out.append(GaugeMetricFamily(knob.metric, knob.help, value=_num(v[knob.name]) / knob.scale))
         if "pages_sharing" in v:
             out.append(GaugeMetricFamily("ksm_memory_saved_bytes", "Memory KSM saves now: (pages_sharing + "
                                          "ksm_zero_pages) x page size.", value=_num(k.saved_bytes)))
@@ -325,18 +282,19 @@ class MetricsCollector(Collector):
             return []
         out: List[Metric] = []
         targets = rec.decision.targets
-        for knob in KSM_TUNABLES:
-            if knob not in targets or knob not in _TUNABLE_BY_KNOB:
+        for knob in knobs.export_order():
+            if knob.name not in targets:
                 continue
-            name, scale = _TUNABLE_BY_KNOB[knob]
-            out.append(GaugeMetricFamily("ksmctl_target_" + name[len("ksm_"):],
-                                         "The policy's last target for %s (same unit as %s)." % (knob, name),
-                                         value=_num(targets[knob]) / scale))  # type: ignore[arg-type]
-        if "advisor_mode" in targets:
-            f = GaugeMetricFamily("ksmctl_target_advisor_mode", "The policy's last target advisor mode.",
-                                  labels=["mode"])
-            f.add_metric([str(targets["advisor_mode"])], 1.0)
-            out.append(f)
+            value = targets[knob.name]
+            if knob.kind is Kind.CHOICE:
+                f = GaugeMetricFamily(knob.target_metric, "The policy's last target advisor mode.",
+                                      labels=["mode"])
+                f.add_metric([str(value)], 1.0)
+                out.append(f)
+            elif knob.kind is Kind.TUNABLE:
+                out.append(GaugeMetricFamily(knob.target_metric, "The policy's last target for %s (same unit "
+                                             "as %s)." % (knob.name, knob.metric),
+                                             value=_num(value) / knob.scale))  # type: ignore[arg-type]
         return out
 
     def _vms(self, r: Readings) -> List[Metric]:

@@ -17,6 +17,7 @@ from typing import Dict, Iterator, Mapping, Optional, Tuple, Union
 U32 = 2 ** 32 - 1
 I32 = 2 ** 31 - 1
 U63 = 2 ** 63 - 1
+RUN_UNMERGE = 2  # run=2: stop ksmd and break every merged page apart (only via KsmWriter.unmerge)
 
 KnobValue = Union[int, str]
 
@@ -65,6 +66,25 @@ class Knob:
     @property
     def writable(self) -> bool:
         return self.kind is not Kind.COUNTER
+
+    @property
+    def family(self) -> str:
+        """The name prometheus_client's families take: counters without `_total`."""
+        if self.metric_type is MetricType.COUNTER and self.metric.endswith("_total"):
+            return self.metric[:-len("_total")]
+        return self.metric
+
+    @property
+    def target_metric(self) -> str:
+        """ksmctl_target_*: the policy's target, in the unit of the ksm_ family."""
+        return "ksmctl_target_" + self.metric[len("ksm_"):]
+
+    def restore_value(self, original: KnobValue) -> KnobValue:
+        """What restore writes back for a value found before our first write: run=2 (an
+        unmerge in progress, or done) comes back as 0, stopped, so restoring never unmerges."""
+        if self.name == "run" and original == RUN_UNMERGE:
+            return 0
+        return original
 
     def write_order(self, value: KnobValue) -> WriteOrder:
         if self.kind is Kind.CHOICE:
@@ -141,8 +161,37 @@ KNOBS: Tuple[Knob, ...] = (
 BY_NAME: Dict[str, Knob] = {k.name: k for k in KNOBS}
 
 
+# Everything below reads KNOBS and BY_NAME at call time, so a test that swaps both
+# (tests/knobtable.py) sees its extra row in the reader, writer, metrics and CLI.
+
+
 def knob(name: str) -> Knob:
     return BY_NAME[name]
+
+
+def find(name: str) -> Optional[Knob]:
+    return BY_NAME.get(name)
+
+
+def all_knobs() -> Tuple[Knob, ...]:
+    return KNOBS
+
+
+def attribute_names() -> Tuple[str, ...]:
+    return tuple(k.name for k in KNOBS)
+
+
+def counter_names() -> Tuple[str, ...]:
+    return tuple(k.name for k in KNOBS if k.kind is Kind.COUNTER)
+
+
+_EXPORT_RANK = {Kind.COUNTER: 0, Kind.TUNABLE: 1, Kind.CHOICE: 2}
+
+
+def export_order(table: Optional[Tuple[Knob, ...]] = None) -> Tuple[Knob, ...]:
+    """The order /metrics lists the families and knob labels in (counters, numeric
+    tunables, choices; table order within each), which the golden files pin."""
+    return tuple(sorted(KNOBS if table is None else table, key=lambda k: _EXPORT_RANK[k.kind]))
 
 
 def writable() -> Tuple[Knob, ...]:
@@ -184,3 +233,21 @@ class Targets(Mapping[str, KnobValue]):
 
     def to_dict(self) -> Dict[str, KnobValue]:
         return dict(self.knobs)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown_table() -> str:
+    """docs/metrics.md's table of every attribute (tests/test_knob_table.py holds the
+    file equal to it; KSMCTL_UPDATE_DOCS=1 rewrites it)."""
+    rows = ["| attribute | values | since | metric | type | meaning |",
+            "| --- | --- | --- | --- | --- | --- |"]
+    for k in KNOBS:
+        metric = "`%s{mode}`" % k.metric if k.kind is Kind.CHOICE else "`%s`" % k.metric
+        if k.scale != 1:
+            metric += " (`%s` / %g)" % (k.name, k.scale)
+        rows.append("| `%s` | %s | %s | %s | %s | %s |" % (
+            k.name, _cell(k.range_text()), k.since, metric, k.metric_type.value, _cell(k.help)))
+    return "\n".join(rows) + "\n"

@@ -1,12 +1,17 @@
-"""Reads /sys/kernel/mm/ksm, tolerating attributes an older kernel lacks."""
+"""Reads /sys/kernel/mm/ksm, tolerating attributes an older kernel lacks.
+
+KsmSysfs is the one object that knows where the KSM directory is: the writer, the
+coexistence checks and the estimator take one, so tests aim them all at a fixture tree.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 from ksmctl.errors import KsmNotAvailable, ReadError
-from ksmctl.readings import KSM_ATTRIBUTES, KsmState
+from ksmctl.kernel import knobs
+from ksmctl.readings import KsmState
 
 KSM_SUBDIR = "kernel/mm/ksm"
 
@@ -30,7 +35,7 @@ class KsmSysfs:
 
     def __init__(self, sys_root: str = "/sys", page_size: Optional[int] = None) -> None:
         self.dir = Path(sys_root) / KSM_SUBDIR
-        self.page_size = page_size or os.sysconf("SC_PAGE_SIZE")
+        self.page_size: int = page_size or os.sysconf("SC_PAGE_SIZE")
 
     def available(self) -> bool:
         return (self.dir / "run").exists()
@@ -59,27 +64,31 @@ class KsmSysfs:
         except ValueError:
             raise ReadError("%s: expected an integer, found %r" % (self.dir / name, text[:40])) from None
 
+    def read_choice(self, name: str) -> Tuple[str, Tuple[str, ...]]:
+        raw = self.read_raw(name)
+        try:
+            return parse_advisor_mode(raw)
+        except ValueError:
+            raise ReadError("%s: expected modes with one [selected], found %r"
+                            % (self.dir / name, raw[:60])) from None
+
     def read(self) -> KsmState:
         """One snapshot. Missing attributes go to `unsupported`, garbled ones to `unreadable`;
         neither is an error, so one bad file never costs the whole reading."""
         self.require()
         values: Dict[str, int] = {}
-        unsupported = set()
+        unsupported: Set[str] = set()
         unreadable: Dict[str, str] = {}
-        advisor_mode = None
+        advisor_mode: Optional[str] = None
         advisor_modes: Tuple[str, ...] = ()
-        for name in KSM_ATTRIBUTES:
+        for k in knobs.all_knobs():
+            name = k.name
             if not (self.dir / name).exists():
                 unsupported.add(name)
                 continue
             try:
-                if name == "advisor_mode":
-                    raw = self.read_raw(name)
-                    try:
-                        advisor_mode, advisor_modes = parse_advisor_mode(raw)
-                    except ValueError:
-                        raise ReadError("%s: expected modes with one [selected], found %r"
-                                        % (self.dir / name, raw[:60])) from None
+                if k.kind is knobs.Kind.CHOICE:  # advisor_mode, the one word-valued attribute
+                    advisor_mode, advisor_modes = self.read_choice(name)
                 else:
                     values[name] = self.read_int(name)
             except ReadError as e:

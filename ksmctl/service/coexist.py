@@ -1,9 +1,9 @@
-"""Other writers of /sys/kernel/mm/ksm: found at start, and caught between ticks.
+"""Other writers of /sys/kernel/mm/ksm, found at start (changes between ticks:
+kernel/ownership.py).
 
 KSM has one set of global knobs. Two managers writing them undo each other's
 work silently (ksmtuned writes run=0 as soon as free memory recovers), so the
-daemon refuses to start next to another writer unless forced, and notices when
-someone changes a knob it set.
+daemon refuses to start next to another writer unless forced.
 
 Known writers, by what the distributions ship:
 - ksmtuned (shell script): Debian/Ubuntu `ksmtuned` package, Proxmox
@@ -22,12 +22,12 @@ import logging
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ksmctl.kernel.sysfs import parse_advisor_mode
-from ksmctl.errors import Refused
+from ksmctl.errors import ReadError, Refused
+from ksmctl.kernel.sysfs import KsmSysfs
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ class CoexistenceChecker:
                  run_root: str = "/run", self_pid: Optional[int] = None,
                  systemctl: Optional[str] = None) -> None:
         self.proc = Path(proc_root)
-        self.ksm = Path(sys_root) / "kernel" / "mm" / "ksm"
+        self.sysfs = KsmSysfs(sys_root)
         self.run = Path(run_root)
         self.self_pid = os.getpid() if self_pid is None else self_pid
         self.systemctl = systemctl
@@ -117,15 +117,13 @@ class CoexistenceChecker:
     # -- kernel ------------------------------------------------------------
 
     def advisor_conflict(self) -> Optional[Conflict]:
-        path = self.ksm / "advisor_mode"
+        path = self.sysfs.path("advisor_mode")
+        if not self.sysfs.has("advisor_mode"):
+            return None  # kernel before 6.9: no advisor
         try:
-            text = path.read_text()
-        except OSError:
-            return None  # kernel before 6.8: no advisor
-        try:
-            mode = parse_advisor_mode(text)[0]
-        except ValueError:
-            log.debug("unexpected %s: %r", path, text)
+            mode = self.sysfs.read_choice("advisor_mode")[0]
+        except ReadError as e:
+            log.debug("%s", e.message)
             return None
         if mode == "none":
             return None
@@ -210,45 +208,3 @@ def check_or_refuse(conflicts: Sequence[Conflict], force: bool) -> List[Conflict
              "(two writers undo each other's settings)"]
     lines.extend("  - " + c.message() for c in conflicts)
     raise Refused("\n".join(lines))
-
-
-# -- between ticks --------------------------------------------------------
-
-@dataclass(frozen=True)
-class Drift:
-    """A knob someone else changed: `first` is True once per external change,
-    so the daemon logs and counts it once, not every tick it persists."""
-
-    knob: str
-    expected: object
-    found: object
-    first: bool
-
-    def message(self) -> str:
-        return ("%s was changed by another writer: ksmctl wrote %s, it is now %s"
-                % (self.knob, self.expected, self.found))
-
-
-@dataclass
-class DriftDetector:
-    """Compares what the daemon last wrote with what the kernel shows now."""
-
-    _reported: Dict[str, object] = field(default_factory=dict)
-
-    def changed(self, written: Mapping[str, object], now: Mapping[str, object]) -> List[Drift]:
-        out = []
-        for knob, expected in written.items():
-            if knob not in now:
-                continue
-            found = now[knob]
-            if found == expected:
-                self._reported.pop(knob, None)
-                continue
-            first = knob not in self._reported or self._reported[knob] != found
-            self._reported[knob] = found
-            out.append(Drift(knob, expected, found, first))
-        return out
-
-    def forget(self, knob: str) -> None:
-        """The daemon adopted the external value (backoff): a later change is new."""
-        self._reported.pop(knob, None)

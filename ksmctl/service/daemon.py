@@ -17,9 +17,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ksmctl import __version__
 from ksmctl.collectors.host import CollectionFailed, HostCollector
-from ksmctl.service.coexist import DriftDetector
 from ksmctl.config import Config
 from ksmctl.errors import KsmctlError, PermissionDenied
+from ksmctl.kernel.ownership import KnobOwnership, OnExternalChange
 from ksmctl.kernel.writer import Change, KsmWriter
 from ksmctl.policy.decide import Decision, EngineState, decide
 from ksmctl.policy.loader import LoadedPolicy, load_policy
@@ -97,8 +97,7 @@ class Daemon:
         self._reload = False
         self._tick_now = False
         self._ready_sent = False
-        self.drift = DriftDetector()
-        self._backing_off: Dict[str, object] = {}
+        self.ownership = KnobOwnership()  # what we wrote: restore, drift, back-off
         self.trace: Optional[TraceWriter] = None
         self.on_shutdown: List[Callable[[], None]] = []  # e.g. stop the exporter's server
         self._setup_trace()
@@ -118,9 +117,14 @@ class Daemon:
         before = self.engine
         decision, self.engine = decide(self.loaded.policy, readings, before)
         rec.decision = decision
-        targets = self._handle_external_changes(dict(decision.targets), readings, rec)
+        on_change = OnExternalChange(self.loaded.policy.ownership.on_external_change)
+        plan = self.ownership.plan(decision.targets, readings.ksm, on_change)
+        for drift in plan.new_drifts:
+            rec.external.append(drift.knob)
+            log.warning("%s; policy says %s", drift.message(),
+                        "back off" if on_change is OnExternalChange.BACK_OFF else "re-assert")
         try:
-            rec.changes = self.writer.apply(targets, readings.ksm)
+            rec.changes = self.writer.apply(plan.targets, readings.ksm, wrote=self.ownership.wrote)
             rec.ok = True
         except PermissionDenied:
             raise
@@ -136,28 +140,6 @@ class Daemon:
             except OSError as e:
                 rec.errors.append(("trace", "cannot write trace %s: %s" % (self.trace.path, e.strerror)))
         return self._finish(rec, t0)
-
-    def _handle_external_changes(self, targets: Dict[str, object], r: Readings, rec: TickRecord) -> Dict[str, object]:
-        """A knob we wrote no longer holds our value: someone else wrote it. Log and
-        report it once per change; then re-assert, or (back_off) leave their value in
-        place for as long as our own target for that knob stays what it was."""
-        back_off = self.loaded.policy.ownership.on_external_change == "back_off"
-        cur: Dict[str, object] = dict(r.ksm.values)
-        cur["advisor_mode"] = r.ksm.advisor_mode
-        for drift in self.drift.changed(self.writer.last_written, cur):
-            if drift.first:
-                rec.external.append(drift.knob)
-                log.warning("%s; policy says %s", drift.message(), "back off" if back_off else "re-assert")
-            if back_off:
-                self._backing_off[drift.knob] = targets.get(drift.knob)
-                self.writer.last_written[drift.knob] = drift.found
-                self.drift.forget(drift.knob)
-        for knob, held in list(self._backing_off.items()):
-            if back_off and knob in targets and targets[knob] == held:
-                del targets[knob]
-            else:
-                del self._backing_off[knob]
-        return targets
 
     def _finish(self, rec: TickRecord, t0: float) -> TickRecord:
         rec.duration = time.perf_counter() - t0
@@ -285,13 +267,15 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.notifier.stopping()
-        if self.config.restore_on_exit and self.writer.original and not self.writer.dry_run:
+        if self.config.restore_on_exit and self.ownership.has_original and not self.writer.dry_run:
             try:
                 state = self.collector.sysfs.read()
-                for c in self.writer.restore(state):
+                for c in self.writer.apply(self.ownership.restore_targets(), state):
                     log.info("restored %s %s -> %s", c.knob, c.old, c.new)
             except KsmctlError as e:
                 log.error("could not restore KSM settings: %s", e.message)
+            finally:
+                self.ownership.restored()
         for fn in self.on_shutdown:
             try:
                 fn()
