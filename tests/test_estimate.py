@@ -7,6 +7,8 @@ import collections
 import json
 import mmap
 import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -520,3 +522,77 @@ def test_missing_capabilities_parses_capeff():
     assert [m.split()[0] for m in missing] == ["CAP_SYS_PTRACE", "CAP_SYS_ADMIN"]
     assert missing_capabilities("CapEff:\t0000000000280000\n") == []   # bits 19 and 21
     assert missing_capabilities("no such line\n") == []
+
+
+# ------------------------------------------------------------------ numpy and OpenBLAS
+
+def _python(code: str, env_overrides: Dict[str, str], drop: Sequence[str] = (), args: Sequence[str] = ()) -> str:
+    """stdout of `code` in a fresh interpreter (this checkout first on the path)."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(env_overrides)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    p = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+THREADS_AFTER = "import os, {module}; print(len(os.listdir('/proc/self/task')), os.environ.get('OPENBLAS_NUM_THREADS'))"
+
+
+def test_openblas_runs_one_thread_once_the_estimator_is_imported():
+    """OpenBLAS reads OPENBLAS_NUM_THREADS once, when numpy is first imported; the
+    package's __init__ sets it before any submodule imports numpy."""
+    bare = _python(THREADS_AFTER.format(module="numpy"), {}, drop=["OPENBLAS_NUM_THREADS"])
+    if int(bare.split()[0]) < 2:
+        pytest.skip("numpy alone starts no extra thread here (one CPU, or no OpenBLAS): nothing to prove")
+    assert _python(THREADS_AFTER.format(module="ksmctl.estimate.scan"), {},
+                   drop=["OPENBLAS_NUM_THREADS"]) == "1 1"
+    # the path the CLI takes: `import ksmctl.cli` first, the engine when the command runs
+    assert _python(THREADS_AFTER.format(module="ksmctl.cli, ksmctl.estimate.count"), {},
+                   drop=["OPENBLAS_NUM_THREADS"]) == "1 1"
+    # an operator's own setting wins
+    assert _python(THREADS_AFTER.format(module="ksmctl.estimate.scan"), {"OPENBLAS_NUM_THREADS": "2"}) == "2 2"
+
+
+def test_numpy_is_imported_only_inside_the_estimate_package():
+    """Otherwise numpy could be loaded before ksmctl/estimate/__init__.py sets the thread count."""
+    import ast
+    import ksmctl
+    root = Path(ksmctl.__file__).parent
+    importers = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "numpy" or n.startswith("numpy.") for n in names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers and all(p.startswith("estimate/") for p in importers), sorted(importers)
+
+
+NUMPY_AFTER_DAEMON = r"""
+import sys, time
+from ksmctl.config import Config, EstimateConfig, ExporterConfig
+from ksmctl.service.wiring import build_daemon
+import ksmctl.cli
+root, enabled = sys.argv[1], sys.argv[2] == "1"
+config = Config(sys_root=root + "/sys", proc_root=root + "/proc", run_root=root + "/run", libvirt=False,
+                state_dir=root + "/state", state_file=root + "/state.json",
+                exporter=ExporterConfig(enabled=False), estimate=EstimateConfig(enabled=enabled))
+d = build_daemon(config, dry_run=True)
+d.tick()
+deadline = time.monotonic() + 60
+while enabled and "numpy" not in sys.modules and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("numpy" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_numpy_stays_unloaded_by_the_cli_and_a_daemon_with_estimates_off(tmp_path, enabled):
+    """The control (estimates on) proves the check sees numpy when the scan is wired in."""
+    from tests.fixtures import make_proc, make_sys
+    make_sys(tmp_path / "sys")
+    make_proc(tmp_path / "proc")
+    (tmp_path / "run").mkdir()
+    assert _python(NUMPY_AFTER_DAEMON, {}, args=[str(tmp_path), "1" if enabled else "0"]) == str(enabled)
