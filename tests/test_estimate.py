@@ -27,7 +27,8 @@ from ksmctl.estimate.discover import (Region, Target, TargetKind, describe_pid, 
                                       find_qemu_guests, parse_smaps_mergeable, resolve_targets)
 from ksmctl.estimate.pagemap import PM_EXCLUSIVE, PM_FILE, PM_PRESENT, PM_SWAPPED, ZeroFrames
 from ksmctl.estimate.result import Progress, zero_saving
-from ksmctl.estimate.scan import Estimator
+from ksmctl.estimate.scan import HOST_COUNTERS, Estimator
+from ksmctl.kernel import knobs
 from ksmctl.estimate.schedule import TokenBucket
 from tests.ksmlock import ksm_exclusive
 from tests.support import need_root
@@ -314,6 +315,18 @@ def test_any_structure_matches_construction(tmp_path_factory, procs, uzp):
     assert sum(t.achievable_share for t in r.targets) == pytest.approx(r.achievable)
     for t in r.targets:
         assert t.achievable_alone == exp["alone"][t.pid]
+
+
+def test_host_counters_keep_a_negative_profit_and_leave_out_missing_ones(tmp_path):
+    """general_profit < 0 (KSM costs more than it saves) is a reading, not a missing file."""
+    host, _ = _two_process_host(tmp_path)
+    ksm = host.sys / "kernel" / "mm" / "ksm"
+    (ksm / "general_profit").write_text("-8192\n")
+    (ksm / "pages_volatile").write_text("garbled\n")
+    r = host.estimator().run(targets(host, [101]))
+    assert r.host == {"pages_shared": 2, "pages_sharing": 5, "general_profit": -8192, "run": 1}
+    assert "general_profit=-8.0 KiB" in render_table(r)
+    assert set(HOST_COUNTERS) <= set(knobs.BY_NAME)   # the kernel's names, from the one table
 
 
 # ------------------------------------------------------------------ error paths
