@@ -609,3 +609,12 @@ def test_numpy_stays_unloaded_by_the_cli_and_a_daemon_with_estimates_off(tmp_pat
     make_proc(tmp_path / "proc")
     (tmp_path / "run").mkdir()
     assert _python(NUMPY_AFTER_DAEMON, {}, args=[str(tmp_path), "1" if enabled else "0"]) == str(enabled)
+
+
+def test_package_exports_the_library_names_lazily():
+    """docs/estimate.md's `from ksmctl.estimate import Estimator, resolve_targets`."""
+    import ksmctl.estimate as pkg
+    from ksmctl.estimate.scan import Estimator as engine
+    assert pkg.Estimator is engine and pkg.resolve_targets is resolve_targets
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pkg.nope   # type: ignore[attr-defined]

@@ -15,10 +15,13 @@ Accounting (pages; see docs/estimate.md):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from ksmctl.estimate.discover import TargetKind
 from ksmctl.readings import KsmStat
+
+if TYPE_CHECKING:   # count.py imports numpy; its results are only read here
+    from ksmctl.estimate.count import TallyResult
 
 # The page hash (xxhash's function of this name): 128 bits, see scan.py's docstring.
 HASH_NAME = "xxh3_128"
@@ -118,6 +121,34 @@ class EstimateResult:
     def cross_target(self) -> int:
         """What sharing between targets adds over each target deduplicated on its own."""
         return self.achievable - sum(t.achievable_alone for t in self.targets)
+
+    def account(self, c: TallyResult, f: TallyResult) -> None:
+        """Every figure, by the rules above, from the counts of the targets' page contents
+        (`c`, zero pages left out) and of their shared frames (`f`)."""
+        ts, use_zero, mps = self.targets, self.use_zero_pages, self.max_page_sharing
+        self.scanned_pages = sum(t.scanned_pages for t in ts)
+        self.unreadable_pages = sum(t.unreadable_pages for t in ts)
+        self.zero_pages = z = sum(t.zero_pages for t in ts)
+        self.zero_mapped_pages = zm = sum(t.zero_mapped_pages for t in ts)
+        self.distinct_nonzero = c.distinct
+        self.duplicate_pages = c.duplicate_pages
+        self.achievable_nonzero = c.saving
+        self.zero_saving = zero_saving(z, zm, use_zero)
+        self.achievable_capped = (c.saving - c.capped_excess(mps)
+                                  + zero_saving(z, zm, use_zero, mps if mps > 0 else None))
+        self.achieved = f.saving + zm
+        for t, tcnt, fcnt in zip(ts, c.targets, f.targets):
+            t.distinct_nonzero = tcnt.distinct
+            t.duplicate_pages = tcnt.pages - tcnt.singles
+            t.achievable_alone = (tcnt.pages - tcnt.distinct) + zero_saving(
+                t.zero_pages, t.zero_mapped_pages, use_zero)
+            t.achieved_alone = (fcnt.pages - fcnt.distinct) + t.zero_mapped_pages
+            if len(ts) == 1:
+                t.achievable_share, t.achieved_share = float(t.achievable_alone), float(t.achieved_alone)
+            else:
+                zshare = self.zero_saving * t.zero_pages / z if z else 0.0
+                t.achievable_share = tcnt.share + zshare
+                t.achieved_share = fcnt.share + t.zero_mapped_pages
 
     def to_dict(self) -> Dict[str, object]:
         ps = self.page_size

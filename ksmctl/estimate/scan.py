@@ -23,7 +23,7 @@ Why this shape:
   kernel's zero page) are counted exactly, without trusting global counters that also
   include processes outside the targets. The kernel's counters are reported next to it.
 
-The accounting rules are in result.py. Estimator holds the settings; everything one
+The accounting rules are in result.py (EstimateResult.account). Estimator holds the settings; everything one
 run() accumulates lives in a _ScanRun made by that run, so an Estimator can be reused.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ from ksmctl.estimate.count import KeyTally
 from ksmctl.estimate.discover import Region, Target, mergeable_regions
 from ksmctl.estimate.pagemap import (C_EXCL, C_SHARED, FILE_RUN_RE, PFN_MASK, READ_RUN_RE, ZeroFrames,
                                      classify, probe_zero_frames)
-from ksmctl.estimate.result import HASH_NAME, EstimateResult, Progress, Skipped, TargetEstimate, zero_saving
+from ksmctl.estimate.result import HASH_NAME, EstimateResult, Progress, Skipped, TargetEstimate
 from ksmctl.estimate.schedule import TokenBucket
 from ksmctl.kernel.sysfs import KsmSysfs
 
@@ -195,7 +195,7 @@ class Estimator:
             result.partial = True
         finally:
             run.close()
-        _finish(result, run.contents, run.frames)
+        result.account(run.contents.finish(), run.frames.finish())
         result.bytes_read = run.done
         result.elapsed_s = self.clock() - run.started
         result.cpu_s = time.process_time() - cpu0
@@ -332,36 +332,6 @@ def _huge_zero_runs(zf: ZeroFrames, cls: bytes, pm: bytes, acc: _TargetKeys) -> 
                 acc.huge_zero += 1
     entries.release()
     return bytes(out)
-
-
-def _finish(result: EstimateResult, contents: KeyTally, frames: KeyTally) -> None:
-    """The figures of result.py's accounting, from the tallies of every target."""
-    ts, use_zero, mps = result.targets, result.use_zero_pages, result.max_page_sharing
-    result.scanned_pages = sum(t.scanned_pages for t in ts)
-    result.unreadable_pages = sum(t.unreadable_pages for t in ts)
-    result.zero_pages = z = sum(t.zero_pages for t in ts)
-    result.zero_mapped_pages = zm = sum(t.zero_mapped_pages for t in ts)
-    c = contents.finish()
-    result.distinct_nonzero = c.distinct
-    result.duplicate_pages = c.duplicate_pages
-    result.achievable_nonzero = c.saving
-    result.zero_saving = zero_saving(z, zm, use_zero)
-    result.achievable_capped = (c.saving - c.capped_excess(mps)
-                                + zero_saving(z, zm, use_zero, mps if mps > 0 else None))
-    f = frames.finish()
-    result.achieved = f.saving + zm
-    for t, tcnt, fcnt in zip(ts, c.targets, f.targets):
-        t.distinct_nonzero = tcnt.distinct
-        t.duplicate_pages = tcnt.pages - tcnt.singles
-        t.achievable_alone = (tcnt.pages - tcnt.distinct) + zero_saving(
-            t.zero_pages, t.zero_mapped_pages, use_zero)
-        t.achieved_alone = (fcnt.pages - fcnt.distinct) + t.zero_mapped_pages
-        if len(ts) == 1:
-            t.achievable_share, t.achieved_share = float(t.achievable_alone), float(t.achieved_alone)
-        else:
-            zshare = result.zero_saving * t.zero_pages / z if z else 0.0
-            t.achievable_share = tcnt.share + zshare
-            t.achieved_share = fcnt.share + t.zero_mapped_pages
 
 
 def _why(e: OSError, doing: str) -> str:
