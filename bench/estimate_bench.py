@@ -25,8 +25,9 @@ from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ksmctl.estimate.scan import (BUFFER_BYTES, Estimator, Target, parse_smaps_mergeable,  # noqa: E402
-                             zero_saving)
+from ksmctl.estimate.discover import Target, parse_smaps_mergeable  # noqa: E402
+from ksmctl.estimate.result import zero_saving  # noqa: E402
+from ksmctl.estimate.scan import BUFFER_BYTES, Estimator  # noqa: E402
 
 TARGET_GIB_PER_CORE = 2.0
 PS = 4096

@@ -7,6 +7,8 @@ import collections
 import json
 import mmap
 import os
+import subprocess
+import sys
 import tracemalloc
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -16,12 +18,18 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ksmctl.estimate import scan as est
 from ksmctl.cli import cli
 from ksmctl.cli.estimate import render_table
 from ksmctl.errors import EXIT_PERMISSION, EXIT_USAGE, PermissionDenied, UsageError
-from ksmctl.estimate.scan import (Estimator, Progress, Target, TokenBucket, parse_ksm_stat,
-                             parse_smaps_mergeable, qemu_guest_name, zero_saving)
+from ksmctl.estimate import caps
+from ksmctl.estimate.caps import missing_capabilities
+from ksmctl.estimate.discover import (Region, Target, TargetKind, describe_pid, discover_mergeable,
+                                      find_qemu_guests, parse_smaps_mergeable, resolve_targets)
+from ksmctl.estimate.pagemap import PM_EXCLUSIVE, PM_FILE, PM_PRESENT, PM_SWAPPED, ZeroFrames
+from ksmctl.estimate.result import Progress, zero_saving
+from ksmctl.estimate.scan import HOST_COUNTERS, Estimator
+from ksmctl.kernel import knobs
+from ksmctl.estimate.schedule import TokenBucket
 from tests.ksmlock import ksm_exclusive
 from tests.support import need_root
 
@@ -43,12 +51,12 @@ def page(label: int) -> bytes:
 Spec = Tuple[str, int, int]
 
 _FLAGS = {
-    "x": est.PM_PRESENT | est.PM_EXCLUSIVE,
-    "s": est.PM_PRESENT,
-    "z": est.PM_PRESENT,
+    "x": PM_PRESENT | PM_EXCLUSIVE,
+    "s": PM_PRESENT,
+    "z": PM_PRESENT,
     "n": 0,
-    "w": est.PM_SWAPPED,
-    "f": est.PM_PRESENT | est.PM_FILE | est.PM_EXCLUSIVE,
+    "w": PM_SWAPPED,
+    "f": PM_PRESENT | PM_FILE | PM_EXCLUSIVE,
 }
 
 
@@ -106,9 +114,8 @@ class FakeHost:
         (d / "smaps").write_text("".join(smaps))
 
     def estimator(self, **kw) -> Estimator:
-        e = Estimator(proc_root=str(self.proc), sys_root=str(self.sys), page_size=PS, **kw)
-        e._probe_zero_pfns = lambda: setattr(e, "_zero_pfns", (ZERO_PFN,))   # type: ignore
-        return e
+        return Estimator(proc_root=str(self.proc), sys_root=str(self.sys), page_size=PS,
+                         zero_probe=lambda proc_root, page_size: ZeroFrames((ZERO_PFN,)), **kw)
 
 
 def expected(procs: Dict[int, List[Spec]], use_zero_pages: bool) -> Dict[str, object]:
@@ -136,7 +143,7 @@ def expected(procs: Dict[int, List[Spec]], use_zero_pages: bool) -> Dict[str, ob
 
 
 def targets(host: FakeHost, pids: Sequence[int]) -> List[Target]:
-    return [est.describe_pid(p, str(host.proc)) for p in pids]
+    return [describe_pid(p, str(host.proc)) for p in pids]
 
 
 # ------------------------------------------------------------------ parsing
@@ -164,17 +171,25 @@ VmFlags: rd wr mr mw me gd ac
 
 def test_parse_smaps_keeps_only_mergeable_vmas_with_rss():
     regions = parse_smaps_mergeable(SMAPS)
-    assert regions == [est.Region(0x7f0000000000, 0x7f0010000000, 81920 * 1024),
-                       est.Region(0x7f0010000000, 0x7f0010001000, 4096)]
+    assert regions == [Region(0x7f0000000000, 0x7f0010000000, 81920 * 1024),
+                       Region(0x7f0010000000, 0x7f0010001000, 4096)]
     assert parse_smaps_mergeable("") == []
 
 
-def test_parse_ksm_stat_numbers_and_flags():
-    text = ("ksm_rmap_items 10\nksm_zero_pages 2\nksm_merging_pages 7\nksm_process_profit -4\n"
+KSM_STAT = ("ksm_rmap_items 10\nksm_zero_pages 2\nksm_merging_pages 7\nksm_process_profit -4\n"
             "ksm_merge_any: no\nksm_mergeable: yes\n")
-    assert parse_ksm_stat(text) == {"ksm_rmap_items": 10, "ksm_zero_pages": 2, "ksm_merging_pages": 7,
-                                    "ksm_process_profit": -4, "ksm_merge_any": False,
-                                    "ksm_mergeable": True}
+
+
+def test_json_shows_ksm_stat_under_the_kernels_names(tmp_path):
+    host = FakeHost(tmp_path)
+    host.add(1, [[("x", 7, 0)]])
+    (host.proc / "1" / "ksm_stat").write_text(KSM_STAT)
+    shown = host.estimator().run(targets(host, [1])).to_dict()["targets"][0]["ksm_stat"]   # type: ignore
+    assert list(shown.items()) == [("ksm_rmap_items", 10), ("ksm_zero_pages", 2), ("ksm_merging_pages", 7),
+                                   ("ksm_process_profit", -4), ("ksm_merge_any", False),
+                                   ("ksm_mergeable", True)]
+    (host.proc / "1" / "ksm_stat").unlink()   # a kernel before 6.1
+    assert host.estimator().run(targets(host, [1])).to_dict()["targets"][0]["ksm_stat"] == {}   # type: ignore
 
 
 @pytest.mark.parametrize("argv,name", [
@@ -185,8 +200,12 @@ def test_parse_ksm_stat_numbers_and_flags():
     (["/usr/bin/python3", "-name", "guest=x"], None),
     ([], None),
 ])
-def test_qemu_guest_name(argv, name):
-    assert qemu_guest_name(argv) == name
+def test_targets_are_named_after_their_guest(tmp_path, argv, name):
+    host = FakeHost(tmp_path)
+    host.add(7, [[("x", 1, 0)]], comm="worker", cmdline=argv)
+    t = describe_pid(7, str(host.proc))
+    assert (t.name, t.kind) == ((name, TargetKind.VM) if name else ("worker[7]", TargetKind.PROCESS))
+    assert find_qemu_guests(str(host.proc)) == ({name: 7} if name else {})
 
 
 def test_zero_saving_rules():
@@ -232,8 +251,8 @@ def test_fake_host_matches_construction(tmp_path, uzp):
     assert sum(t.achievable_share for t in r.targets) == pytest.approx(r.achievable)
     assert sum(t.achieved_share for t in r.targets) == pytest.approx(r.achieved)
     assert r.cross_target == r.achievable - sum(exp["alone"].values())
-    assert by_pid[102].kind == "vm" and by_pid[102].name == "vm2"
-    assert by_pid[101].ksm_stat["ksm_merging_pages"] == 2
+    assert by_pid[102].kind is TargetKind.VM and by_pid[102].name == "vm2"
+    assert by_pid[101].ksm_stat is not None and by_pid[101].ksm_stat.merging_pages == 2
     assert r.host["pages_sharing"] == 5
     assert r.efficiency == pytest.approx(r.achieved / r.achievable)
 
@@ -298,11 +317,23 @@ def test_any_structure_matches_construction(tmp_path_factory, procs, uzp):
         assert t.achievable_alone == exp["alone"][t.pid]
 
 
+def test_host_counters_keep_a_negative_profit_and_leave_out_missing_ones(tmp_path):
+    """general_profit < 0 (KSM costs more than it saves) is a reading, not a missing file."""
+    host, _ = _two_process_host(tmp_path)
+    ksm = host.sys / "kernel" / "mm" / "ksm"
+    (ksm / "general_profit").write_text("-8192\n")
+    (ksm / "pages_volatile").write_text("garbled\n")
+    r = host.estimator().run(targets(host, [101]))
+    assert r.host == {"pages_shared": 2, "pages_sharing": 5, "general_profit": -8192, "run": 1}
+    assert "general_profit=-8.0 KiB" in render_table(r)
+    assert set(HOST_COUNTERS) <= set(knobs.BY_NAME)   # the kernel's names, from the one table
+
+
 # ------------------------------------------------------------------ error paths
 
 def test_needs_root(tmp_path, monkeypatch):
     host, _ = _two_process_host(tmp_path)
-    monkeypatch.setattr(est.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(caps.os, "geteuid", lambda: 1000)
     with pytest.raises(PermissionDenied, match="needs root"):
         host.estimator().run(targets(host, [101]))
 
@@ -375,15 +406,15 @@ def test_rate_limit_is_applied_to_reads(tmp_path):
 def test_resolve_targets(tmp_path):
     host, _ = _two_process_host(tmp_path)
     root = str(host.proc)
-    assert [t.pid for t in est.resolve_targets(["vm2"], [], root)] == [102]
-    assert [t.name for t in est.resolve_targets([], [101, 101], root)] == ["proc[101]"]
+    assert [t.pid for t in resolve_targets(["vm2"], [], root)] == [102]
+    assert [t.name for t in resolve_targets([], [101, 101], root)] == ["proc[101]"]
     with pytest.raises(UsageError, match="no running QEMU guest named 'nope'.*vm2"):
-        est.resolve_targets(["nope"], [], root)
+        resolve_targets(["nope"], [], root)
     with pytest.raises(UsageError, match="no process with pid 9"):
-        est.resolve_targets([], [9], root)
-    assert {t.pid for t in est.discover_mergeable(root)} == {101, 102}
+        resolve_targets([], [9], root)
+    assert {t.pid for t in discover_mergeable(root)} == {101, 102}
     (host.proc / "102" / "ksm_stat").write_text("ksm_mergeable: no\n")
-    assert {t.pid for t in est.discover_mergeable(root)} == {101}
+    assert {t.pid for t in discover_mergeable(root)} == {101}
 
 
 def test_memory_per_scanned_page_is_bounded(tmp_path):
@@ -430,7 +461,7 @@ def test_cli_errors_have_exit_codes(tmp_path, monkeypatch):
     assert res.exit_code == EXIT_USAGE and "no running QEMU guest named 'nope'" in res.output
     res = runner.invoke(cli, ["estimate", "--rate", "0"])
     assert res.exit_code == EXIT_USAGE
-    monkeypatch.setattr(est.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(caps.os, "geteuid", lambda: 1000)
     res = runner.invoke(cli, ["--proc-root", str(host.proc), "--sys-root", str(host.sys), "estimate"])
     assert res.exit_code == EXIT_PERMISSION and "needs root" in res.output
 
@@ -498,9 +529,92 @@ def test_periodic_estimate_publishes_and_refuses_to_publish_nothing(tmp_path):
 
 def test_missing_capabilities_parses_capeff():
     full = "Name:\tx\nCapEff:\t000001ffffffffff\n"
-    assert est.missing_capabilities(full) == []
+    assert missing_capabilities(full) == []
     only_dac_read_search = "CapEff:\t0000000000000004\n"
-    missing = est.missing_capabilities(only_dac_read_search)
+    missing = missing_capabilities(only_dac_read_search)
     assert [m.split()[0] for m in missing] == ["CAP_SYS_PTRACE", "CAP_SYS_ADMIN"]
-    assert est.missing_capabilities("CapEff:\t0000000000280000\n") == []   # bits 19 and 21
-    assert est.missing_capabilities("no such line\n") == []
+    assert missing_capabilities("CapEff:\t0000000000280000\n") == []   # bits 19 and 21
+    assert missing_capabilities("no such line\n") == []
+
+
+# ------------------------------------------------------------------ numpy and OpenBLAS
+
+def _python(code: str, env_overrides: Dict[str, str], drop: Sequence[str] = (), args: Sequence[str] = ()) -> str:
+    """stdout of `code` in a fresh interpreter (this checkout first on the path)."""
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(env_overrides)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    p = subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+THREADS_AFTER = "import os, {module}; print(len(os.listdir('/proc/self/task')), os.environ.get('OPENBLAS_NUM_THREADS'))"
+
+
+def test_openblas_runs_one_thread_once_the_estimator_is_imported():
+    """OpenBLAS reads OPENBLAS_NUM_THREADS once, when numpy is first imported; the
+    package's __init__ sets it before any submodule imports numpy."""
+    bare = _python(THREADS_AFTER.format(module="numpy"), {}, drop=["OPENBLAS_NUM_THREADS"])
+    if int(bare.split()[0]) < 2:
+        pytest.skip("numpy alone starts no extra thread here (one CPU, or no OpenBLAS): nothing to prove")
+    assert _python(THREADS_AFTER.format(module="ksmctl.estimate.scan"), {},
+                   drop=["OPENBLAS_NUM_THREADS"]) == "1 1"
+    # the path the CLI takes: `import ksmctl.cli` first, the engine when the command runs
+    assert _python(THREADS_AFTER.format(module="ksmctl.cli, ksmctl.estimate.count"), {},
+                   drop=["OPENBLAS_NUM_THREADS"]) == "1 1"
+    # an operator's own setting wins
+    assert _python(THREADS_AFTER.format(module="ksmctl.estimate.scan"), {"OPENBLAS_NUM_THREADS": "2"}) == "2 2"
+
+
+def test_numpy_is_imported_only_inside_the_estimate_package():
+    """Otherwise numpy could be loaded before ksmctl/estimate/__init__.py sets the thread count."""
+    import ast
+    import ksmctl
+    root = Path(ksmctl.__file__).parent
+    importers = set()
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "numpy" or n.startswith("numpy.") for n in names):
+                importers.add(path.relative_to(root).as_posix())
+    assert importers and all(p.startswith("estimate/") for p in importers), sorted(importers)
+
+
+NUMPY_AFTER_DAEMON = r"""
+import sys, time
+from ksmctl.config import Config, EstimateConfig, ExporterConfig
+from ksmctl.service.wiring import build_daemon
+import ksmctl.cli
+root, enabled = sys.argv[1], sys.argv[2] == "1"
+config = Config(sys_root=root + "/sys", proc_root=root + "/proc", run_root=root + "/run", libvirt=False,
+                state_dir=root + "/state", state_file=root + "/state.json",
+                exporter=ExporterConfig(enabled=False), estimate=EstimateConfig(enabled=enabled))
+d = build_daemon(config, dry_run=True)
+d.tick()
+deadline = time.monotonic() + 60
+while enabled and "numpy" not in sys.modules and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("numpy" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+def test_numpy_stays_unloaded_by_the_cli_and_a_daemon_with_estimates_off(tmp_path, enabled):
+    """The control (estimates on) proves the check sees numpy when the scan is wired in."""
+    from tests.fixtures import make_proc, make_sys
+    make_sys(tmp_path / "sys")
+    make_proc(tmp_path / "proc")
+    (tmp_path / "run").mkdir()
+    assert _python(NUMPY_AFTER_DAEMON, {}, args=[str(tmp_path), "1" if enabled else "0"]) == str(enabled)
+
+
+def test_package_exports_the_library_names_lazily():
+    """docs/estimate.md's `from ksmctl.estimate import Estimator, resolve_targets`."""
+    import ksmctl.estimate as pkg
+    from ksmctl.estimate.scan import Estimator as engine
+    assert pkg.Estimator is engine and pkg.resolve_targets is resolve_targets
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        pkg.nope   # type: ignore[attr-defined]

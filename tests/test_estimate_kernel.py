@@ -16,8 +16,11 @@ from typing import Dict, List, Tuple
 
 import pytest
 
-from ksmctl.estimate.scan import (Estimator, Target, discover_mergeable, parse_ksm_stat,
-                             parse_smaps_mergeable, zero_saving)
+from ksmctl.collectors.procfs import parse_ksm_stat
+from ksmctl.estimate.discover import Target, discover_mergeable, parse_smaps_mergeable
+from ksmctl.estimate.result import zero_saving
+from ksmctl.estimate.scan import Estimator
+from ksmctl.readings import KsmStat
 from tests.ksmlock import KSM, ksm_exclusive
 from tests.mergeable import release
 from tests.support import need, need_root, need_tool, wait_for
@@ -214,13 +217,12 @@ def test_estimate_bounds_what_ksm_achieves(children, use_zero_pages):
     assert abs(after.achieved - kernel_saved) <= 0.01 * kernel_saved
 
 
-def _ksm_stat(pid: int) -> Dict[str, object]:
+def _ksm_stat(pid: int) -> KsmStat:
     return parse_ksm_stat(Path("/proc/%d/ksm_stat" % pid).read_text())
 
 
 def _merged(pids: Dict[str, int]) -> int:
-    return sum(int(_ksm_stat(p).get("ksm_merging_pages", 0)) + int(_ksm_stat(p).get("ksm_zero_pages", 0))
-               for p in pids.values())
+    return sum((s.merging_pages or 0) + (s.zero_pages or 0) for s in map(_ksm_stat, pids.values()))
 
 
 def _wait_merged(pids: Dict[str, int]) -> None:
@@ -264,9 +266,9 @@ def _kernel_saving(pids: Dict[str, int]) -> int:
                 ksm_pages += n
                 ksm_frames += 1
     stats = [_ksm_stat(p) for p in pids.values()]
-    merging = sum(int(s.get("ksm_merging_pages", 0)) for s in stats)
+    merging = sum(s.merging_pages or 0 for s in stats)
     assert merging == ksm_pages, "ksm_stat and the page tables disagree: %d vs %d" % (merging, ksm_pages)
-    return merging - ksm_frames + sum(int(s.get("ksm_zero_pages", 0)) for s in stats)
+    return merging - ksm_frames + sum(s.zero_pages or 0 for s in stats)
 
 
 def test_process_exiting_mid_scan_is_skipped(children):

@@ -10,7 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from ksmctl.cli import cli
-from ksmctl.estimate.scan import Estimator, parse_smaps_mergeable, resolve_targets
+from ksmctl.estimate.discover import parse_smaps_mergeable, resolve_targets
+from ksmctl.estimate.scan import Estimator
 
 pytestmark = [pytest.mark.lab]
 

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, TextIO
 import click
 
 from ksmctl.errors import EXIT_FAILURE, KsmctlError
+from ksmctl.estimate.discover import TargetKind, resolve_targets
 
-if TYPE_CHECKING:   # the estimator pulls in numpy: imported when the command runs, not for every CLI call
-    from ksmctl.estimate.scan import EstimateResult, Progress
+if TYPE_CHECKING:
+    from ksmctl.estimate.result import EstimateResult, Progress
 
 EXIT_INTERRUPTED = 130   # shell convention for SIGINT; the partial result is still printed
 
@@ -68,7 +69,7 @@ def render_table(r: EstimateResult) -> str:
         "TARGET", "PID", "SCANNED", "ZERO", "ACHIEVABLE", "ALONE", "ACHIEVED", "EFFICIENCY", "REMAINING")]
     for t in r.targets:
         rows.append((
-            ("vm " if t.kind == "vm" else "") + t.name, str(t.pid), _size(t.scanned_pages * ps),
+            ("vm " if t.kind is TargetKind.VM else "") + t.name, str(t.pid), _size(t.scanned_pages * ps),
             _size(t.zero_pages * ps), _size(t.achievable_share * ps), _size(t.achievable_alone * ps),
             _size(t.achieved_share * ps), _pct(t.efficiency), _size(t.remaining_share * ps)))
     rows.append((
@@ -117,7 +118,7 @@ def render_table(r: EstimateResult) -> str:
 
 def _run(vms: Sequence[str], pids: Sequence[int], rate: Optional[float], as_json: bool,
          no_progress: bool, proc_root: str, sys_root: str) -> int:
-    from ksmctl.estimate.scan import Estimator, resolve_targets
+    from ksmctl.estimate.scan import Estimator   # numpy: only when the command runs, not for every CLI call
     err = sys.stderr
     bar: Optional[ProgressLine] = None
     if not no_progress and err.isatty():

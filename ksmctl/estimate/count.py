@@ -12,13 +12,10 @@ n^2 / 2^65), the rows are re-sorted on every word, so grouping stays exact.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import List, Tuple
 
-# No BLAS is used here; without this numpy's OpenBLAS starts a spinning thread per core.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-import numpy as np  # noqa: E402
+import numpy as np   # OPENBLAS_NUM_THREADS is set by the package's __init__, which runs first
 
 
 @dataclass

@@ -1,8 +1,10 @@
-"""The daemon's optional periodic dedup-potential estimate (config `estimate:`).
+"""When the estimator reads: the daemon's periodic estimate and the read-rate limit.
 
-It runs in a background thread, rate-limited, so a scan of many GiB never delays a
-tick; each finished scan replaces the collector's EstimateSummary, which the policy
-sees as the `merge_potential` signal and the exporter as the estimate metrics.
+The daemon's optional estimate (config `estimate:`) runs in a background thread,
+rate-limited, so a scan of many GiB never delays a tick; each finished scan replaces the
+collector's EstimateSummary, which the policy sees as the `merge_potential` signal and
+the exporter as the estimate metrics. No numpy at import: the scan engine is imported
+only when an estimate runs, so a daemon with estimates off never loads it.
 """
 from __future__ import annotations
 
@@ -13,10 +15,34 @@ import time
 from typing import Callable, Optional
 
 from ksmctl.config import EstimateConfig
-from ksmctl.errors import KsmctlError
+from ksmctl.errors import KsmctlError, UsageError
 from ksmctl.readings import EstimateSummary
 
 log = logging.getLogger("ksmctl.estimate")
+
+
+class TokenBucket:
+    """Limits the bytes read per second; a burst of 1/10 s keeps sleeps coarse."""
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.rate = self.check_rate(rate)
+        self.burst_s = 0.1
+        self._clock = clock
+        self._sleep = sleep
+        self._due = clock() - self.burst_s   # start with a full burst
+
+    @staticmethod
+    def check_rate(rate: float) -> float:
+        if rate <= 0:
+            raise UsageError("rate limit must be positive, got %r" % rate)
+        return float(rate)
+
+    def consume(self, n: int) -> None:
+        now = self._clock()
+        self._due = max(self._due, now - self.burst_s) + n / self.rate
+        if self._due > now:
+            self._sleep(self._due - now)
 
 
 class EstimateFailed(KsmctlError):
@@ -36,7 +62,8 @@ class PeriodicEstimate:
         self._thread: Optional[threading.Thread] = None
 
     def run_once(self) -> Optional[EstimateSummary]:
-        from ksmctl.estimate.scan import Estimator, discover_mergeable   # numpy: only when estimates are on
+        from ksmctl.estimate.discover import discover_mergeable
+        from ksmctl.estimate.scan import Estimator   # numpy: only when estimates are on
         t0 = time.monotonic()
         try:
             targets = discover_mergeable(self.proc_root, exclude=[os.getpid()])
@@ -49,9 +76,11 @@ class PeriodicEstimate:
                 raise EstimateFailed("no process could be scanned: %s" % "; ".join(
                     "%s (pid %d): %s" % (s.name, s.pid, s.reason) for s in result.skipped[:3]))
         except KsmctlError as e:
-            return self._failed(e.message)
+            self._failed(e.message)
+            return None
         except OSError as e:
-            return self._failed("%s" % e)
+            self._failed("%s" % e)
+            return None
         ps = result.page_size
         summary = EstimateSummary(achievable=result.achievable * ps, achieved=result.achieved * ps,
                                   scanned=result.scanned_pages * ps, finished_wall=time.time(),
@@ -65,7 +94,6 @@ class PeriodicEstimate:
         log.error("periodic estimate failed: %s", message)
         if self.on_error:
             self.on_error(message)
-        return None
 
     def _loop(self) -> None:
         while not self._stop.is_set():
