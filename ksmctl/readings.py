@@ -10,6 +10,8 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
+from ksmctl.errors import ErrorSource, StrEnum
+
 # Every attribute of /sys/kernel/mm/ksm that ksmctl knows, in kernel documentation order.
 # Older kernels lack some; those are reported as "not supported by this kernel".
 KSM_COUNTERS = (
@@ -80,6 +82,35 @@ class Psi:
     full_avg60: float
 
 
+class VmState(StrEnum):
+    """libvirt's domain states (virDomainState), by the names virsh shows; UNKNOWN for a
+    number this libvirt does not define. /proc discovery sees only RUNNING guests."""
+
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def parse(cls, name: object) -> "VmState":
+        try:
+            return cls(name)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+class VmSource(StrEnum):
+    """Where per-VM data came from: libvirt, or QEMU command lines found in /proc."""
+
+    LIBVIRT = "libvirt"
+    PROC = "proc"
+
+
 @dataclass(frozen=True)
 class KsmStat:
     """/proc/<pid>/ksm_stat of one process (fields absent on older kernels are None)."""
@@ -103,9 +134,9 @@ class VmReading:
 
     uuid: str
     name: str
-    state: str = "running"
+    state: VmState = VmState.RUNNING
     pid: Optional[int] = None
-    source: str = "libvirt"  # "libvirt" or "proc"
+    source: VmSource = VmSource.LIBVIRT
     balloon_current: Optional[int] = None  # bytes
     balloon_maximum: Optional[int] = None
     rss: Optional[int] = None
@@ -152,7 +183,8 @@ class Readings:
     vms: Optional[Tuple[VmReading, ...]] = None
     mergeable_rss: Optional[int] = None  # bytes: RSS of processes with mergeable memory
     estimate: Optional[EstimateSummary] = None  # the last periodic estimate, if enabled
-    errors: Tuple[Tuple[str, str], ...] = ()  # (source, message)
+    errors: Tuple[Tuple[ErrorSource, str], ...] = ()  # (source, message)
+    vm_source: Optional[VmSource] = None  # where `vms` came from (None: no VM collector)
 
     @property
     def merge_potential(self) -> Optional[int]:
@@ -212,6 +244,23 @@ def vm_dicts(value: Any) -> Optional[List[Dict[str, Any]]]:
         d["ksm"] = dict(zip(kfields, ksm)) if isinstance(ksm, list) else None
         out.append(d)
     return out
+
+
+def vm_from_dict(d: Dict[str, Any]) -> VmReading:
+    """A VmReading from one of vm_dicts' dicts (a state file's or a trace's); unknown keys
+    are ignored, an unknown state is UNKNOWN, a missing name is the UUID."""
+    fields = VmReading.__dataclass_fields__
+    kw = {k: v for k, v in d.items() if k in fields and k not in ("ksm", "state", "source")}
+    ksm = d.get("ksm")
+    if isinstance(ksm, dict):
+        kw["ksm"] = KsmStat(**{k: v for k, v in ksm.items() if k in KSM_FIELDS})
+    if "state" in d:
+        kw["state"] = VmState.parse(d["state"])
+    if "source" in d:
+        kw["source"] = VmSource.PROC if d["source"] == VmSource.PROC.value else VmSource.LIBVIRT
+    kw.setdefault("uuid", "")
+    kw.setdefault("name", kw["uuid"])
+    return VmReading(**kw)
 
 
 def _vm_dict(vm: VmReading) -> Dict[str, Any]:
