@@ -110,6 +110,14 @@ class VmSource(StrEnum):
     LIBVIRT = "libvirt"
     PROC = "proc"
 
+    @classmethod
+    def parse(cls, name: object) -> Optional["VmSource"]:
+        """A recorded source (state file, trace); None when it is none of these."""
+        try:
+            return cls(name)
+        except ValueError:
+            return None
+
 
 @dataclass(frozen=True)
 class KsmStat:
@@ -208,6 +216,7 @@ class Readings:
             "mergeable_rss": self.mergeable_rss,
             "estimate": dict(vars(self.estimate)) if self.estimate is not None else None,
             "errors": [list(e) for e in self.errors],
+            "vm_source": self.vm_source,
         }
 
 
@@ -257,7 +266,7 @@ def vm_from_dict(d: Dict[str, Any]) -> VmReading:
     if "state" in d:
         kw["state"] = VmState.parse(d["state"])
     if "source" in d:
-        kw["source"] = VmSource.PROC if d["source"] == VmSource.PROC.value else VmSource.LIBVIRT
+        kw["source"] = VmSource.parse(d["source"]) or VmSource.LIBVIRT
     kw.setdefault("uuid", "")
     kw.setdefault("name", kw["uuid"])
     return VmReading(**kw)
