@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from ksmctl.errors import ErrorSource, KsmctlError
+from ksmctl.errors import ErrorSource
 from ksmctl.readings import VmReading, VmSource, VmState
 from ksmctl.collectors.procfs import ProcFs, parse_ksm_stat, split_cmdline
+from ksmctl.collectors.vms.binding import (LibvirtUnavailable, error_code, libvirt_message, quiet_errors,
+                                           start_event_loop)
 from ksmctl.collectors.vms.qemu import QemuArgs, QemuProcScanner, parse_qemu_cmdline
 
 log = logging.getLogger("ksmctl.vms")
@@ -34,68 +36,8 @@ _ERR_NO_DOMAIN = 42    # VIR_ERR_NO_DOMAIN
 _EVENT_ID_LIFECYCLE = 0
 
 
-class LibvirtUnavailable(KsmctlError):
-    """libvirt could not be used this tick (connect or a connection-wide call failed)."""
-
-
 class _Vanished(Exception):
     """The domain went away between the listing and reading it: skip it this tick."""
-
-
-def libvirt_message(e: BaseException, what: str) -> str:
-    """A libvirtError as one line, without libvirt's 'libvirt: XML-RPC error :' noise."""
-    get = getattr(e, "get_error_message", None)
-    msg = get() if get else None
-    return "%s: %s" % (what, (msg or str(e) or type(e).__name__).strip())
-
-
-def _error_code(e: BaseException) -> Optional[int]:
-    get = getattr(e, "get_error_code", None)
-    return get() if get else None
-
-
-# libvirt allows exactly one event loop implementation per process, registered before the
-# connections that use it; it is process state by nature, hence this module-level guard.
-_event_lock = threading.Lock()
-_event_loop_modules: Set[int] = set()
-
-
-def start_event_loop(lv: Any) -> bool:
-    """Register libvirt's default event loop and run it in a daemon thread (once).
-
-    With it, libvirt notices a closed connection at once (close callback, keepalive)
-    and delivers domain lifecycle events; without it, a failed call is the signal."""
-    with _event_lock:
-        if id(lv) in _event_loop_modules:
-            return True
-        register = getattr(lv, "virEventRegisterDefaultImpl", None)
-        run = getattr(lv, "virEventRunDefaultImpl", None)
-        if register is None or run is None:
-            return False
-        try:
-            register()
-        except Exception as e:  # noqa: BLE001 - a binding without event support
-            log.debug("libvirt event loop unavailable: %s", e)
-            return False
-
-        def loop() -> None:
-            while True:
-                try:
-                    run()
-                except Exception:  # noqa: BLE001 - keep the loop alive; libvirt logs
-                    time.sleep(0.5)
-
-        threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
-        _event_loop_modules.add(id(lv))
-        return True
-
-
-def _quiet_errors(lv: Any) -> None:
-    """libvirt-python prints every error to stderr by default; ours become messages."""
-    try:
-        lv.registerErrorHandler(lambda _ctx, _err: None, None)
-    except Exception:  # noqa: BLE001
-        pass
 
 
 @dataclass
@@ -183,7 +125,7 @@ class LibvirtCollector:
             self._no_module = "libvirt-python is not installed"
             self.last_error = self._no_module
             return None
-        _quiet_errors(lv)
+        quiet_errors(lv)
         if self.events:
             start_event_loop(lv)
         try:
@@ -335,7 +277,7 @@ class LibvirtCollector:
             uuid = dom.UUIDString()
             name = dom.name()
         except Exception as e:  # noqa: BLE001 - both are local calls; a broken object
-            if _error_code(e) == _ERR_NO_DOMAIN:
+            if error_code(e) == _ERR_NO_DOMAIN:
                 raise _Vanished() from None
             self._note(ErrorSource.LIBVIRT, "?", libvirt_message(e, "libvirt %s: a domain" % self.uri))
             return None
@@ -433,7 +375,7 @@ class LibvirtCollector:
         try:
             xml = dom.XMLDesc(0)
         except Exception as e:  # noqa: BLE001
-            if _error_code(e) == _ERR_NO_DOMAIN:
+            if error_code(e) == _ERR_NO_DOMAIN:
                 raise _Vanished() from None
             self._note(ErrorSource.LIBVIRT, uuid,
                        libvirt_message(e, "libvirt %s: reading the XML of %s" % (self.uri, name)))
