@@ -5,12 +5,47 @@ argument, a sysfs file, a libvirt error) becomes one of these, never a traceback
 """
 from __future__ import annotations
 
+import enum
+
 # Exit codes, documented in `ksmctl --help` and the README.
 EXIT_OK = 0
 EXIT_FAILURE = 1      # the operation was tried and failed (kernel refused a write, I/O error)
 EXIT_USAGE = 2        # bad input: arguments, policy, config; or no KSM in this kernel
 EXIT_PERMISSION = 3   # needs root
 EXIT_REFUSED = 4      # refused by a safety guard (unmerge the host cannot absorb, another KSM writer)
+
+
+class StrEnum(str, enum.Enum):
+    """An enum whose members are their value wherever text is made: str(), format(), %s,
+    json. Python 3.12 made format() of a str mixin show `Class.MEMBER`; labels, the state
+    file and CLI output must not change with the interpreter."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class ErrorSource(StrEnum):
+    """Where an error came from: the `source` label of ksmctl_errors_total, so bounded."""
+
+    SYSFS = "sysfs"
+    PROC = "proc"
+    LIBVIRT = "libvirt"
+    POLICY = "policy"
+    TRACE = "trace"
+    ESTIMATE = "estimate"
+    EXPORTER = "exporter"
+    OTHER = "other"
+
+    @classmethod
+    def parse(cls, name: object) -> "ErrorSource":
+        """A recorded source (a trace holds plain strings); unknown ones are OTHER."""
+        try:
+            return cls(name)
+        except ValueError:
+            return cls.OTHER
 
 
 class KsmctlError(Exception):

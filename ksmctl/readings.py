@@ -10,6 +10,8 @@ import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
+from ksmctl.errors import ErrorSource, StrEnum
+
 # The attributes of /sys/kernel/mm/ksm, their kinds and ranges: ksmctl/kernel/knobs.py.
 
 
@@ -71,6 +73,43 @@ class Psi:
     full_avg60: float
 
 
+class VmState(StrEnum):
+    """libvirt's domain states (virDomainState), by the names virsh shows; UNKNOWN for a
+    number this libvirt does not define. /proc discovery sees only RUNNING guests."""
+
+    NOSTATE = "nostate"
+    RUNNING = "running"
+    BLOCKED = "blocked"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"
+    SHUTOFF = "shutoff"
+    CRASHED = "crashed"
+    PMSUSPENDED = "pmsuspended"
+    UNKNOWN = "unknown"
+
+    @classmethod
+    def parse(cls, name: object) -> "VmState":
+        try:
+            return cls(name)
+        except ValueError:
+            return cls.UNKNOWN
+
+
+class VmSource(StrEnum):
+    """Where per-VM data came from: libvirt, or QEMU command lines found in /proc."""
+
+    LIBVIRT = "libvirt"
+    PROC = "proc"
+
+    @classmethod
+    def parse(cls, name: object) -> Optional["VmSource"]:
+        """A recorded source (state file, trace); None when it is none of these."""
+        try:
+            return cls(name)
+        except ValueError:
+            return None
+
+
 @dataclass(frozen=True)
 class KsmStat:
     """/proc/<pid>/ksm_stat of one process (fields absent on older kernels are None)."""
@@ -94,9 +133,9 @@ class VmReading:
 
     uuid: str
     name: str
-    state: str = "running"
+    state: VmState = VmState.RUNNING
     pid: Optional[int] = None
-    source: str = "libvirt"  # "libvirt" or "proc"
+    source: VmSource = VmSource.LIBVIRT
     balloon_current: Optional[int] = None  # bytes
     balloon_maximum: Optional[int] = None
     rss: Optional[int] = None
@@ -143,7 +182,8 @@ class Readings:
     vms: Optional[Tuple[VmReading, ...]] = None
     mergeable_rss: Optional[int] = None  # bytes: RSS of processes with mergeable memory
     estimate: Optional[EstimateSummary] = None  # the last periodic estimate, if enabled
-    errors: Tuple[Tuple[str, str], ...] = ()  # (source, message)
+    errors: Tuple[Tuple[ErrorSource, str], ...] = ()  # (source, message)
+    vm_source: Optional[VmSource] = None  # where `vms` came from (None: no VM collector)
 
     @property
     def merge_potential(self) -> Optional[int]:
@@ -167,6 +207,7 @@ class Readings:
             "mergeable_rss": self.mergeable_rss,
             "estimate": dict(vars(self.estimate)) if self.estimate is not None else None,
             "errors": [list(e) for e in self.errors],
+            "vm_source": self.vm_source,
         }
 
 
@@ -203,6 +244,23 @@ def vm_dicts(value: Any) -> Optional[List[Dict[str, Any]]]:
         d["ksm"] = dict(zip(kfields, ksm)) if isinstance(ksm, list) else None
         out.append(d)
     return out
+
+
+def vm_from_dict(d: Dict[str, Any]) -> VmReading:
+    """A VmReading from one of vm_dicts' dicts (a state file's or a trace's); unknown keys
+    are ignored, an unknown state is UNKNOWN, a missing name is the UUID."""
+    fields = VmReading.__dataclass_fields__
+    kw = {k: v for k, v in d.items() if k in fields and k not in ("ksm", "state", "source")}
+    ksm = d.get("ksm")
+    if isinstance(ksm, dict):
+        kw["ksm"] = KsmStat(**{k: v for k, v in ksm.items() if k in KSM_FIELDS})
+    if "state" in d:
+        kw["state"] = VmState.parse(d["state"])
+    if "source" in d:
+        kw["source"] = VmSource.parse(d["source"]) or VmSource.LIBVIRT
+    kw.setdefault("uuid", "")
+    kw.setdefault("name", kw["uuid"])
+    return VmReading(**kw)
 
 
 def _vm_dict(vm: VmReading) -> Dict[str, Any]:

@@ -65,6 +65,7 @@ def test_live_json_attribution(host):
     assert [v["name"] for v in doc["vms"]] == ["vm0000", "vm0001", "vm0002"]
     v0 = doc["vms"][0]
     assert v0["merging_pages"] == 1000 and v0["pid"] == 1000 and v0["excluded"] is False
+    assert (v0["state"], v0["source"]) == ("running", "libvirt")  # enums print as their values
     # 3000 / (3000 + 1000) of a page per merging page
     assert v0["saved_bytes"] == 750 * 4096 and v0["share"] == pytest.approx(750 / 3000)
 
@@ -94,6 +95,17 @@ def test_from_running_daemon_state_file(host, form):
     assert "excluded" in table.output.splitlines()[3] and "1.0 GiB" in table.output
     # --live ignores the daemon.
     assert json.loads(invoke(host, "--json", "--live").output)["source"] == "libvirt"
+
+
+def test_state_file_with_unknown_state_and_garbage_readings(host):
+    row = {"uuid": "u-1", "name": "odd", "state": "melting", "source": "proc"}
+    host["state"].write_text(json.dumps({"pid": os.getpid(), "updated": 0,
+                                         "readings": {"vms": [row], "ksm": None}}))
+    doc = json.loads(invoke(host, "--json").output)
+    assert [(v["name"], v["state"], v["source"]) for v in doc["vms"]] == [("odd", "unknown", "proc")]
+    host["state"].write_text(json.dumps({"pid": os.getpid(), "readings": "garbage"}))
+    r = invoke(host, "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["source"] == "libvirt"  # collected live instead
 
 
 def test_state_of_a_dead_daemon_is_ignored(host):

@@ -85,6 +85,21 @@ def test_mom_and_other_ksmctl_daemon_found_but_not_ourselves(roots):
     assert found["ksmctl"].pids == (400, 401)
 
 
+def test_unlistable_proc_finds_no_process_and_does_not_raise(tmp_path):
+    c = CoexistenceChecker(proc_root=str(tmp_path / "no-proc"), sys_root=str(tmp_path),
+                           run_root=str(tmp_path), self_pid=1)
+    assert c.process_conflicts() == []
+
+
+def test_processes_that_vanish_or_are_kernel_threads_are_skipped(roots):
+    proc = roots[0]
+    _proc(proc, 70, ["/bin/bash", "/usr/sbin/ksmtuned"], "ksmtuned")
+    (proc / "70" / "comm").unlink()  # exited between reading cmdline and comm
+    _proc(proc, 71, [], "ksmtuned")   # a zombie keeps its comm, writes nothing
+    _proc(proc, 72, ["/bin/bash", "/usr/sbin/ksmtuned"], "ksmtuned")
+    assert [(c.kind, c.pids) for c in _checker(roots).process_conflicts()] == [("ksmtuned", (72,))]
+
+
 def test_active_advisor_is_a_conflict_unless_it_is_ours(tmp_path):
     proc = tmp_path / "proc"
     proc.mkdir()

@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ksmctl.collectors.host import CollectionFailed, HostCollector
-from ksmctl.collectors.procfs import ProcFs, ksm_stat_by_lines, parse_ksm_stat, parse_psi
+from ksmctl.collectors.procfs import Process, ProcFs, parse_ksm_stat, parse_psi
 from ksmctl.kernel.sysfs import KsmSysfs, parse_advisor_mode
-from ksmctl.errors import KsmNotAvailable, ReadError
+from ksmctl.errors import ErrorSource, KsmNotAvailable, ReadError
 from ksmctl.kernel.knobs import attribute_names
+from ksmctl.readings import KsmStat, VmSource
 
 from .fixtures import KSM_STAT_NEW, OLD_KERNEL_DROPS, make_proc, make_sys
 
@@ -87,18 +89,72 @@ def test_ksm_stat_both_line_formats():
 
 
 _KSM_KEYS = ["ksm_rmap_items", "ksm_zero_pages", "ksm_merging_pages", "ksm_process_profit",
-             "ksm_merge_any:", "ksm_mergeable:", "ksm_future_field", "other", "ksm_rmap_items:"]
-_KSM_VALUES = ["0", "12", "-3", "yes", "no", "x", "1.5", ""]
+             "ksm_merge_any:", "ksm_mergeable:", "ksm_future_field", "other", "ksm_rmap_items:",
+             "ksm_mergeable", "ksm_merge_any"]
+_KSM_VALUES = ["0", "12", "-3", "+7", "yes", "no", "x", "1.5", "", "yes:"]
+_NUMBERS = {"ksm_rmap_items": "rmap_items", "ksm_zero_pages": "zero_pages",
+            "ksm_merging_pages": "merging_pages", "ksm_process_profit": "process_profit"}
+_FLAGS = {"ksm_merge_any": "merge_any", "ksm_mergeable": "mergeable"}
+
+
+def reference_ksm_stat(text: str) -> KsmStat:
+    """The rule, spelled out: the last 'name value' line of each field counts (a ':' after
+    the name allowed); numbers are numbers, flags yes/no; a value of the wrong kind makes
+    the field unknown; any other value is ignored."""
+    last = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"\s*(\w+):?\s+(\S+)\s*", line)
+        if m is None:
+            continue
+        key, value = m.groups()
+        if value in ("yes", "no"):
+            last[key] = value == "yes"
+        elif re.fullmatch(r"[+-]?[0-9]+", value):
+            last[key] = int(value)
+    kw = {f: last[k] for k, f in _NUMBERS.items() if type(last.get(k)) is int}
+    kw.update({f: last[k] for k, f in _FLAGS.items() if type(last.get(k)) is bool})
+    return KsmStat(**kw)
+
+
+_pair = st.tuples(st.sampled_from(_KSM_KEYS), st.sampled_from(_KSM_VALUES)).map(list)  # mostly well formed
+_junk = st.lists(st.sampled_from(_KSM_KEYS + _KSM_VALUES), min_size=0, max_size=3)
 
 
 @settings(max_examples=1000, deadline=None)
-@given(st.lists(st.lists(st.sampled_from(_KSM_KEYS + _KSM_VALUES), min_size=0, max_size=3),
-                max_size=8))
-def test_ksm_stat_fast_path_agrees_with_line_parser(lines):
-    """parse_ksm_stat pairs tokens for speed; on any layout it must give what the
-    line-by-line parser gives."""
+@given(st.lists(st.one_of(_pair, _pair, _junk), max_size=8))
+def test_ksm_stat_parser_agrees_with_reference(lines):
+    """parse_ksm_stat pairs tokens in one pass for speed; on any layout it must give what
+    the rule says."""
     text = "\n".join(" ".join(words) for words in lines) + "\n"
-    assert parse_ksm_stat(text) == ksm_stat_by_lines(text)
+    assert parse_ksm_stat(text) == reference_ksm_stat(text)
+
+
+def test_ksm_stat_kernel_fields_round_trip():
+    st_ = parse_ksm_stat(KSM_STAT_NEW)
+    fields = st_.kernel_fields()
+    assert fields["ksm_merging_pages"] == 1500 and fields["ksm_mergeable"] is True
+    text = "".join("%s %s\n" % (k, ("yes" if v else "no") if type(v) is bool else v) for k, v in fields.items())
+    assert parse_ksm_stat(text) == st_
+    assert parse_ksm_stat("ksm_rmap_items 5\n").kernel_fields() == {"ksm_rmap_items": 5}
+
+
+def test_processes_lists_user_processes_with_argv_and_comm(tmp_path):
+    procs = {300: {"cmdline": "/usr/bin/python3\0-m\0ksmctl\0daemon\0", "comm": "python3\n"},
+             200: {"cmdline": "/bin/bash\0/usr/sbin/ksmtuned\0", "comm": "ksmtuned\n"},
+             201: {"cmdline": "", "comm": "zombie\n"},          # zombie: empty command line
+             202: {"comm": "gone\n"}}                         # exited before cmdline was read
+    p = ProcFs(str(make_proc(tmp_path, processes=procs)))
+    (tmp_path / "self").mkdir()
+    assert list(p.pids()) == [36, 200, 201, 202, 300]
+    assert list(p.processes()) == [Process(200, ("/bin/bash", "/usr/sbin/ksmtuned"), "ksmtuned"),
+                                   Process(300, ("/usr/bin/python3", "-m", "ksmctl", "daemon"), "python3")]
+    assert p.cmdline(36) == () and p.cmdline(999) is None and p.comm(999) is None
+    assert p.ksm_stat(999) is None and p.rss_bytes(999) is None and p.smaps(999) is None
+
+
+def test_unlistable_proc_names_the_directory(tmp_path):
+    with pytest.raises(ReadError, match=str(tmp_path / "nope")):
+        list(ProcFs(str(tmp_path / "nope")).pids())
 
 
 def test_mergeable_rss_counts_only_mergeable_processes(tmp_path):
@@ -118,7 +174,7 @@ def test_host_collector_skips_tick_without_meminfo_but_tolerates_missing_psi(tmp
     (proc_root / "meminfo").unlink()
     with pytest.raises(CollectionFailed) as e:
         HostCollector(sysfs, ProcFs(str(proc_root))).collect()
-    assert e.value.source == "proc" and "meminfo" in e.value.message
+    assert e.value.source is ErrorSource.PROC and "meminfo" in e.value.message
 
 
 def test_real_host_reads_without_errors():
@@ -138,7 +194,8 @@ def test_mergeable_memory_takes_guests_from_vm_readings(tmp_path):
              200: {"ksm_stat": KSM_STAT_NEW, "statm": "5000 7 10 1 0 900 0\n"}}
 
     class Vms:
-        errors = [("libvirt", "domain x vanished")]
+        errors = [(ErrorSource.LIBVIRT, "domain x vanished")]
+        source = VmSource.LIBVIRT
 
         def collect(self):
             return (VmReading(uuid="u", name="g", pid=100, rss=123 * page, ksm=KsmStat(mergeable=True)),
@@ -147,7 +204,7 @@ def test_mergeable_memory_takes_guests_from_vm_readings(tmp_path):
     sysfs = KsmSysfs(str(make_sys(tmp_path / "sys")))
     r = HostCollector(sysfs, ProcFs(str(make_proc(tmp_path / "proc", processes=procs))), vms=Vms()).collect()
     assert r.mergeable_rss == (123 + 7) * page
-    assert ("libvirt", "domain x vanished") in r.errors
+    assert (ErrorSource.LIBVIRT, "domain x vanished") in r.errors and r.vm_source is VmSource.LIBVIRT
 
 
 def test_vm_table_round_trips_to_the_dicts_traces_hold():

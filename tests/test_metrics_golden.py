@@ -26,7 +26,7 @@ from ksmctl.kernel.writer import Change
 from ksmctl.export.metrics import MetricsCollector, render_text
 from ksmctl.policy.decide import EngineState, decide
 from ksmctl.policy.loader import LoadedPolicy, parse_policy
-from ksmctl.readings import EstimateSummary, KsmStat, VmReading
+from ksmctl.readings import EstimateSummary, KsmStat, VmReading, VmSource
 
 from .fixtures import KSM_STAT_NEW, OLD_KERNEL_DROPS, make_proc, make_sys
 
@@ -55,6 +55,9 @@ VMS = (
 
 
 class FakeVms:
+    errors: list = []
+    source = VmSource.LIBVIRT
+
     def __init__(self, vms=VMS, fail: bool = False) -> None:
         self.vms, self.fail = vms, fail
 
@@ -130,7 +133,8 @@ def test_old_kernel_no_psi_garbled_file_vm_source_failed_per_vm_off(tmp_path):
 def test_per_vm_off_keeps_only_the_count(tmp_path):
     _t1, t2 = _ticks(tmp_path, {}, {}, FakeVms())
     text = _render(False, t2)
-    assert "ksmctl_vms 2.0" in text and "ksmctl_vm_" not in text and "web-1" not in text
+    assert "ksmctl_vms 2.0" in text and 'ksmctl_vm_data_source{source="libvirt"} 1.0' in text
+    assert "domain=" not in text and "web-1" not in text  # no per-VM series
 
 
 def test_failed_tick_drops_host_series_and_counts_the_error(tmp_path):

@@ -13,7 +13,8 @@ from ksmctl.collectors.vms.libvirt import LibvirtCollector, nosharepages
 from ksmctl.collectors.procfs import ProcFs
 from ksmctl.collectors.vms.qemu import QemuProcScanner, parse_qemu_cmdline
 from ksmctl.collectors.vms import VmCollector, vm_savings, vm_signals
-from ksmctl.readings import KsmStat, KsmState, MemInfo, VmReading
+from ksmctl.errors import ErrorSource
+from ksmctl.readings import KsmStat, KsmState, MemInfo, VmReading, VmSource, VmState, vm_from_dict
 from tests.lab import proctree
 from tests.support import need
 
@@ -158,6 +159,7 @@ def test_libvirt_error_on_one_domain_spares_the_others(host3, caplog):
     assert set(vms) == {"vm0000", "vm0001", "vm0002"} and c.source == "libvirt"
     assert vms["vm0000"].ksm is not None  # still tied to its process
     assert len(c.errors) == 1 and "reading the XML of vm0000" in c.errors[0][1]
+    assert c.errors[0][0] is ErrorSource.LIBVIRT
     assert "Traceback" not in c.errors[0][1]
     # Logged once, not every tick.
     assert sum("vm0000" in r.getMessage() for r in caplog.records) == 1
@@ -208,7 +210,7 @@ def test_stale_or_reused_pid_is_never_attributed(host3, content, why):
     c = collector(host3)
     v = by_name(c.collect())["vm0000"]
     assert v.pid is None and v.ksm is None  # reported (libvirt says it runs), nothing attributed
-    assert any("vm0000" in m and why in m for _s, m in c.errors), c.errors
+    assert [s for s, m in c.errors if "vm0000" in m and why in m] == [ErrorSource.PROC], c.errors
 
 
 def test_pid_reused_after_verification_is_noticed(host3):
@@ -296,13 +298,95 @@ def test_without_libvirt_python(host3, monkeypatch):
     monkeypatch.setitem(sys.modules, "libvirt", None)  # import libvirt -> ImportError
     uri, proc_root, run_root, _ = host3
     c = VmCollector(uri, proc=ProcFs(str(proc_root)), run_root=str(run_root))
-    assert len(c.collect()) == 3 and c.source == "proc"
+    assert len(c.collect()) == 3 and c.source is VmSource.PROC
     assert c.last_error == "libvirt-python is not installed"
+    assert c.errors == []  # /proc is all this host has: no outage
 
 
 def test_no_uri_means_proc_only(host3):
     c = VmCollector("none", proc=ProcFs(str(host3[1])), run_root=str(host3[2]))
-    assert len(c.collect()) == 3 and c.source == "proc"
+    for _ in range(2):
+        assert len(c.collect()) == 3 and c.source is VmSource.PROC and c.errors == []
+
+
+def test_libvirt_outage_is_an_error_every_tick_it_lasts(host3):
+    """Connect failures, ticks within the backoff (no attempt) and a failed listing all
+    count: each of those ticks has per-VM data from /proc only because libvirt failed."""
+    clock = FakeClock()
+    state = {"fail": False}
+
+    def maybe_fail(conn, recs):
+        if state["fail"]:
+            conn.lookupByName("no-such-domain")
+        return recs
+
+    lv = Libvirt(fail_open=True, after_stats=maybe_fail)
+    c = collector(host3, lv, clock=clock, backoff_initial=10.0)
+    seen = []
+    for _ in range(3):  # one attempt, then two ticks inside the backoff
+        c.collect()
+        seen.append((c.source, [s for s, _m in c.errors]))
+    assert seen == [(VmSource.PROC, [ErrorSource.LIBVIRT])] * 3 and lv.opens == 1
+    assert "cannot connect to libvirt" in c.errors[0][1]
+    lv.fail_open = False
+    clock.now += 10.0
+    c.collect()
+    assert c.source is VmSource.LIBVIRT and c.errors == []
+    state["fail"] = True
+    c.collect()
+    assert c.source is VmSource.PROC and [s for s, _m in c.errors] == [ErrorSource.LIBVIRT]
+    assert "listing domains failed" in c.errors[0][1]
+
+
+def test_host_readings_and_metrics_show_the_outage_and_the_source(host3, tmp_path):
+    """Through HostCollector and the exporter: errors_total{source="libvirt"} grows by one
+    per tick on /proc, and ksmctl_vm_data_source says proc."""
+    from ksmctl.collectors.host import HostCollector
+    from ksmctl.export.metrics import MetricsCollector, render_text
+    from ksmctl.kernel.sysfs import KsmSysfs
+    from ksmctl.policy.loader import LoadedPolicy, parse_policy
+    from ksmctl.service.daemon import TickRecord
+    from prometheus_client import CollectorRegistry
+    from tests.fixtures import make_proc, make_sys
+    uri, proc_root, run_root, _ = host3
+    make_proc(proc_root)
+    text = "name: t\ninterval: 10s\nrun: {mode: always}\n"
+    lp = LoadedPolicy(policy=parse_policy(text, "t.yaml"), path="t.yaml", sha256="0")
+    reg = CollectorRegistry(auto_describe=False)
+    metrics = MetricsCollector(reg, build={"version": "0", "python": "3"})
+
+    def ticks(vms, n):
+        host = HostCollector(KsmSysfs(str(make_sys(tmp_path / "sys"))), ProcFs(str(proc_root)), vms=vms)
+        for _ in range(n):
+            r = host.collect()
+            metrics.observe(TickRecord(policy=lp, readings=r, errors=list(r.errors), ok=True))
+        return r, render_text(reg).decode()
+
+    down = VmCollector("qemu+unix:///system?socket=/nonexistent/sock", proc=ProcFs(str(proc_root)),
+                       run_root=str(run_root), events=False)
+    r, out = ticks(down, 3)
+    assert r.vm_source is VmSource.PROC and len(r.vms) == 3
+    assert 'ksmctl_errors_total{source="libvirt"} 3.0' in out
+    assert 'ksmctl_vm_data_source{source="proc"} 1.0' in out
+    assert 'ksmctl_vm_data_source{source="libvirt"} 0.0' in out
+    up = VmCollector(uri, proc=ProcFs(str(proc_root)), run_root=str(run_root), events=False,
+                     libvirt_module=Libvirt())
+    r, out = ticks(up, 2)
+    assert r.vm_source is VmSource.LIBVIRT and r.errors == ()
+    assert 'ksmctl_errors_total{source="libvirt"} 3.0' in out and 'ksmctl_errors_total{source="other"} 0.0' in out
+    assert 'ksmctl_vm_data_source{source="libvirt"} 1.0' in out
+    down.close()
+    up.close()
+
+
+def test_domain_states_are_libvirts(host3):
+    lv = Libvirt()
+    c = collector(host3, lv)
+    c.collect()
+    lv.conns[-1].lookupByName("vm0001").suspend()
+    vms = by_name(c.collect())
+    assert vms["vm0001"].state is VmState.PAUSED and vms["vm0000"].state is VmState.RUNNING
+    assert "%s/%s" % (vms["vm0001"].state, vms["vm0001"].source) == "paused/libvirt"
 
 
 def test_lifecycle_events_mark_the_list_changed(tmp_path):
@@ -341,9 +425,28 @@ def test_parse_qemu_cmdline(argv, name, uuid, memory, off):
     assert (a.name, a.uuid, a.memory, a.mem_merge_off) == (name, uuid, memory, off)
 
 
-@pytest.mark.parametrize("argv", [[], ["/usr/bin/python3", "qemu-system-x86_64"], ["qemu-img", "info"]])
+@pytest.mark.parametrize("argv", [[], ["/usr/bin/python3", "qemu-system-x86_64"], ["qemu-img", "info"],
+                                  ["/usr/bin/python3", "-name", "guest=x"], ["qemu-system", "-name", "x"],
+                                  ["/usr/bin/qemu-nbd", "-name", "x"]])
 def test_not_qemu(argv):
     assert parse_qemu_cmdline(argv) is None
+
+
+# The estimator's guest-name cases and the /proc scanner's, one parser for both.
+@pytest.mark.parametrize("argv, name", [
+    (["/usr/bin/qemu-system-x86_64", "-name", "guest=web1,debug-threads=on", "-m", "256"], "web1"),
+    (["qemu-system-aarch64", "-name", "db,process=qemu:db"], "db"),
+    (["/usr/libexec/qemu-kvm", "-name", "guest=a,,b,debug-threads=on"], "a,b"),
+    (["qemu-kvm", "--name", "guest=rhel9"], "rhel9"),
+    (["/usr/bin/qemu-system-x86_64", "-name", "web,,1"], "web,1"),            # bare name with an escape
+    (["/usr/bin/qemu-system-x86_64", "-name", "debug-threads=on,guest=late"], "late"),
+    (["/usr/bin/qemu-system-x86_64", "-name", "first", "-name", "guest=second"], "second"),  # last wins
+    (["/usr/bin/qemu-system-x86_64", "-name", "guest="], None),
+    (["/usr/bin/qemu-system-x86_64", "-name"], None),                          # truncated command line
+    (["/usr/bin/qemu-system-x86_64", "-m", "256"], None),
+])
+def test_guest_names(argv, name):
+    assert parse_qemu_cmdline(argv).name == name
 
 
 def test_proc_scanner_reads_generated_tree(tmp_path):
@@ -357,6 +460,21 @@ def test_proc_scanner_reads_generated_tree(tmp_path):
     assert (vms[7].name, vms[7].uuid, vms[7].excluded, vms[7].ksm.merging_pages) == (
         "g1", "12345678-1234-1234-1234-123456789abc", True, 5)
     assert (vms[8].name, vms[8].uuid, vms[8].balloon_maximum) == ("qemu-8", "pid:8", 512 << 20)
+
+
+def test_enums_are_their_values_in_text_and_json():
+    import json
+    for member in (VmState.PAUSED, VmSource.PROC, ErrorSource.LIBVIRT):
+        assert str(member) == "%s" % member == "{}".format(member) == member.value
+        assert json.dumps([member]) == '["%s"]' % member.value
+    assert ErrorSource.parse("vms") is ErrorSource.OTHER and ErrorSource.parse("proc") is ErrorSource.PROC
+
+
+def test_vm_from_dict_reads_state_file_rows():
+    v = vm_from_dict({"uuid": "u", "state": "pmsuspended", "source": "proc", "extra": 1,
+                      "ksm": {"merging_pages": 3, "future": 1}})
+    assert (v.name, v.state, v.source, v.ksm) == ("u", VmState.PMSUSPENDED, VmSource.PROC, KsmStat(merging_pages=3))
+    assert vm_from_dict({"uuid": "w", "state": "melting"}).state is VmState.UNKNOWN
 
 
 def test_nosharepages_xml():

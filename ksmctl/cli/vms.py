@@ -15,25 +15,12 @@ import click
 
 from ksmctl.config import DEFAULT_STATE_FILE
 from ksmctl.errors import KsmctlError
-from ksmctl.readings import KsmStat, KsmState, VmReading, vm_dicts
+from ksmctl.readings import KsmState, VmReading, VmSource, vm_dicts, vm_from_dict
 from ksmctl.service.state import read_state
 from ksmctl.units import format_bytes
 
 SORT_KEYS = ("saved", "share", "merging", "memory", "name", "uuid", "state")
 _NUMERIC = ("saved", "share", "merging", "memory")
-
-
-def vm_from_dict(d: Dict[str, Any]) -> VmReading:
-    """A VmReading from one of the state file's VM dicts (see vm_dicts); unknown keys ignored."""
-    ksm = d.get("ksm")
-    fields = VmReading.__dataclass_fields__
-    kw = {k: v for k, v in d.items() if k in fields and k != "ksm"}
-    if isinstance(ksm, dict):
-        kf = KsmStat.__dataclass_fields__
-        kw["ksm"] = KsmStat(**{k: v for k, v in ksm.items() if k in kf})
-    kw.setdefault("uuid", "")
-    kw.setdefault("name", kw["uuid"])
-    return VmReading(**kw)
 
 
 def ksm_from_dict(d: Dict[str, Any]) -> Optional[KsmState]:
@@ -45,7 +32,9 @@ def ksm_from_dict(d: Dict[str, Any]) -> Optional[KsmState]:
 
 def from_daemon(state: Dict[str, Any]) -> Optional[Tuple[List[VmReading], Optional[KsmState], str]]:
     readings = state.get("readings")
-    rows = vm_dicts(readings.get("vms")) if isinstance(readings, dict) else None
+    if not isinstance(readings, dict):
+        return None
+    rows = vm_dicts(readings.get("vms"))
     if rows is None:
         return None
     vms = [vm_from_dict(v) for v in rows]
@@ -66,9 +55,9 @@ def collect_live(uri: Optional[str], proc_root: str, sys_root: str,
     vlog.setLevel(logging.ERROR)
     try:
         vms = list(collector.collect())
-        source = collector.source or "proc"
-        if source == "proc" and collector.last_error:
-            source = "proc (%s)" % collector.last_error
+        source = str(collector.source or VmSource.PROC)
+        if source == VmSource.PROC and collector.last_error:
+            source = "%s (%s)" % (VmSource.PROC, collector.last_error)
     finally:
         vlog.setLevel(level)
         collector.close()
@@ -85,6 +74,7 @@ def rows(vms: List[VmReading], ksm: Optional[KsmState]) -> List[Dict[str, Any]]:
     out = []
     for vm in vms:
         s = savings.get(vm.uuid, {})
+        saved = s.get("saved_bytes")
         memory = vm.balloon_current if vm.balloon_current is not None else vm.rss
         out.append({
             "name": vm.name, "uuid": vm.uuid, "state": vm.state, "pid": vm.pid, "source": vm.source,
@@ -92,7 +82,7 @@ def rows(vms: List[VmReading], ksm: Optional[KsmState]) -> List[Dict[str, Any]]:
             "merging_pages": vm.ksm.merging_pages if vm.ksm else None,
             "zero_pages": vm.ksm.zero_pages if vm.ksm else None,
             "process_profit_bytes": vm.ksm.process_profit if vm.ksm else None,
-            "saved_bytes": int(s["saved_bytes"]) if s.get("saved_bytes") is not None else None,
+            "saved_bytes": int(saved) if saved is not None else None,
             "share": s.get("share"), "excluded": vm.excluded,
         })
     return out

@@ -9,77 +9,94 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, TypeVar
 
-from ksmctl.errors import KsmctlError, ReadError
-from ksmctl.readings import EstimateSummary, Readings
+from ksmctl.errors import ErrorSource, KsmctlError, ReadError
+from ksmctl.readings import EstimateSummary, KsmStat, Readings, VmReading, VmSource
 from ksmctl.collectors.procfs import ProcFs
 from ksmctl.kernel.sysfs import KsmSysfs
 
 log = logging.getLogger("ksmctl.collect")
+T = TypeVar("T")
+Errors = List[Tuple[ErrorSource, str]]
+
+
+class VmSourceLike(Protocol):
+    """What the host collector needs of a VM collector (collectors.vms.VmCollector)."""
+
+    def collect(self) -> Tuple[VmReading, ...]: ...
+
+    @property
+    def errors(self) -> Sequence[Tuple[ErrorSource, str]]: ...
+
+    @property
+    def source(self) -> Optional[VmSource]: ...
 
 
 class CollectionFailed(KsmctlError):
     """A reading the policy cannot do without failed: skip this tick."""
 
-    def __init__(self, source: str, message: str) -> None:
+    def __init__(self, source: ErrorSource, message: str) -> None:
         super().__init__(message)
         self.source = source
 
 
 class HostCollector:
-    def __init__(self, sysfs: KsmSysfs, procfs: ProcFs, vms: Optional[object] = None,
+    def __init__(self, sysfs: KsmSysfs, procfs: ProcFs, vms: Optional[VmSourceLike] = None,
                  clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  track_mergeable: bool = True) -> None:
         self.sysfs = sysfs
         self.procfs = procfs
-        self.vms = vms  # anything with .collect() -> Tuple[VmReading, ...]
+        self.vms = vms
         self.clock = clock
         self.wall = wall
         self.track_mergeable = track_mergeable
         self.estimate: Optional[EstimateSummary] = None  # set by the periodic estimator
-        self._reported: List[Tuple[str, str]] = []  # errors from background work, for the next tick
+        self._reported: Errors = []  # errors from background work, for the next tick
 
-    def report_error(self, source: str, message: str) -> None:
+    def report_error(self, source: ErrorSource, message: str) -> None:
         self._reported.append((source, message))
 
     def collect(self) -> Readings:
-        errors: List[Tuple[str, str]] = []
+        errors: Errors = []
         while self._reported:
             errors.append(self._reported.pop(0))
         try:
             ksm = self.sysfs.read()
         except KsmctlError as e:
-            raise CollectionFailed("sysfs", e.message) from None
+            raise CollectionFailed(ErrorSource.SYSFS, e.message) from None
         for name, why in ksm.unreadable.items():
-            errors.append(("sysfs", why))
+            errors.append((ErrorSource.SYSFS, why))
         try:
             meminfo = self.procfs.meminfo()
         except ReadError as e:
-            raise CollectionFailed("proc", e.message) from None
-        psi = self._optional("proc", self.procfs.psi, errors)
-        cpu = self._optional("proc", self.procfs.ksmd_cpu_seconds, errors)
-        vms: Optional[object] = ()
+            raise CollectionFailed(ErrorSource.PROC, e.message) from None
+        psi = self._optional(ErrorSource.PROC, self.procfs.psi, errors)
+        cpu = self._optional(ErrorSource.PROC, self.procfs.ksmd_cpu_seconds, errors)
+        vms: Optional[Tuple[VmReading, ...]] = ()
+        vm_source: Optional[VmSource] = None
         if self.vms is not None:
-            vms = self._optional("libvirt", self.vms.collect, errors)
-            errors.extend(getattr(self.vms, "errors", ()))  # per-domain problems this tick
+            vms = self._optional(ErrorSource.LIBVIRT, self.vms.collect, errors)
+            errors.extend(self.vms.errors)  # per-domain problems, libvirt outages
+            vm_source = self.vms.source if vms is not None else None
         mergeable = self._mergeable(vms, errors) if self.track_mergeable else None
         return Readings(monotonic=self.clock(), wall=self.wall(), ksm=ksm, meminfo=meminfo, psi=psi,
                         ksmd_cpu_seconds=cpu, vms=tuple(vms) if vms is not None else None,
                         mergeable_rss=mergeable, estimate=self.estimate,
-                        errors=tuple(errors))
+                        errors=tuple(errors), vm_source=vm_source)
 
-    def _mergeable(self, vms: Optional[object], errors: List[Tuple[str, str]]) -> Optional[int]:
+    def _mergeable(self, vms: Optional[Tuple[VmReading, ...]], errors: Errors) -> Optional[int]:
         """Mergeable RSS of all processes; guests' own figures come from the VM readings."""
-        guests = {v.pid: v for v in (vms or ()) if v.pid is not None and v.ksm is not None}  # type: ignore[union-attr]
-        rest = self._optional("proc", lambda: self.procfs.mergeable_rss(skip=guests), errors)
+        guests: Dict[int, Tuple[Optional[int], KsmStat]] = {
+            v.pid: (v.rss, v.ksm) for v in (vms or ()) if v.pid is not None and v.ksm is not None}
+        rest = self._optional(ErrorSource.PROC, lambda: self.procfs.mergeable_rss(skip=guests), errors)
         if rest is None:
             return None
-        return rest + sum(v.rss or 0 for v in guests.values()
-                          if v.ksm.mergeable or v.ksm.merge_any or (v.ksm.mergeable is None and v.ksm.rmap_items))
+        return rest + sum(rss or 0 for rss, k in guests.values()
+                          if k.mergeable or k.merge_any or (k.mergeable is None and k.rmap_items))
 
     @staticmethod
-    def _optional(source: str, fn: Callable[[], object], errors: List[Tuple[str, str]]):
+    def _optional(source: ErrorSource, fn: Callable[[], T], errors: Errors) -> Optional[T]:
         try:
             return fn()
         except KsmctlError as e:

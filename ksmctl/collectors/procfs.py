@@ -1,9 +1,11 @@
-"""Reads /proc: meminfo, memory PSI, ksmd's CPU time and per-process ksm_stat."""
+"""The one reader of /proc: meminfo, memory PSI, ksmd's CPU time, and every per-process
+file ksmctl looks at (the process list, cmdline, comm, stat, statm, ksm_stat, smaps).
+The VM collectors, the coexistence check and the estimator all read processes here."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Container, Dict, Iterator, Optional, Tuple
+from typing import Container, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 from ksmctl.errors import ReadError
 from ksmctl.readings import KsmStat, MemInfo, Psi
@@ -57,25 +59,6 @@ def parse_psi(text: str, where: str = "/proc/pressure/memory") -> Psi:
                full_avg10=vals.get("full_avg10", 0.0), full_avg60=vals.get("full_avg60", 0.0))
 
 
-def parse_ksm_stat_fields(text: str) -> Dict[str, object]:
-    """Both line formats: 'ksm_rmap_items 12' (numbers) and 'ksm_mergeable: yes' (flags),
-    by the kernel's own names. An unparsable future field is skipped, not fatal."""
-    out: Dict[str, object] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) != 2:
-            continue
-        key, value = parts[0].rstrip(":"), parts[1]
-        if value == "yes" or value == "no":
-            out[key] = value == "yes"
-        else:
-            try:
-                out[key] = int(value)
-            except ValueError:
-                continue
-    return out
-
-
 _KSM_STAT_NAMES = {"ksm_rmap_items": "rmap_items", "ksm_zero_pages": "zero_pages",
                    "ksm_merging_pages": "merging_pages", "ksm_process_profit": "process_profit",
                    "ksm_merge_any": "merge_any", "ksm_mergeable": "mergeable"}
@@ -83,9 +66,11 @@ _KSM_STAT_FLAGS = ("merge_any", "mergeable")
 
 
 def parse_ksm_stat(text: str) -> KsmStat:
-    """Straight into KsmStat in one pass, no intermediate dict: it runs for every guest
-    every tick. Must agree with ksm_stat_by_lines (tested)."""
-    kw = {}
+    """Both line formats, 'ksm_rmap_items 12' (numbers) and 'ksm_mergeable: yes' (flags),
+    in one pass with no intermediate dict: it runs for every guest every tick. A value of
+    the wrong kind makes the field unknown; an unparsable one or a future field is skipped,
+    not fatal. tests/test_collectors.py holds it to a plain reference parser."""
+    kw: Dict[str, Union[int, bool]] = {}
     for line in text.splitlines():
         parts = line.split()
         if len(parts) != 2:
@@ -111,14 +96,15 @@ def parse_ksm_stat(text: str) -> KsmStat:
     return KsmStat(**kw)  # type: ignore[arg-type]
 
 
-def ksm_stat_by_lines(text: str) -> KsmStat:
-    """The general parser, by way of parse_ksm_stat_fields; parse_ksm_stat must agree with it."""
-    kw = {}
-    for key, value in parse_ksm_stat_fields(text).items():
-        name = _KSM_STAT_NAMES.get(key)
-        if name is not None and (type(value) is bool) == (name in _KSM_STAT_FLAGS):
-            kw[name] = value
-    return KsmStat(**kw)  # type: ignore[arg-type]
+def parse_ksm_stat_fields(text: str) -> Dict[str, object]:
+    """Deprecated: parse_ksm_stat(text).kernel_fields(). Kept only until the estimator
+    stops importing it; it no longer reports fields ksmctl does not know."""
+    return parse_ksm_stat(text).kernel_fields()
+
+
+def split_cmdline(raw: bytes) -> Tuple[str, ...]:
+    """/proc/<pid>/cmdline's NUL-separated arguments (empty for kernel threads)."""
+    return tuple(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a)
 
 
 def read_proc_bytes(path: str) -> Optional[bytes]:
@@ -180,11 +166,23 @@ def is_mergeable(ksm_stat: bytes) -> bool:
     return False
 
 
+class Process(NamedTuple):
+    """A user-space process as `ps` would show it (kernel threads have no command line)."""
+
+    pid: int
+    argv: Tuple[str, ...]
+    comm: str
+
+
 class ProcFs:
-    """Reader of /proc. `proc_root` lets tests point it at a fixture tree."""
+    """The one reader of /proc; `proc_root` lets tests point it at a fixture tree.
+
+    Per-process reads return None when the process is gone (or hides the file from us):
+    processes exit between the listing and the read all the time, that is no error."""
 
     def __init__(self, proc_root: str = "/proc") -> None:
         self.root = Path(proc_root)
+        self._root = str(self.root)  # per-process paths are formatted, not joined: hot path
         self._ksmd_pid: Optional[int] = None
         self.clock_ticks = os.sysconf("SC_CLK_TCK")
         self.page_size = os.sysconf("SC_PAGE_SIZE")
@@ -195,6 +193,9 @@ class ProcFs:
             return path.read_text()
         except OSError as e:
             raise ReadError("cannot read %s: %s" % (path, e.strerror or e)) from None
+
+    def _pid_bytes(self, pid: int, name: str) -> Optional[bytes]:
+        return read_proc_bytes("%s/%d/%s" % (self._root, pid, name))
 
     def meminfo(self) -> MemInfo:
         return parse_meminfo(self._read("meminfo"), str(self.root / "meminfo"))
@@ -208,27 +209,35 @@ class ProcFs:
             return None
         return parse_psi(self._read("pressure/memory"), str(self.root / "pressure/memory"))
 
+    # ---- processes -------------------------------------------------------------------
     def pids(self) -> Iterator[int]:
+        """Every pid, ascending (a stable order for reports)."""
         try:
-            names = os.listdir(self.root)
+            names = os.listdir(self._root)
         except OSError as e:
-            raise ReadError("cannot list %s: %s" % (self.root, e.strerror)) from None
-        for name in names:
-            if name.isdigit():
-                yield int(name)
+            raise ReadError("cannot list %s: %s" % (self.root, e.strerror or e)) from None
+        yield from sorted(int(name) for name in names if name.isdigit())
+
+    def processes(self) -> Iterator[Process]:
+        """User-space processes with their command line and comm; kernel threads,
+        zombies and processes that exit meanwhile are left out."""
+        for pid in self.pids():
+            argv = self.cmdline(pid)
+            comm = self.comm(pid) if argv else None
+            if argv and comm is not None:
+                yield Process(pid, argv, comm)
 
     def comm(self, pid: int) -> Optional[str]:
-        try:
-            return (self.root / str(pid) / "comm").read_text().strip()
-        except OSError:
-            return None
+        raw = self._pid_bytes(pid, "comm")
+        return None if raw is None else raw.decode("utf-8", "replace").strip()
+
+    def cmdline_bytes(self, pid: int) -> Optional[bytes]:
+        """The raw command line: comparing bytes is how a verified process is re-checked."""
+        return self._pid_bytes(pid, "cmdline")
 
     def cmdline(self, pid: int) -> Optional[Tuple[str, ...]]:
-        try:
-            raw = (self.root / str(pid) / "cmdline").read_bytes()
-        except OSError:
-            return None
-        return tuple(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a)
+        raw = self.cmdline_bytes(pid)
+        return None if raw is None else split_cmdline(raw)
 
     def ksmd_pid(self) -> Optional[int]:
         """The ksmd kernel thread (kthread: comm 'ksmd', empty cmdline). Cached, re-checked."""
@@ -256,17 +265,30 @@ class ProcFs:
             return None
         return self.cpu_seconds(pid)
 
+    def ksm_stat_bytes(self, pid: int) -> Optional[bytes]:
+        return self._pid_bytes(pid, "ksm_stat")
+
+    def ksm_stat_identified(self, pid: int) -> Optional[Tuple[bytes, Tuple[int, int]]]:
+        """ksm_stat's bytes and the file's identity: see read_proc_identified."""
+        return read_proc_identified("%s/%d/ksm_stat" % (self._root, pid))
+
     def ksm_stat(self, pid: int) -> Optional[KsmStat]:
         """None when the process is gone or the kernel has no ksm_stat (before 6.1)."""
-        raw = read_proc_bytes("%s/%d/ksm_stat" % (self.root, pid))
+        raw = self.ksm_stat_bytes(pid)
         return None if raw is None else parse_ksm_stat(raw.decode("ascii", "replace"))
 
     def rss_bytes(self, pid: int) -> Optional[int]:
-        raw = read_proc_bytes("%s/%d/statm" % (self.root, pid))
+        """Resident memory from /proc/<pid>/statm; None when gone or garbled."""
+        raw = self._pid_bytes(pid, "statm")
         try:
-            return int(raw.split()[1]) * self.page_size  # type: ignore[union-attr]
-        except (AttributeError, ValueError, IndexError):
+            return int(raw.split()[1]) * self.page_size if raw is not None else None
+        except (ValueError, IndexError):
             return None
+
+    def smaps(self, pid: int) -> Optional[str]:
+        """/proc/<pid>/smaps (walks the page tables: costly, read it only when needed)."""
+        raw = self._pid_bytes(pid, "smaps")
+        return None if raw is None else raw.decode("utf-8", "replace")
 
     def mergeable_rss(self, skip: Container[int] = ()) -> int:
         """RSS of every process that has mergeable memory (ksm_stat says mergeable),
@@ -275,11 +297,10 @@ class ProcFs:
         Growth of this sum is how the policy notices new mergeable memory (a guest
         started) without waiting for ksmd to scan it. Kernel threads have no ksm_stat."""
         total = 0
-        root = str(self.root)
         for pid in self.pids():
             if pid in skip:
                 continue
-            raw = read_proc_bytes("%s/%d/ksm_stat" % (root, pid))
+            raw = self.ksm_stat_bytes(pid)
             if raw and is_mergeable(raw):
                 total += self.rss_bytes(pid) or 0
         return total

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ksmctl import __version__
 from ksmctl.config import ExporterConfig
-from ksmctl.errors import ConfigError, KsmctlError
+from ksmctl.errors import ConfigError, ErrorSource, KsmctlError
 from ksmctl.fsutil import atomic_write
 from ksmctl.export.metrics import MetricsCollector, render_text
 from ksmctl.yamlload import YamlProblem, load_yaml, validate
@@ -279,7 +279,7 @@ class Exporter:
             try:
                 self.render()
             except Exception as e:
-                self.metrics.count_error("exporter")
+                self.metrics.count_error(ErrorSource.EXPORTER)
                 log.error("cannot render metrics: %s", e)
         if self.config.textfile:
             self.write_textfile()
@@ -290,7 +290,7 @@ class Exporter:
         try:
             atomic_write(path, self.render())
         except OSError as e:
-            self.metrics.count_error("exporter")
+            self.metrics.count_error(ErrorSource.EXPORTER)
             log.error("cannot write textfile %s: %s", path, e.strerror or e)
 
     # -- serving ----------------------------------------------------------------------------
@@ -361,7 +361,7 @@ class Exporter:
                         body = exp.render()
                     except Exception as e:  # never a traceback to the scraper
                         log.error("cannot render metrics: %s", e)
-                        exp.metrics.count_error("exporter")
+                        exp.metrics.count_error(ErrorSource.EXPORTER)
                         self._send(500, b"cannot render metrics\n", "text/plain; charset=utf-8")
                         return
                     self._send(200, body, CONTENT_TYPE)

@@ -29,15 +29,16 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from ksmctl import __version__
+from ksmctl.errors import ErrorSource
 from ksmctl.policy.decide import RUN_RULES, SCAN_RULES
 from ksmctl.kernel import knobs
 from ksmctl.kernel.knobs import Kind, MetricType
-from ksmctl.readings import KsmState, Readings, VmReading
+from ksmctl.readings import KsmState, Readings, VmReading, VmSource
 
 log = logging.getLogger("ksmctl.metrics")
 
-# Error sources: bounded. Anything else a collector reports is counted as "other".
-ERROR_SOURCES = ("sysfs", "proc", "libvirt", "policy", "trace", "estimate", "exporter", "other")
+# Error sources: bounded by the enum. Anything else a trace holds is counted as "other".
+ERROR_SOURCES = tuple(ErrorSource)
 TICK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -47,8 +48,8 @@ def _knob_labels() -> Tuple[str, ...]:
     return tuple(k.name for k in knobs.export_order() if k.writable)
 
 
-def _source(name: str) -> str:
-    return name if name in ERROR_SOURCES else "other"
+def _source(name: object) -> ErrorSource:
+    return ErrorSource.parse(name)
 
 
 def _num(v: float) -> float:
@@ -69,7 +70,7 @@ class MetricsCollector(Collector):
         self._rec = None  # the latest TickRecord
         self._decisions: Dict[Tuple[str, str], float] = {("run", r): 0.0 for r in RUN_RULES}
         self._decisions.update({("scan", r): 0.0 for r in SCAN_RULES})
-        self._errors: Dict[str, float] = {s: 0.0 for s in ERROR_SOURCES}
+        self._errors: Dict[ErrorSource, float] = {s: 0.0 for s in ERROR_SOURCES}
         self._changes: Dict[str, float] = {k: 0.0 for k in _knob_labels()}
         self._external: Dict[str, float] = {k: 0.0 for k in _knob_labels()}
         self._ticks: Dict[str, float] = {"ok": 0.0, "failed": 0.0}
@@ -108,7 +109,7 @@ class MetricsCollector(Collector):
                 self._last_ok = rec.wall
             self.generation += 1
 
-    def count_error(self, source: str, n: int = 1) -> None:
+    def count_error(self, source: ErrorSource, n: int = 1) -> None:
         """Errors outside a tick (policy reload, textfile write, rendering)."""
         with self._lock:
             self._errors[_source(source)] += n
@@ -140,8 +141,8 @@ class MetricsCollector(Collector):
                 log.error("cannot render %s metrics: %s", name, e)
         if failed:
             with self._lock:
-                self._errors["exporter"] += failed
-                state["errors"]["exporter"] = self._errors["exporter"]
+                self._errors[ErrorSource.EXPORTER] += failed
+                state["errors"][ErrorSource.EXPORTER] = self._errors[ErrorSource.EXPORTER]
             out = [m for m in out if m.name != "ksmctl_errors"] + [self._errors_family(state["errors"])]
         return iter(out)
 
@@ -152,11 +153,11 @@ class MetricsCollector(Collector):
                 "last_ok": self._last_ok, "last_tick": self._last_tick}
 
     @staticmethod
-    def _errors_family(errors: Dict[str, float]) -> Metric:
-        f = CounterMetricFamily("ksmctl_errors", "Read and write errors by source (sysfs, proc, libvirt, "
-                                "policy, trace, estimate, exporter, other).", labels=["source"])
+    def _errors_family(errors: Dict[ErrorSource, float]) -> Metric:
+        f = CounterMetricFamily("ksmctl_errors", "Read and write errors by source (%s)."
+                                % ", ".join(ERROR_SOURCES), labels=["source"])
         for s in ERROR_SOURCES:
-            f.add_metric([s], errors.get(s, 0.0))
+            f.add_metric([s.value], errors.get(s, 0.0))
         return f
 
     def _controller(self, rec, st: dict) -> List[Metric]:
@@ -304,6 +305,13 @@ class MetricsCollector(Collector):
         page = r.ksm.page_size
         out: List[Metric] = [GaugeMetricFamily("ksmctl_vms", "Guests found on this host.",
                                                value=float(len(vms)))]
+        if r.vm_source is not None:
+            src = GaugeMetricFamily("ksmctl_vm_data_source", "Where per-VM data comes from: 1 for the "
+                                    "current source (libvirt; proc: QEMU command lines in /proc).",
+                                    labels=["source"])
+            for s in VmSource:
+                src.add_metric([s.value], 1.0 if s == r.vm_source else 0.0)
+            out.append(src)
         if not self.per_vm:
             return out
         labels = ["domain", "uuid"]

@@ -24,8 +24,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ksmctl.collectors.procfs import Process, ProcFs
 from ksmctl.errors import ReadError, Refused
 from ksmctl.kernel.sysfs import KsmSysfs
 
@@ -67,7 +68,7 @@ class CoexistenceChecker:
     def __init__(self, proc_root: str = "/proc", sys_root: str = "/sys",
                  run_root: str = "/run", self_pid: Optional[int] = None,
                  systemctl: Optional[str] = None) -> None:
-        self.proc = Path(proc_root)
+        self.proc = ProcFs(proc_root)
         self.sysfs = KsmSysfs(sys_root)
         self.run = Path(run_root)
         self.self_pid = os.getpid() if self_pid is None else self_pid
@@ -75,25 +76,13 @@ class CoexistenceChecker:
 
     # -- processes ---------------------------------------------------------
 
-    def _processes(self) -> Iterable[Tuple[int, List[str], str]]:
+    def _processes(self) -> Iterator[Process]:
+        """User processes (kernel threads and zombies write nothing); an unlistable
+        /proc finds none, it does not stop the daemon from starting."""
         try:
-            entries = list(self.proc.iterdir())
-        except OSError as exc:
-            log.debug("cannot list %s: %s", self.proc, exc)
-            return
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            pid = int(entry.name)
-            try:
-                raw = (entry / "cmdline").read_bytes()
-                comm = (entry / "comm").read_text().strip()
-            except OSError:
-                continue  # exited while we looked, or hidden from us
-            if not raw:
-                continue  # kernel thread or zombie: writes nothing
-            argv = [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
-            yield pid, argv, comm
+            yield from self.proc.processes()
+        except ReadError as exc:
+            log.debug("%s", exc.message)
 
     def process_conflicts(self) -> List[Conflict]:
         found: Dict[str, List[int]] = {}

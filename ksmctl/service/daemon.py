@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from ksmctl import __version__
 from ksmctl.collectors.host import CollectionFailed, HostCollector
 from ksmctl.config import Config
-from ksmctl.errors import KsmctlError, PermissionDenied
+from ksmctl.errors import ErrorSource, KsmctlError, PermissionDenied
 from ksmctl.kernel.ownership import KnobOwnership, OnExternalChange
 from ksmctl.kernel.writer import Change, KsmWriter
 from ksmctl.policy.decide import Decision, EngineState, decide
@@ -40,7 +40,7 @@ class TickRecord:
     decision: Optional[Decision] = None
     changes: List[Change] = field(default_factory=list)
     external: List[str] = field(default_factory=list)  # knobs someone else changed (once per change)
-    errors: List[Tuple[str, str]] = field(default_factory=list)  # (source, message)
+    errors: List[Tuple[ErrorSource, str]] = field(default_factory=list)  # (source, message)
     duration: float = 0.0
     ok: bool = False
     wall: float = 0.0
@@ -129,7 +129,7 @@ class Daemon:
         except PermissionDenied:
             raise
         except KsmctlError as e:
-            rec.errors.append(("sysfs", e.message))
+            rec.errors.append((ErrorSource.SYSFS, e.message))
             log.error("%s", e.message)
         for c in rec.changes:
             log.info("%s %s -> %s (%s: %s)%s", c.knob, c.old, c.new, decision.run_rule + "/" + decision.scan_rule,
@@ -138,7 +138,7 @@ class Daemon:
             try:
                 self.trace.record(self.loaded.policy.name, self.loaded.sha256, readings, before, decision)
             except OSError as e:
-                rec.errors.append(("trace", "cannot write trace %s: %s" % (self.trace.path, e.strerror)))
+                rec.errors.append((ErrorSource.TRACE, "cannot write trace %s: %s" % (self.trace.path, e.strerror)))
         return self._finish(rec, t0)
 
     def _finish(self, rec: TickRecord, t0: float) -> TickRecord:

@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, Optional
 
 from ksmctl.errors import UsageError
 from ksmctl.policy.decide import Decision, EngineState, Mark
-from ksmctl.readings import EstimateSummary, KsmStat, KsmState, MemInfo, Psi, Readings, VmReading
+from ksmctl.readings import EstimateSummary, KsmStat, KsmState, MemInfo, Psi, Readings, VmReading, VmSource
 
 TRACE_VERSION = 1
 
@@ -29,7 +29,8 @@ def readings_from_dict(d: Dict[str, Any]) -> Readings:
         psi=Psi(**d["psi"]) if d.get("psi") else None,
         ksmd_cpu_seconds=d.get("ksmd_cpu_seconds"), vms=vms, mergeable_rss=d.get("mergeable_rss"),
         estimate=EstimateSummary(**d["estimate"]) if d.get("estimate") else None,
-        errors=tuple(tuple(e) for e in d.get("errors") or ()))  # type: ignore[misc]
+        errors=tuple(tuple(e) for e in d.get("errors") or ()),  # type: ignore[misc]
+        vm_source=VmSource.parse(d.get("vm_source")))
 
 
 def state_to_dict(s: EngineState) -> Dict[str, Any]:

@@ -13,7 +13,7 @@ from ksmctl.collectors.vms import VmCollector
 from ksmctl.service.coexist import CoexistenceChecker, check_or_refuse
 from ksmctl.config import Config, load_config
 from ksmctl.service.daemon import Daemon
-from ksmctl.errors import KsmctlError, PermissionDenied
+from ksmctl.errors import ErrorSource, KsmctlError, PermissionDenied
 from ksmctl.estimate.schedule import PeriodicEstimate
 from ksmctl.export.http import build_exporter
 from ksmctl.kernel.writer import KsmWriter
@@ -51,7 +51,7 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
     if config.estimate.enabled and not once:
         periodic = PeriodicEstimate(config.estimate, config.proc_root, config.sys_root,
                                     publish=lambda s: setattr(collector, "estimate", s),
-                                    on_error=lambda m: collector.report_error("estimate", m))
+                                    on_error=lambda m: collector.report_error(ErrorSource.ESTIMATE, m))
         periodic.start()
         d.on_shutdown.append(periodic.stop)
     if config.exporter.enabled or config.exporter.textfile:
@@ -70,7 +70,7 @@ def _count_policy_errors(d: Daemon, metrics: Any) -> None:
         try:
             return load(name)
         except KsmctlError:
-            metrics.count_error("policy")
+            metrics.count_error(ErrorSource.POLICY)
             raise
 
     d.policy_loader = counted

@@ -11,7 +11,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ksmctl.readings import KsmState, VmReading, vm_signals  # noqa: F401  (vm_signals: re-exported)
+from ksmctl.errors import ErrorSource
+from ksmctl.readings import KsmState, VmReading, VmSource, vm_signals  # noqa: F401  (vm_signals: re-exported)
 from ksmctl.collectors.vms.libvirt import LibvirtCollector
 from ksmctl.collectors.procfs import ProcFs
 
@@ -43,13 +44,14 @@ class VmCollector:
         self._impl.on_change = callback
 
     @property
-    def source(self) -> Optional[str]:
-        """"libvirt" or "proc" (None before the first collect)."""
+    def source(self) -> Optional[VmSource]:
+        """Where the last collect()'s data came from (None before the first)."""
         return self._impl.source
 
     @property
-    def errors(self) -> List[Tuple[str, str]]:
-        """(source, message) of this tick's per-domain problems, for Readings.errors."""
+    def errors(self) -> List[Tuple[ErrorSource, str]]:
+        """(source, message) of this tick's problems (per domain; libvirt unavailable
+        while configured), for Readings.errors."""
         return list(self._impl.errors)
 
     @property

@@ -17,16 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from ksmctl.errors import KsmctlError
-from ksmctl.readings import VmReading
-from ksmctl.collectors.procfs import ProcFs, parse_ksm_stat, read_proc_bytes, read_proc_identified
-from ksmctl.collectors.vms.qemu import QemuArgs, QemuProcScanner, parse_qemu_cmdline, split_cmdline
+from ksmctl.errors import ErrorSource
+from ksmctl.readings import VmReading, VmSource, VmState
+from ksmctl.collectors.procfs import ProcFs, parse_ksm_stat, split_cmdline
+from ksmctl.collectors.vms.binding import (LibvirtUnavailable, error_code, libvirt_message, quiet_errors,
+                                           start_event_loop)
+from ksmctl.collectors.vms.qemu import QemuArgs, QemuProcScanner, parse_qemu_cmdline
 
 log = logging.getLogger("ksmctl.vms")
 
-# virDomainState
-STATE_NAMES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutdown",
-               5: "shutoff", 6: "crashed", 7: "pmsuspended"}
+# virDomainState's numbers
+STATES = {0: VmState.NOSTATE, 1: VmState.RUNNING, 2: VmState.BLOCKED, 3: VmState.PAUSED,
+          4: VmState.SHUTDOWN, 5: VmState.SHUTOFF, 6: VmState.CRASHED, 7: VmState.PMSUSPENDED}
 _STATS_STATE = 1       # VIR_DOMAIN_STATS_STATE
 _STATS_BALLOON = 4     # VIR_DOMAIN_STATS_BALLOON
 _STATS_ACTIVE = 1      # VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE
@@ -34,68 +36,8 @@ _ERR_NO_DOMAIN = 42    # VIR_ERR_NO_DOMAIN
 _EVENT_ID_LIFECYCLE = 0
 
 
-class LibvirtUnavailable(KsmctlError):
-    """libvirt could not be used this tick (connect or a connection-wide call failed)."""
-
-
 class _Vanished(Exception):
     """The domain went away between the listing and reading it: skip it this tick."""
-
-
-def libvirt_message(e: BaseException, what: str) -> str:
-    """A libvirtError as one line, without libvirt's 'libvirt: XML-RPC error :' noise."""
-    get = getattr(e, "get_error_message", None)
-    msg = get() if get else None
-    return "%s: %s" % (what, (msg or str(e) or type(e).__name__).strip())
-
-
-def _error_code(e: BaseException) -> Optional[int]:
-    get = getattr(e, "get_error_code", None)
-    return get() if get else None
-
-
-# libvirt allows exactly one event loop implementation per process, registered before the
-# connections that use it; it is process state by nature, hence this module-level guard.
-_event_lock = threading.Lock()
-_event_loop_modules: Set[int] = set()
-
-
-def start_event_loop(lv: Any) -> bool:
-    """Register libvirt's default event loop and run it in a daemon thread (once).
-
-    With it, libvirt notices a closed connection at once (close callback, keepalive)
-    and delivers domain lifecycle events; without it, a failed call is the signal."""
-    with _event_lock:
-        if id(lv) in _event_loop_modules:
-            return True
-        register = getattr(lv, "virEventRegisterDefaultImpl", None)
-        run = getattr(lv, "virEventRunDefaultImpl", None)
-        if register is None or run is None:
-            return False
-        try:
-            register()
-        except Exception as e:  # noqa: BLE001 - a binding without event support
-            log.debug("libvirt event loop unavailable: %s", e)
-            return False
-
-        def loop() -> None:
-            while True:
-                try:
-                    run()
-                except Exception:  # noqa: BLE001 - keep the loop alive; libvirt logs
-                    time.sleep(0.5)
-
-        threading.Thread(target=loop, name="libvirt-events", daemon=True).start()
-        _event_loop_modules.add(id(lv))
-        return True
-
-
-def _quiet_errors(lv: Any) -> None:
-    """libvirt-python prints every error to stderr by default; ours become messages."""
-    try:
-        lv.registerErrorHandler(lambda _ctx, _err: None, None)
-    except Exception:  # noqa: BLE001
-        pass
 
 
 @dataclass
@@ -122,9 +64,10 @@ def nosharepages(xml: str) -> bool:
 class LibvirtCollector:
     """Active libvirt domains as VmReadings; /proc discovery while libvirt is unavailable.
 
-    `.source` is "libvirt" or "proc" after each collect(); `.errors` the (source, message)
-    pairs of this tick's per-domain problems; `.changed` is set by libvirt lifecycle and
-    close events so a caller may tick early."""
+    `.source` is where this tick's data came from after each collect(); `.errors` the
+    (source, message) pairs of this tick's problems: per-domain ones, and libvirt being
+    unavailable while it is configured (an outage is counted every tick it lasts);
+    `.changed` is set by libvirt lifecycle and close events so a caller may tick early."""
 
     def __init__(self, uri: Optional[str] = "qemu:///system", proc: Optional[ProcFs] = None,
                  run_root: str = "/run", libvirt_module: Any = None,
@@ -133,17 +76,15 @@ class LibvirtCollector:
         self.uri = uri
         self.proc = proc if proc is not None else ProcFs()
         self.pid_dir = Path(run_root) / "libvirt" / "qemu"
-        self._proc_root = str(self.proc.root)
-        self._page_size = getattr(self.proc, "page_size", 4096)
         self.clock = clock
         self.events = events
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.changed = threading.Event()
         self.on_change: Optional[Callable[[], None]] = None  # e.g. wake the daemon for a tick now
-        self.source: Optional[str] = None
+        self.source: Optional[VmSource] = None
         self.last_error: Optional[str] = None
-        self.errors: List[Tuple[str, str]] = []
+        self.errors: List[Tuple[ErrorSource, str]] = []
         self._lv = libvirt_module
         self._no_module: Optional[str] = None if uri else "no libvirt URI configured"
         self._conn: Any = None
@@ -184,7 +125,7 @@ class LibvirtCollector:
             self._no_module = "libvirt-python is not installed"
             self.last_error = self._no_module
             return None
-        _quiet_errors(lv)
+        quiet_errors(lv)
         if self.events:
             start_event_loop(lv)
         try:
@@ -205,14 +146,14 @@ class LibvirtCollector:
         try:
             conn.registerCloseCallback(self._on_close, None)
         except Exception as e:  # noqa: BLE001 - a failed call will tell us instead
-            log.debug("libvirt close callback not registered: %s", libvirt_message(e, self.uri))
+            log.debug("libvirt close callback not registered: %s", libvirt_message(e, str(self.uri)))
         try:
             cid = conn.domainEventRegisterAny(
                 None, getattr(lv, "VIR_DOMAIN_EVENT_ID_LIFECYCLE", _EVENT_ID_LIFECYCLE),
                 self._on_lifecycle, None)
             self._callback_ids.append(cid)
         except Exception as e:  # noqa: BLE001 - then new VMs show up at the next tick
-            log.debug("libvirt lifecycle events not registered: %s", libvirt_message(e, self.uri))
+            log.debug("libvirt lifecycle events not registered: %s", libvirt_message(e, str(self.uri)))
 
     def _on_close(self, _conn: Any, _reason: int, _opaque: Any) -> None:
         self._broken = True
@@ -274,17 +215,19 @@ class LibvirtCollector:
             except LibvirtUnavailable as e:
                 self._disconnect(e.message)
             else:
-                self._set_source("libvirt")
+                self._set_source(VmSource.LIBVIRT)
                 return vms
+        if self._no_module is None:  # configured and importable, yet unusable: an outage
+            self.errors.append((ErrorSource.LIBVIRT, self.last_error or "libvirt is unavailable"))
         vms = self._scanner.collect()
-        self._set_source("proc")
+        self._set_source(VmSource.PROC)
         return vms
 
-    def _set_source(self, source: str) -> None:
+    def _set_source(self, source: VmSource) -> None:
         if source == self.source:
             return
         self.source = source
-        if source == "libvirt":
+        if source is VmSource.LIBVIRT:
             log.info("per-VM data from libvirt at %s", self.uri)
         elif self._no_module is not None:
             log.info("per-VM data from /proc (QEMU processes): %s", self._no_module)
@@ -319,9 +262,10 @@ class LibvirtCollector:
             del self._known[uuid]  # keeps the cache bounded by the running domains
         return tuple(out)
 
-    def _note(self, key: str, message: str) -> None:
-        """A per-domain problem: in this tick's errors; logged once per domain and message."""
-        self.errors.append(("vms", message))
+    def _note(self, source: ErrorSource, key: str, message: str) -> None:
+        """A per-domain problem: in this tick's errors under its real source (a libvirt
+        call, or the pid file and /proc); logged once per domain and message."""
+        self.errors.append((source, message))
         if (key, message) not in self._reported:
             if len(self._reported) > 10000:
                 self._reported.clear()
@@ -333,9 +277,9 @@ class LibvirtCollector:
             uuid = dom.UUIDString()
             name = dom.name()
         except Exception as e:  # noqa: BLE001 - both are local calls; a broken object
-            if _error_code(e) == _ERR_NO_DOMAIN:
+            if error_code(e) == _ERR_NO_DOMAIN:
                 raise _Vanished() from None
-            self._note("?", libvirt_message(e, "libvirt %s: a domain" % self.uri))
+            self._note(ErrorSource.LIBVIRT, "?", libvirt_message(e, "libvirt %s: a domain" % self.uri))
             return None
         known = self._known.get(uuid)
         if known is None:
@@ -353,14 +297,10 @@ class LibvirtCollector:
         if pid is not None:
             ksm = parse_ksm_stat(raw.decode("ascii", "replace")) if raw is not None else None
             if rss is None:
-                statm = read_proc_bytes("%s/%d/statm" % (self._proc_root, pid))
-                try:
-                    rss = int(statm.split()[1]) * self._page_size if statm else None
-                except (ValueError, IndexError):
-                    rss = None
+                rss = self.proc.rss_bytes(pid)
         return VmReading(
-            uuid=uuid, name=name, state=STATE_NAMES.get(params.get("state.state", -1), "unknown"),
-            pid=pid, source="libvirt", balloon_current=kib("balloon.current"),
+            uuid=uuid, name=name, state=STATES.get(params.get("state.state", -1), VmState.UNKNOWN),
+            pid=pid, source=VmSource.LIBVIRT, balloon_current=kib("balloon.current"),
             balloon_maximum=kib("balloon.maximum"), rss=rss,
             guest_available=kib("balloon.available"), guest_usable=kib("balloon.usable"),
             guest_unused=kib("balloon.unused"), guest_swap_in=kib("balloon.swap_in"),
@@ -371,7 +311,7 @@ class LibvirtCollector:
     def _check_pid(self, pid: int, uuid: str, name: str,
                    known: Optional[_Known] = None) -> Tuple[Optional[QemuArgs], str]:
         """(args, "") when pid is this guest's QEMU; (None, why) otherwise."""
-        raw = read_proc_bytes("%s/%d/cmdline" % (self._proc_root, pid))
+        raw = self.proc.cmdline_bytes(pid)
         if not raw:
             return None, "gone"
         if known is not None and known.argv_raw == raw:
@@ -391,12 +331,12 @@ class LibvirtCollector:
         bytes; (None, None, None) if unknown. Once verified, a tick only checks that the
         ksm_stat it reads is still that process's (read_proc_identified)."""
         if known.pid is not None:
-            got = read_proc_identified("%s/%d/ksm_stat" % (self._proc_root, known.pid))
+            got = self.proc.ksm_stat_identified(known.pid)
             if got is not None and known.ident is not None and got[1] == known.ident:
                 return known.pid, known.args, got[0]
             args, _ = self._check_pid(known.pid, uuid, name, known)
             if args is not None:
-                return known.pid, args, self._identify(known)
+                return known.pid, args, self._identify(known, known.pid)
             known.pid = known.argv_raw = known.args = known.ident = None
         path = self.pid_dir / (name + ".pid")
         try:
@@ -408,22 +348,22 @@ class LibvirtCollector:
         try:
             pid = int(text)
         except ValueError:
-            self._note(uuid, "%s: pid file %s holds %r, not a pid" % (name, path, text[:20]))
+            self._note(ErrorSource.PROC, uuid, "%s: pid file %s holds %r, not a pid" % (name, path, text[:20]))
             return None, None, None
         args, why = self._check_pid(pid, uuid, name, known)
         if args is None:
             if why == "gone" and known.had_pid:
                 raise _Vanished()
-            self._note(uuid, "%s: ignoring stale pid file %s: pid %d is %s"
+            self._note(ErrorSource.PROC, uuid, "%s: ignoring stale pid file %s: pid %d is %s"
                        % (name, path, pid, "gone" if why == "gone" else why))
             return None, None, None
         known.pid = pid
         known.had_pid = True
-        return pid, args, self._identify(known)
+        return pid, args, self._identify(known, pid)
 
-    def _identify(self, known: _Known) -> Optional[bytes]:
+    def _identify(self, known: _Known, pid: int) -> Optional[bytes]:
         """Read the just-verified process's ksm_stat and remember which file it was."""
-        got = read_proc_identified("%s/%d/ksm_stat" % (self._proc_root, known.pid))
+        got = self.proc.ksm_stat_identified(pid)
         known.ident = got[1] if got is not None else None
         return got[0] if got is not None else None
 
@@ -435,9 +375,10 @@ class LibvirtCollector:
         try:
             xml = dom.XMLDesc(0)
         except Exception as e:  # noqa: BLE001
-            if _error_code(e) == _ERR_NO_DOMAIN:
+            if error_code(e) == _ERR_NO_DOMAIN:
                 raise _Vanished() from None
-            self._note(uuid, libvirt_message(e, "libvirt %s: reading the XML of %s" % (self.uri, name)))
+            self._note(ErrorSource.LIBVIRT, uuid,
+                       libvirt_message(e, "libvirt %s: reading the XML of %s" % (self.uri, name)))
             return None  # retried next tick; the QEMU command line still tells mem-merge=off
         known.xml_pid = pid
         known.xml_excluded = nosharepages(xml)

@@ -1,8 +1,9 @@
-"""Finds QEMU guests by scanning /proc, for hosts without libvirt or while libvirtd is down.
+"""The one parser of QEMU command lines, and the /proc scanner that finds guests without libvirt.
 
-Everything comes from the QEMU command line: the guest name (`-name guest=NAME,...` or
-`-name NAME`), the UUID (`-uuid`), the memory size (`-m`) and whether the guest opted out
-of merging (`-machine ...,mem-merge=off`, or a memory backend with merge=off).
+Everything comes from the command line: the guest name (`-name guest=NAME,...` or
+`-name NAME`, `,,` escaping a comma), the UUID (`-uuid`), the memory size (`-m`) and
+whether the guest opted out of merging (`-machine ...,mem-merge=off`, or a memory backend
+with merge=off). The VM collectors and the estimator's guest names both use it.
 """
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ksmctl.readings import VmReading
+from ksmctl.readings import VmReading, VmSource, VmState
 from ksmctl.collectors.procfs import ProcFs
 
 _SUFFIXES = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def is_qemu_binary(argv0: str) -> bool:
+    """qemu-system-<arch> (upstream, Debian, libvirt) or qemu-kvm (RHEL's
+    /usr/libexec/qemu-kvm); not qemu-img, qemu-nbd or the like."""
     base = os.path.basename(argv0)
     return base.startswith("qemu-system-") or base == "qemu-kvm"
 
@@ -76,12 +79,9 @@ class QemuArgs:
     mem_merge_off: bool
 
 
-def split_cmdline(raw: bytes) -> Tuple[str, ...]:
-    return tuple(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a)
-
-
 def parse_qemu_cmdline(argv: Sequence[str]) -> Optional[QemuArgs]:
-    """None unless argv is a qemu-system-* process."""
+    """None unless argv is a QEMU process (is_qemu_binary). `-opt` and `--opt` alike;
+    a later option wins, as in QEMU."""
     if not argv or not is_qemu_binary(argv[0]):
         return None
     name = uuid = None
@@ -136,7 +136,7 @@ def proc_identity(args: QemuArgs, pid: int) -> Tuple[str, str]:
 
 
 class QemuProcScanner:
-    """Every qemu-system-* process under `proc` as a VmReading(source='proc')."""
+    """Every QEMU process under `proc` as a VmReading(source=PROC)."""
 
     def __init__(self, proc: ProcFs) -> None:
         self.proc = proc
@@ -156,7 +156,7 @@ class QemuProcScanner:
         if ksm is None and rss is None:
             return None  # exited between the listing and now
         uuid, name = proc_identity(args, pid)
-        return VmReading(uuid=uuid, name=name, state="running", pid=pid, source="proc",
+        return VmReading(uuid=uuid, name=name, state=VmState.RUNNING, pid=pid, source=VmSource.PROC,
                          balloon_maximum=args.memory, rss=rss, ksm=ksm,
                          excluded=args.mem_merge_off)
 
