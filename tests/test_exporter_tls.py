@@ -16,7 +16,8 @@ import pytest
 
 from ksmctl.config import ExporterConfig
 from ksmctl.errors import ConfigError
-from ksmctl.export.http import BasicAuth, Exporter, load_web_config
+from ksmctl.export.http import Exporter
+from ksmctl.export.webconfig import BasicAuth, load_web_config
 
 from .support import need_tool
 
@@ -146,14 +147,14 @@ def test_web_config_errors_name_file_and_key(tmp_path, text, expect):
 
 
 def test_bcrypt_result_is_cached(monkeypatch):
-    auth = BasicAuth({"u": HASH})
+    auth, users = BasicAuth(), {"u": HASH}
     calls = []
     real = bcrypt.checkpw
     monkeypatch.setattr(bcrypt, "checkpw", lambda p, h: calls.append(1) or real(p, h))
     header = _auth("u", "s3cret")["Authorization"]
-    assert auth.check(header) and auth.check(header) and len(calls) == 1
-    assert not auth.check(_auth("u", "other")["Authorization"]) and len(calls) == 2
-    assert not auth.check("Basic !!!") and not auth.check("Bearer x") and not auth.check(None)
+    assert auth.check(header, users) and auth.check(header, users) and len(calls) == 1
+    assert not auth.check(_auth("u", "other")["Authorization"], users) and len(calls) == 2
+    assert not auth.check("Basic !!!", users) and not auth.check("Bearer x", users) and not auth.check(None, users)
 
 
 def test_textfile_written_atomically_each_tick(tmp_path):
