@@ -318,3 +318,11 @@ def test_prefer_server_cipher_suites_is_honoured(tmp_path, pki, prefer, expect):
                 assert s.cipher()[0] == expect
     finally:
         exp.stop()
+
+
+def test_unit_sets_an_fd_limit_that_leaves_room_for_the_controller():
+    from .test_unit_file import SHIPPED, _directives
+    limit = _directives(SHIPPED.read_text()).get(("Service", "LimitNOFILE"), [])
+    assert len(limit) == 1 and limit[0].isdigit(), limit
+    # min(64, half the limit) connections: at 1024 the exporter is capped by 64, not the limit.
+    assert int(limit[0]) // 2 >= 64 and int(limit[0]) <= 65536
