@@ -16,7 +16,8 @@ import pytest
 
 from ksmctl.config import ExporterConfig
 from ksmctl.errors import ConfigError
-from ksmctl.export.http import BasicAuth, Exporter, load_web_config
+from ksmctl.export.http import Exporter
+from ksmctl.export.webconfig import BasicAuth, load_web_config
 
 from .support import need_tool
 
@@ -137,6 +138,19 @@ def test_client_certificates_required(tmp_path, pki):
     ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: RequireAndVerifyClientCert\n",
      "needs client_ca_file"),
     ("basic_auth: {}\n", "unknown key 'basic_auth'; allowed here: basic_auth_users"),
+    ("basic_auth_users:\n  carol: '$2b$15$%s'\n" % ("a" * 53), "user 'carol': bcrypt cost 15 is outside 4..14"),
+    ("http_server_config:\n  http2: true\n", "this server speaks HTTP/1.1 only"),
+    ("http_server_config:\n  headers:\n    Content-Type: text/html\n",
+     "HTTP header 'Content-Type' can not be configured; allowed: Strict-Transport-Security"),
+    ("http_server_config:\n  headers:\n    X-Frame-Options: allow\n", "'allow' is not allowed; expected one of: deny, sameorigin"),
+    ("http_server_config:\n  headers:\n    Content-Security-Policy: \"a\\r\\nSet-Cookie: x\"\n", "must not contain control characters"),
+    ("http_server_config:\n  headers:\n    Content-Security-Policy: \"\u2603\"\n", "must be ISO-8859-1"),
+    ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_allowed_sans: [x]\n",
+     "client_allowed_sans requires client_auth_type RequireAnyClientCert or RequireAndVerifyClientCert"),
+    ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_auth_type: VerifyClientCertIfGiven\n"
+     "  client_ca_file: ca.crt\n  client_allowed_sans: [x]\n", "client_allowed_sans requires"),
+    ("tls_server_config:\n  cert_file: a\n  key_file: b\n  client_ca_file: ca.crt\n",
+     "client_ca_file is set but client_auth_type is NoClientCert"),
 ])
 def test_web_config_errors_name_file_and_key(tmp_path, text, expect):
     (tmp_path / "web.yml").write_text(text)
@@ -145,15 +159,22 @@ def test_web_config_errors_name_file_and_key(tmp_path, text, expect):
     assert str(tmp_path / "web.yml") in e.value.message and expect in e.value.message, e.value.message
 
 
+def test_highest_allowed_bcrypt_cost_loads(tmp_path):
+    (tmp_path / "web.yml").write_text("basic_auth_users:\n  dave: '$2b$14$%s'\n" % ("a" * 53))
+    assert load_web_config(str(tmp_path / "web.yml")).users["dave"].startswith("$2b$14$")
+
+
 def test_bcrypt_result_is_cached(monkeypatch):
-    auth = BasicAuth({"u": HASH})
+    auth, users = BasicAuth(), {"u": HASH}
     calls = []
     real = bcrypt.checkpw
     monkeypatch.setattr(bcrypt, "checkpw", lambda p, h: calls.append(1) or real(p, h))
     header = _auth("u", "s3cret")["Authorization"]
-    assert auth.check(header) and auth.check(header) and len(calls) == 1
-    assert not auth.check(_auth("u", "other")["Authorization"]) and len(calls) == 2
-    assert not auth.check("Basic !!!") and not auth.check("Bearer x") and not auth.check(None)
+    assert auth.check(header, users) and auth.check(header, users) and len(calls) == 1
+    assert not auth.check(_auth("u", "other")["Authorization"], users) and len(calls) == 2
+    assert not auth.check(header, {"u": HASH.replace("$04$", "$05$", 1)})  # a rotated hash is checked afresh
+    assert len(calls) == 3
+    assert not auth.check("Basic !!!", users) and not auth.check("Bearer x", users) and not auth.check(None, users)
 
 
 def test_textfile_written_atomically_each_tick(tmp_path):

@@ -1,199 +1,55 @@
-"""The daemon's /metrics endpoint: HTTP(S) server, exporter-toolkit web config, textfile.
+"""The daemon's /metrics endpoint: an HTTP(S) server that holds against its clients.
 
-The web config file has the format of the Prometheus exporter-toolkit (the `--web.config.file`
-of node_exporter), so operators secure ksmctl the way they already secure node_exporter:
-`tls_server_config` (cert_file, key_file, client_auth_type, client_ca_file, min_version,
-max_version, client_allowed_sans) and `basic_auth_users` (user: bcrypt hash). Relative
-paths are relative to the web config file, as in the exporter-toolkit.
-
-The server is our own ThreadingHTTPServer: TLS handshakes run in the request thread (a
-slow client cannot stall the listener), and basic auth answers 401 before anything is
-rendered. Successful bcrypt checks are cached (bcrypt costs ~0.1-0.3 s by design; a
-scrape every few seconds must not pay it each time).
+Our own ThreadingHTTPServer, bounded so that no client can take what the controller
+needs: at most `connection_limit()` connections (one thread and one fd each; more are
+closed at once), a deadline for each request (TLS handshake, request line and headers
+together), a write timeout, and bcrypt checks one at a time. Basic auth answers 401 before
+anything is rendered. The web config (webconfig.py) is consulted per connection and
+request, so it can change under a running server.
 """
 from __future__ import annotations
 
-import base64
+import errno
 import gzip
-import hashlib
-import hmac
 import html
+import io
 import logging
+import resource
 import socket
 import ssl
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ksmctl import __version__
 from ksmctl.config import ExporterConfig
-from ksmctl.errors import ConfigError, ErrorSource, KsmctlError
-from ksmctl.fsutil import atomic_write
+from ksmctl.errors import ConfigError, ErrorSource
 from ksmctl.export.metrics import MetricsCollector, render_text
-from ksmctl.yamlload import YamlProblem, load_yaml, validate
+from ksmctl.export.textfile import write_textfile
+from ksmctl.export.webconfig import BasicAuth, WebConfigSource
 
 log = logging.getLogger("ksmctl.exporter")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-CLIENT_AUTH_TYPES = ("NoClientCert", "RequestClientCert", "RequireAnyClientCert",
-                     "VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
-TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
-                "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
-# A valid bcrypt hash of a random string: unknown users are checked against it so that a
-# wrong user name takes as long as a wrong password (no user enumeration by timing).
-_DUMMY_HASH = b"$2b$10$3Ie/DdDZ0JbUPJ1Kx4h27uSvbYzGmpcGGAiEAP5sINdLhHuzbBhSC"
+# A request must be complete this long after the connection is ready for it (accepted, or
+# the previous response sent): slowloris clients and idle keep-alives are closed after it.
+READ_TIMEOUT = 10.0
+WRITE_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
+_FD_SHORTAGE = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class TlsServerConfig(_Model):
-    cert_file: str
-    key_file: str
-    client_auth_type: str = "NoClientCert"
-    client_ca_file: Optional[str] = None
-    client_allowed_sans: Optional[List[str]] = None
-    min_version: str = "TLS12"
-    max_version: str = "TLS13"
-    prefer_server_cipher_suites: bool = True  # OpenSSL's server order is used either way
-
-    @field_validator("client_auth_type")
-    @classmethod
-    def _auth(cls, v: str) -> str:
-        if v not in CLIENT_AUTH_TYPES:
-            raise ValueError("expected one of " + ", ".join(CLIENT_AUTH_TYPES))
-        return v
-
-    @field_validator("min_version", "max_version")
-    @classmethod
-    def _ver(cls, v: str) -> str:
-        if v not in TLS_VERSIONS:
-            raise ValueError("expected one of " + ", ".join(TLS_VERSIONS))
-        return v
-
-
-class HttpServerConfig(_Model):
-    http2: bool = True  # accepted for compatibility; this server speaks HTTP/1.1
-    headers: Dict[str, str] = Field(default_factory=dict)
-
-
-class WebConfig(_Model):
-    tls_server_config: Optional[TlsServerConfig] = None
-    http_server_config: HttpServerConfig = HttpServerConfig()
-    basic_auth_users: Dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("basic_auth_users")
-    @classmethod
-    def _hashes(cls, v: Dict[str, str]) -> Dict[str, str]:
-        for user, h in v.items():
-            if not isinstance(h, str) or not h.startswith(("$2a$", "$2b$", "$2y$")) or len(h) != 60:
-                raise ValueError("user %r: expected a bcrypt hash ($2y$..., 60 characters; "
-                                 "make one with `htpasswd -nBC 10 \"\" | tr -d ':\\n'`)" % user)
-        return v
-
-
-def load_web_config(path: str) -> WebConfig:
-    """Parse and check a web config; every problem names the file, line and key."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError("%s: cannot read web config: %s" % (path, e.strerror or e)) from None
-    try:
-        data, lines = load_yaml(text, path)
-        wc = validate(WebConfig, data, path, lines)
-    except YamlProblem as e:
-        raise ConfigError(str(e)) from None
-    tls = wc.tls_server_config
-    if tls is not None:
-        base = p.resolve().parent
-        fixed = {k: str(base / getattr(tls, k)) for k in ("cert_file", "key_file", "client_ca_file")
-                 if getattr(tls, k)}
-        tls = tls.model_copy(update=fixed)
-        wc = wc.model_copy(update={"tls_server_config": tls})
-        if tls.client_auth_type in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert") \
-                and not tls.client_ca_file:
-            raise ConfigError("%s: tls_server_config.client_auth_type: %s needs client_ca_file"
-                              % (path, tls.client_auth_type))
-        if TLS_VERSIONS[tls.min_version] > TLS_VERSIONS[tls.max_version]:
-            raise ConfigError("%s: tls_server_config: min_version %s is above max_version %s"
-                              % (path, tls.min_version, tls.max_version))
-        ssl_context(wc, path)  # fail at start, naming the file, not at the first scrape
-    return wc
-
-
-def ssl_context(wc: WebConfig, path: str = "web config") -> ssl.SSLContext:
-    tls = wc.tls_server_config
-    assert tls is not None
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = TLS_VERSIONS[tls.min_version]
-    ctx.maximum_version = TLS_VERSIONS[tls.max_version]
-    try:
-        ctx.load_cert_chain(tls.cert_file, tls.key_file)
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError("%s: tls_server_config: cannot load cert_file %s / key_file %s: %s"
-                          % (path, tls.cert_file, tls.key_file, getattr(e, "strerror", None) or e)) from None
-    if tls.client_ca_file:
-        try:
-            ctx.load_verify_locations(cafile=tls.client_ca_file)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError("%s: tls_server_config.client_ca_file %s: %s"
-                              % (path, tls.client_ca_file, getattr(e, "strerror", None) or e)) from None
-    # Go's RequestClientCert/RequireAnyClientCert accept unverified certificates; Python
-    # cannot request a certificate without verifying it, so both verify against the CA
-    # when one is given and are refused at load time otherwise.
-    mode = tls.client_auth_type
-    if mode == "NoClientCert":
-        ctx.verify_mode = ssl.CERT_NONE
-    elif mode in ("VerifyClientCertIfGiven", "RequestClientCert"):
-        ctx.verify_mode = ssl.CERT_OPTIONAL
-    else:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-    if mode in ("RequestClientCert", "RequireAnyClientCert") and not tls.client_ca_file:
-        raise ConfigError("%s: tls_server_config.client_auth_type %s: ksmctl verifies client certificates, "
-                          "set client_ca_file" % (path, mode))
-    ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-    return ctx
-
-
-class BasicAuth:
-    """bcrypt check with a cache of successful (user, sha256(password)) pairs."""
-
-    def __init__(self, users: Dict[str, str]) -> None:
-        self.users = {u: h.encode() for u, h in users.items()}
-        self._ok: Dict[str, bytes] = {}
-        self._lock = threading.Lock()
-
-    def check(self, header: Optional[str]) -> bool:
-        if not header or not header.startswith("Basic "):
-            return False
-        try:
-            user, sep, password = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8").partition(":")
-        except (ValueError, UnicodeDecodeError):
-            return False
-        if not sep:
-            return False
-        digest = hashlib.sha256(password.encode("utf-8")).digest()
-        with self._lock:
-            cached = self._ok.get(user)
-        if cached is not None and hmac.compare_digest(cached, digest):
-            return True
-        import bcrypt
-        hashed = self.users.get(user)
-        try:
-            ok = bcrypt.checkpw(password.encode("utf-8"), hashed or _DUMMY_HASH) and hashed is not None
-        except ValueError:
-            ok = False
-        if ok:
-            with self._lock:
-                self._ok[user] = digest
-        return ok
+def connection_limit() -> int:
+    """At most MAX_CONNECTIONS, and never more than half the fd limit: the other half stays
+    for the controller's own reads of /sys and /proc, libvirt and logs."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(1, min(MAX_CONNECTIONS, soft // 2))
 
 
 def parse_listen(listen: str) -> Tuple[str, int]:
@@ -204,12 +60,35 @@ def parse_listen(listen: str) -> Tuple[str, int]:
     return host, int(port)
 
 
+class _DeadlineReader(io.RawIOBase):
+    """Reads from the socket until the handler's deadline: a per-recv timeout alone lets a
+    client that sends one byte every few seconds hold its thread forever."""
+
+    def __init__(self, sock: socket.socket, handler: Any) -> None:
+        self.sock = sock
+        self.handler = handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        remaining = self.handler.deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("request not complete within %gs" % READ_TIMEOUT)
+        self.sock.settimeout(remaining)
+        return self.sock.recv_into(b)
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    tls: Optional[ssl.SSLContext] = None
+    request_queue_size = 32
 
-    def __init__(self, addr: Tuple[str, int], handler: Any, tls: Optional[ssl.SSLContext]) -> None:
-        self.tls = tls
+    def __init__(self, addr: Tuple[str, int], handler: Any, web: WebConfigSource, limit: int) -> None:
+        self.web = web
+        self.limit = limit
+        self.tls = web.current().tls is not None
+        self._slots = threading.BoundedSemaphore(limit)
+        self._full_logged = 0.0
         host = addr[0]
         if host == "" and socket.has_ipv6:
             self.address_family = socket.AF_INET6
@@ -223,35 +102,85 @@ class _Server(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack like Go's ":port"
         super().server_bind()
 
+    def get_request(self) -> Any:
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in _FD_SHORTAGE:  # the connection stays queued: do not spin on it
+                self._warn("cannot accept a connection: %s" % (e.strerror or e))
+                time.sleep(0.1)
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._warn("%d connections open, the limit: closing new ones until some finish" % self.limit)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
     def finish_request(self, request: Any, client_address: Any) -> None:
-        # Runs in the request's own thread: the TLS handshake happens here, not in accept().
-        if self.tls is not None:
-            request.settimeout(10)
+        # Runs in the connection's own thread: the TLS handshake happens here, not in accept().
+        if self.tls:
+            active = self.web.current()
+            assert active.tls is not None
+            request.settimeout(READ_TIMEOUT)  # CPython: a deadline for the whole handshake
             try:
-                request = self.tls.wrap_socket(request, server_side=True)
+                request = active.tls.wrap_socket(request, server_side=True)
+                refusal = active.sans_refusal(request.getpeercert())
             except (ssl.SSLError, OSError) as e:
                 log.debug("TLS handshake with %s failed: %s", client_address[0], e)
-                try:
-                    request.close()
-                except OSError:
-                    pass
+                _close(request)
+                return
+            if refusal is not None:
+                log.info("refused %s: %s", client_address[0], refusal)
+                _close(request)
                 return
         super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection from %s ended with an error", client_address[0], exc_info=True)
+
+    def _warn(self, msg: str) -> None:
+        now = time.monotonic()
+        if now - self._full_logged > 60:  # once a minute at most: a flood must not flood the log
+            self._full_logged = now
+            log.warning("exporter: %s", msg)
+
+
+def _close(sock: Any) -> None:
+    try:
+        sock.close()
+    except OSError:
+        pass
 
 
 class Exporter:
     """Serves the collector's metrics over HTTP(S) and/or writes them to a textfile.
 
-    observer(rec) is appended to Daemon.observers; stop() to Daemon.on_shutdown."""
+    observer(rec) is appended to Daemon.observers; stop() to Daemon.on_shutdown. The
+    registry holds the tick's families (MetricsCollector, rendered once per tick) and the
+    daemon's own process_* metrics (ProcessCollector, read per scrape; self_proc is where
+    it reads /proc/self, not the host's /proc the collectors may be pointed at)."""
 
     def __init__(self, config: ExporterConfig, registry: Optional[CollectorRegistry] = None,
-                 metrics: Optional[MetricsCollector] = None, web_config: Optional[WebConfig] = None) -> None:
+                 metrics: Optional[MetricsCollector] = None, web: Optional[WebConfigSource] = None,
+                 self_proc: str = "/proc") -> None:
         self.config = config
         self.registry = registry or CollectorRegistry(auto_describe=False)
         self.metrics = metrics or MetricsCollector(self.registry, per_vm=config.per_vm)
-        self.web = web_config or (load_web_config(config.web_config) if config.web_config else WebConfig())
-        self.auth = BasicAuth(self.web.basic_auth_users) if self.web.basic_auth_users else None
-        self.tls = ssl_context(self.web, config.web_config or "web config") if self.web.tls_server_config else None
+        self.process = ProcessCollector(proc=self_proc, registry=self.registry)
+        self.web = web or WebConfigSource(config.web_config, on_error=lambda _msg: self.metrics.count_error(ErrorSource.EXPORTER))
+        self.auth = BasicAuth()
         self.server: Optional[_Server] = None
         self.thread: Optional[threading.Thread] = None
         self._cache: Tuple[int, bytes] = (-1, b"")
@@ -259,17 +188,22 @@ class Exporter:
 
     # -- rendering --------------------------------------------------------------------------
     def render(self) -> bytes:
-        """The text exposition (format 0.0.4, which every Prometheus reads; like node_exporter,
-        no OpenMetrics negotiation). Cached per tick: it only changes when a tick is observed."""
+        """The tick's text exposition (format 0.0.4, which every Prometheus reads; like
+        node_exporter, no OpenMetrics negotiation). Cached per tick: it only changes when a
+        tick is observed."""
         gen = self.metrics.generation
         with self._cache_lock:
             if self._cache[0] == gen:
                 return self._cache[1]
-        body = render_text(self.registry)
+        body = render_text(self.metrics)
         if self.metrics.generation == gen:
             with self._cache_lock:
                 self._cache = (gen, body)
         return body
+
+    def scrape(self) -> bytes:
+        """What /metrics serves: the tick's families and this process's, read now."""
+        return self.render() + render_text(self.process)
 
     def observer(self, rec: Any) -> None:
         """After each tick: count it, then render once here in the daemon's thread, so
@@ -285,26 +219,25 @@ class Exporter:
             self.write_textfile()
 
     def write_textfile(self) -> None:
-        """Atomic: node_exporter never reads a half-written file."""
-        path = Path(self.config.textfile or "")
-        try:
-            atomic_write(path, self.render())
-        except OSError as e:
+        problem = write_textfile(self.config.textfile or "", self.render())
+        if problem is not None:
             self.metrics.count_error(ErrorSource.EXPORTER)
-            log.error("cannot write textfile %s: %s", path, e.strerror or e)
+            log.error("%s", problem)
 
     # -- serving ----------------------------------------------------------------------------
     def start(self) -> "Exporter":
         host, port = parse_listen(self.config.listen)
+        limit = connection_limit()
         try:
-            self.server = _Server((host, port), self._handler(), self.tls)
+            self.server = _Server((host, port), self._handler(), self.web, limit)
         except OSError as e:
-            raise KsmctlError("exporter: cannot listen on %s: %s (set exporter.listen in the config, "
+            raise ConfigError("exporter.listen: cannot listen on %s: %s (set exporter.listen in the config, "
                               "or exporter.enabled: false)" % (self.config.listen, e.strerror or e)) from None
         self.thread = threading.Thread(target=self.server.serve_forever, name="ksmctl-exporter", daemon=True)
         self.thread.start()
-        log.info("exporter listening on %s://%s/metrics%s", "https" if self.tls else "http", self.config.listen,
-                 ", basic auth" if self.auth else "")
+        log.info("exporter listening on %s://%s/metrics%s, at most %d connections",
+                 "https" if self.server.tls else "http", self.config.listen,
+                 ", basic auth" if self.web.current().users else "", limit)
         return self
 
     @property
@@ -331,18 +264,30 @@ class Exporter:
         class Handler(BaseHTTPRequestHandler):
             server_version = "ksmctl/" + __version__
             protocol_version = "HTTP/1.1"
+            deadline = 0.0
+
+            def setup(self) -> None:
+                super().setup()
+                self.rfile.close()
+                self.rfile = io.BufferedReader(_DeadlineReader(self.connection, self))
+
+            def handle_one_request(self) -> None:
+                self.deadline = time.monotonic() + READ_TIMEOUT
+                super().handle_one_request()
 
             def log_message(self, fmt: str, *args: Any) -> None:
                 log.debug("%s " + fmt, self.address_string(), *args)
 
-            def _send(self, code: int, body: bytes, ctype: str, extra: Optional[Dict[str, str]] = None) -> None:
+            def _send(self, code: int, body: bytes, ctype: str, headers: Dict[str, str],
+                      extra: Optional[Dict[str, str]] = None) -> None:
+                self.connection.settimeout(WRITE_TIMEOUT)
                 if "gzip" in self.headers.get("Accept-Encoding", "") and len(body) > 1024:
                     body = gzip.compress(body, compresslevel=1)
                     extra = dict(extra or {}, **{"Content-Encoding": "gzip"})
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
-                for k, v in exp.web.http_server_config.headers.items():
+                for k, v in headers.items():
                     self.send_header(k, v)
                 for k, v in (extra or {}).items():
                     self.send_header(k, v)
@@ -351,24 +296,26 @@ class Exporter:
                     self.wfile.write(body)
 
             def do_GET(self) -> None:
-                if exp.auth is not None and not exp.auth.check(self.headers.get("Authorization")):
-                    self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8",
+                active = exp.web.current()
+                headers = active.headers
+                if active.users and not exp.auth.check(self.headers.get("Authorization"), active.users):
+                    self._send(401, b"Unauthorized\n", "text/plain; charset=utf-8", headers,
                                {"WWW-Authenticate": 'Basic realm="ksmctl"'})
                     return
                 path = self.path.split("?", 1)[0]
                 if path == "/metrics":
                     try:
-                        body = exp.render()
+                        body = exp.scrape()
                     except Exception as e:  # never a traceback to the scraper
                         log.error("cannot render metrics: %s", e)
                         exp.metrics.count_error(ErrorSource.EXPORTER)
-                        self._send(500, b"cannot render metrics\n", "text/plain; charset=utf-8")
+                        self._send(500, b"cannot render metrics\n", "text/plain; charset=utf-8", headers)
                         return
-                    self._send(200, body, CONTENT_TYPE)
+                    self._send(200, body, CONTENT_TYPE, headers)
                 elif path == "/":
-                    self._send(200, exp.landing_page(), "text/html; charset=utf-8")
+                    self._send(200, exp.landing_page(), "text/html; charset=utf-8", headers)
                 else:
-                    self._send(404, b"Not found: try /metrics\n", "text/plain; charset=utf-8")
+                    self._send(404, b"Not found: try /metrics\n", "text/plain; charset=utf-8", headers)
 
             do_HEAD = do_GET
 
