@@ -15,7 +15,7 @@ DASHBOARD = ROOT / "grafana" / "ksmctl-dashboard.json"
 RULES = ROOT / "prometheus" / "ksmctl-rules.yml"
 BUILTINS = {"__rate_interval", "__interval", "__range", "__field"}
 # What Grafana sends with every variable at "All" (allValue .*) and the default Top N.
-SUBSTITUTE = {"instance": ".*", "vm": ".*", "topn": "10", "__rate_interval": "30s", "__interval": "15s",
+SUBSTITUTE = {"job": ".*", "instance": ".*", "vm": ".*", "topn": "10", "__rate_interval": "30s", "__interval": "15s",
               "__range": "5m"}
 VAR_RE = re.compile(r"\$\{?(\w+)")
 
