@@ -11,6 +11,7 @@ from ksmctl.config import DEFAULT_CONFIG_PATH
 
 from .context import EXIT_CODES_HELP, CliContext, KsmctlGroup
 from .daemon import daemon
+from .doctor import doctor
 from .estimate import estimate
 from .knobs import set_cmd, unmerge
 from .policy import policy
@@ -36,7 +37,7 @@ def cli(ctx: click.Context, config_path: Optional[str], sys_root: str, proc_root
 
 
 
-for _command in (status, set_cmd, unmerge, policy, daemon, vms, estimate, install, uninstall):
+for _command in (status, set_cmd, unmerge, policy, daemon, doctor, vms, estimate, install, uninstall):
     cli.add_command(_command)
 
 

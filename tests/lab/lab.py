@@ -187,8 +187,10 @@ class Guest:
 
 
 def domain_xml(name: str, uuid: str, kernel: Path, initrd: Path, serial_log: Path, seed: int,
-               memory_mib: int = 256, nosharepages: bool = False) -> str:
-    backing = "<memoryBacking><nosharepages/></memoryBacking>" if nosharepages else ""
+               memory_mib: int = 256, nosharepages: bool = False, memory_backing: str = "") -> str:
+    """memory_backing: the inner XML of <memoryBacking> (e.g. "<hugepages/><source type='memfd'/>")."""
+    inner = memory_backing + ("<nosharepages/>" if nosharepages else "")
+    backing = "<memoryBacking>%s</memoryBacking>" % inner if inner else ""
     return """<domain type='qemu'>
   <name>{name}</name>
   <uuid>{uuid}</uuid>
@@ -260,6 +262,11 @@ class Lab:
             QEMU_CONF.write_text("\n".join(lines) + "\n")
         for d in ("/var/log/libvirt/qemu", "/var/lib/libvirt/qemu", "/var/cache/libvirt/qemu"):
             Path(d).mkdir(parents=True, exist_ok=True)
+        # libvirt looks for a hugetlbfs mount when its QEMU driver starts, and refuses
+        # <hugepages/> guests without one (systemd mounts /dev/hugepages on real hosts).
+        if " hugetlbfs " not in Path("/proc/mounts").read_text():
+            Path("/dev/hugepages").mkdir(exist_ok=True)
+            _run(["mount", "-t", "hugetlbfs", "hugetlbfs", "/dev/hugepages"])
 
     def libvirtd_pid(self) -> Optional[int]:
         pid = read_pidfile(self.run_root / "libvirtd.pid")
@@ -334,14 +341,15 @@ class Lab:
         if self.initrd is None:
             self.initrd = build_initramfs(self.workdir / "initramfs.cpio.gz")
 
-    def start_guest(self, nosharepages: bool = False, memory_mib: int = 256) -> Guest:
+    def start_guest(self, nosharepages: bool = False, memory_mib: int = 256, memory_backing: str = "",
+                    tag: str = "") -> Guest:
         self.prepare_guest_files()
         self._seed += 1
-        name = "%s-%d%s" % (self.prefix, self._seed, "-noshare" if nosharepages else "")
+        name = "%s-%d%s%s" % (self.prefix, self._seed, "-noshare" if nosharepages else "", "-" + tag if tag else "")
         guest = Guest(name=name, uuid=str(uuidlib.uuid4()),
                       serial_log=self.workdir / (name + ".serial.log"), nosharepages=nosharepages)
         xml = domain_xml(name, guest.uuid, self.kernel, self.initrd, guest.serial_log, self._seed,
-                         memory_mib=memory_mib, nosharepages=nosharepages)
+                         memory_mib=memory_mib, nosharepages=nosharepages, memory_backing=memory_backing)
         (self.workdir / (name + ".xml")).write_text(xml)
         self.guests[name] = guest
         self.conn().createXML(xml, 0)  # transient: gone for good once destroyed

@@ -1,0 +1,132 @@
+"""Per-guest findings: can its memory merge at all, and if not, why (each with where it
+was read); if it can, what it merges now and what holds it back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+from ksmctl.collectors.memlayout import Mapping, guest_ram
+from ksmctl.collectors.vms.backends import GuestRam
+from ksmctl.readings import VmReading
+from ksmctl.units import format_bytes
+
+from .findings import Evidence, Finding, Reason, Severity, VM_UNMERGEABLE, ev
+
+THP_SHARE_NOTE = 0.5   # share of the guest RAM's RSS in huge pages worth a note
+
+CMDLINE = "QEMU command line (/proc/%d/cmdline)"
+XML = "libvirt domain XML"
+
+
+@dataclass(frozen=True)
+class VmFacts:
+    vm: VmReading
+    ram: Optional[GuestRam] = None                 # from the QEMU command line
+    nosharepages: Optional[bool] = None            # from the domain XML (None: no libvirt)
+    mappings: Optional[Sequence[Mapping]] = None   # /proc/<pid>/smaps
+    memory: Optional[int] = None                   # the guest's RAM size, bytes
+    potential_bytes: Optional[float] = None        # estimator: what could still be saved
+    page_size: int = 4096
+    ksm_running: bool = True
+
+
+def vm_findings(f: VmFacts) -> List[Finding]:
+    vm = f.vm
+    out: List[Finding] = []
+
+    def add(reason: Reason, sev: Severity, cause: str, evidence: Sequence[Evidence],
+            remedy: Optional[str] = None) -> None:
+        out.append(Finding(reason, sev, cause, tuple(evidence), remedy, vm=vm.name, uuid=vm.uuid))
+
+    if vm.pid is None:
+        add(Reason.NO_PROCESS, Severity.WARNING, "its QEMU process was not found (no pid file, or the pid "
+            "runs something else): nothing can be said about its memory", [ev("pid", "unknown", "libvirt")],
+            "check `virsh dominfo %s` and /run/libvirt/qemu/%s.pid" % (vm.name, vm.name))
+        return out
+    cmd = CMDLINE % vm.pid
+    ram = f.ram
+    ram_maps = guest_ram(list(f.mappings or ()), f.memory)
+    maps_src = "/proc/%d/smaps" % vm.pid
+    if f.nosharepages:
+        add(Reason.NOSHAREPAGES, Severity.INFO, "excluded by its configuration: <memoryBacking><nosharepages/>",
+            [ev("memoryBacking/nosharepages", "present", XML)],
+            "remove <nosharepages/> from the domain XML and restart the guest")
+    if ram is not None:
+        machine_off = ram.mem_merge is False
+        off = [b for b in ram.ram_backends if b.merge is False]
+        if machine_off or off:
+            evid = ([ev("-machine mem-merge", "off", cmd)] if machine_off else []) + \
+                   [ev("-object %s merge" % b.id, "off", cmd) for b in off]
+            add(Reason.MEM_MERGE_OFF, Severity.INFO if f.nosharepages else Severity.WARNING,
+                "QEMU does not mark its RAM mergeable (mem-merge=off / merge=off)", evid,
+                "libvirt sets this for <nosharepages/>; otherwise remove mem-merge=off from the QEMU options")
+        huge = [b for b in ram.ram_backends if b.on_hugetlbfs] + \
+               ([] if ram.mem_path is None or "huge" not in ram.mem_path else [None])
+        if huge or any(m.hugetlb for m in ram_maps):
+            evid = [ev("-object %s" % b.id, "%s mem-path=%s hugetlb=%s" % (b.qom_type, b.mem_path, b.hugetlb), cmd)
+                    for b in huge if b is not None]
+            evid += [ev("VmFlags of %s" % (m.path or hex(m.start)), " ".join(m.flags), maps_src)
+                     for m in ram_maps if m.hugetlb]
+            add(Reason.HUGETLBFS, Severity.WARNING, "its RAM is on hugetlbfs: KSM never merges hugetlb pages",
+                evid, "remove <hugepages/> from <memoryBacking> (trade: the guest's TLB efficiency)")
+        shared = [b for b in ram.ram_backends if b.share]
+        if shared or any(m.shared and not m.hugetlb for m in ram_maps):
+            evid = [ev("-object %s share" % b.id, "on (%s)" % b.qom_type, cmd) for b in shared]
+            evid += [ev("VmFlags of %s" % (m.path or hex(m.start)), " ".join(m.flags), maps_src)
+                     for m in ram_maps if m.shared]
+            add(Reason.SHARED_MEMORY, Severity.WARNING,
+                "its RAM is a shared mapping (share=on, e.g. memfd for vhost-user or virtiofs): KSM merges "
+                "only private anonymous pages", evid,
+                "use <access mode='private'/> in <memoryBacking> if no vhost-user/virtiofs device needs shared RAM")
+        files = [b for b in ram.ram_backends if b.qom_type == "memory-backend-file" and not b.on_hugetlbfs
+                 and not b.share]
+        if files:
+            add(Reason.FILE_BACKED, Severity.INFO,
+                "its RAM is a private file mapping: only pages the guest has written (copied from the file) "
+                "can merge", [ev("-object %s mem-path" % b.id, b.mem_path, cmd) for b in files],
+                "<source type='anonymous'/> in <memoryBacking> makes all of it anonymous")
+        if ram.mem_lock or any(m.locked for m in ram_maps):
+            add(Reason.LOCKED, Severity.INFO, "its RAM is locked (mlock): it merges, but a guest write to a "
+                "merged page gets a new locked page at once", [ev("-overcommit mem-lock", "on" if ram.mem_lock
+                                                                   else "off", cmd)] +
+                [ev("Locked of %s" % (m.path or hex(m.start)), format_bytes(m.locked), maps_src)
+                 for m in ram_maps if m.locked], None)
+    k = vm.ksm
+    blocked = any(x.reason in VM_UNMERGEABLE for x in out)
+    if k is not None and k.mergeable is False and not blocked:
+        add(Reason.NOT_MERGEABLE, Severity.PROBLEM,
+            "the kernel says none of its memory is mergeable (ksm_mergeable: no), and its configuration "
+            "does not say why", [ev("ksm_mergeable", "no", "/proc/%d/ksm_stat" % vm.pid)] +
+            [ev("VmFlags of %s" % (m.path or hex(m.start)), " ".join(m.flags), maps_src) for m in ram_maps],
+            "check the QEMU version and options (mem-merge) and `ksmctl vms`")
+        blocked = True
+    rss = sum(m.rss for m in ram_maps)
+    huge = sum(m.anon_huge for m in ram_maps)
+    if rss and huge / rss >= THP_SHARE_NOTE and not blocked:
+        add(Reason.GUEST_THP, Severity.INFO, "%.0f%% of its RAM's resident memory is in transparent huge "
+            "pages: KSM must split each before merging any of it, and khugepaged may collapse it again"
+            % (100.0 * huge / rss), [ev("AnonHugePages", format_bytes(huge), maps_src),
+                                     ev("Rss", format_bytes(rss), maps_src)],
+            "THP 'never' (host) or a guest that frees memory merges more; see the host's THP finding")
+    if k is not None and not blocked:
+        merging = k.merging_pages or 0
+        stat = "/proc/%d/ksm_stat" % vm.pid
+        evid = [ev("ksm_merging_pages", k.merging_pages, stat), ev("ksm_zero_pages", k.zero_pages, stat),
+                ev("ksm_process_profit", k.process_profit, stat)]
+        if merging or k.zero_pages:
+            add(Reason.MERGING, Severity.OK, "merging: %s of its pages share a KSM page (%s), %s zero pages, "
+                "profit %s" % (merging, format_bytes(merging * f.page_size), k.zero_pages or 0,
+                               format_bytes(k.process_profit or 0)), evid)
+        else:
+            add(Reason.NOT_MERGED_YET, Severity.INFO if f.ksm_running else Severity.WARNING,
+                "mergeable, but nothing merged yet: %s" % (
+                    "ksmd has not yet seen its pages twice, or they are unique" if f.ksm_running
+                    else "KSM is not running (see the host findings)"), evid)
+    if f.potential_bytes is not None and not blocked:
+        add(Reason.POTENTIAL, Severity.INFO, "the last estimate found %s more that could merge"
+            % format_bytes(f.potential_bytes), [ev("remaining", format_bytes(f.potential_bytes), "ksmctl estimate")])
+    return out
+
+
+def unmergeable_reasons(findings: Sequence[Finding]) -> List[Reason]:
+    return sorted({x.reason for x in findings if x.reason in VM_UNMERGEABLE}, key=lambda r: r.value)

@@ -1,0 +1,82 @@
+"""`ksmctl doctor` against real guests, started side by side under the real libvirtd: a
+normal guest, one with <nosharepages/>, one whose RAM is in huge pages (a memfd backend
+with hugetlb, from a few hundred MiB of hugepages reserved for the test and given back),
+and one with a shared memfd backend (what vhost-user and virtiofs need). Doctor must name
+each one's reason with its evidence, and the normal guests must merge."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ksmctl.cli import cli
+from tests.ksmlock import KSM, ksm_exclusive
+from tests.lab.lab import Lab
+from tests.support import wait_for
+
+from .test_lab_vms import MIN_MERGED, _knob, merging, sharing
+
+pytestmark = [pytest.mark.lab, pytest.mark.kernel]
+
+NR_HUGEPAGES = Path("/proc/sys/vm/nr_hugepages")
+GUEST_MIB = 256
+HUGE_PAGES = GUEST_MIB // 2 + 16   # 2 MiB pages for one guest, and a little slack
+
+
+@pytest.fixture(scope="module")
+def variants(lab: Lab, lab_guests):
+    before = int(NR_HUGEPAGES.read_text())
+    NR_HUGEPAGES.write_text(str(before + HUGE_PAGES))
+    started = []
+    try:
+        got = int(NR_HUGEPAGES.read_text())
+        assert got >= before + GUEST_MIB // 2, "could reserve only %d hugepages" % (got - before)
+        huge = lab.start_guest(memory_mib=GUEST_MIB, tag="huge",
+                               memory_backing="<hugepages/><source type='memfd'/>")
+        started.append(huge)
+        shared = lab.start_guest(memory_mib=GUEST_MIB, tag="shared",
+                                 memory_backing="<source type='memfd'/><access mode='shared'/>")
+        started.append(shared)
+        lab.wait_ready(started)
+        yield {"huge": huge, "shared": shared}
+    finally:
+        for g in started:
+            lab.destroy_guest(g)
+        NR_HUGEPAGES.write_text(str(before))
+
+
+def test_doctor_names_why_each_real_guest_merges_or_not(tmp_path, lab_guests, variants):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("state_file: %s\n" % (tmp_path / "state.json"))
+    with ksm_exclusive():
+        if (KSM / "advisor_mode").exists():
+            _knob("advisor_mode", "none")
+        _knob("pages_to_scan", "5000")
+        _knob("sleep_millisecs", "10")
+        _knob("run", "1")
+        wait_for(lambda: all(merging(g.pid) >= MIN_MERGED for g in sharing(lab_guests)), 180,
+                 "the normal guests to merge", interval=0.5)
+        names = [g.name for g in lab_guests] + [g.name for g in variants.values()]
+        r = CliRunner().invoke(cli, ["--config", str(cfg), "doctor", "--json", "--cpu-window", "0"] + names)
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    vms = {v["name"]: v for v in doc["vms"]}
+    findings = {}
+    for f in doc["findings"]:
+        findings.setdefault(f["vm"], {})[f["reason"]] = f
+    for g in sharing(lab_guests):
+        assert vms[g.name]["can_merge"] and vms[g.name]["pid"] == g.pid, vms[g.name]
+        assert findings[g.name]["merging"]["severity"] == "ok"
+    noshare = [g for g in lab_guests if g.nosharepages][0]
+    assert set(vms[noshare.name]["unmergeable"]) >= {"nosharepages", "mem_merge_off"}, vms[noshare.name]
+    assert findings[noshare.name]["nosharepages"]["evidence"][0]["source"] == "libvirt domain XML"
+    huge = variants["huge"]
+    assert "hugetlbfs" in vms[huge.name]["unmergeable"], findings[huge.name]
+    assert merging(huge.pid) == 0
+    srcs = {e["source"] for e in findings[huge.name]["hugetlbfs"]["evidence"]}
+    assert "/proc/%d/smaps" % huge.pid in srcs and "QEMU command line (/proc/%d/cmdline)" % huge.pid in srcs
+    shared = variants["shared"]
+    assert "shared_memory" in vms[shared.name]["unmergeable"], findings[shared.name]
+    assert any("share" in e["what"] for e in findings[shared.name]["shared_memory"]["evidence"])
