@@ -87,17 +87,17 @@ def _plain_scalar(text: str) -> Any:
                           % MAX_DIGITS)
     if _INT.match(text):
         return int(text)
-    if _FLOAT.match(text):
-        value = float(text)
-        if math.isinf(value):
-            return _BadScalar("%s is too large a number" % text, "a number too large")
-        return value
     if _OCTAL.match(text):
         octal = " (YAML 1.1 reads it as octal: %d)" % int(text, 8) if re.match(r"^[-+]?[0-7]+$", text) else ""
         return _BadScalar("%s has a leading zero%s: write %d, or quote it ('%s') for text"
                           % (text, octal, int(text), text),
                           "a number with a leading zero (octal in YAML 1.1): write it without the "
                           "zero, or quote it for text")
+    if _FLOAT.match(text):
+        value = float(text)
+        if math.isinf(value):
+            return _BadScalar("%s is too large a number" % text, "a number too large")
+        return value
     if _NONFINITE.match(text):
         return _BadScalar("%s: NaN and infinity are not allowed, write a finite number" % text,
                           "NaN and infinity are not allowed, write a finite number")
