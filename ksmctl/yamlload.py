@@ -39,7 +39,7 @@ class _Loader(yaml.SafeLoader):
             raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not supported",
                                               self.peek_event().start_mark)
         node = super().compose_node(parent, index)
-        if node.tag not in _DEFAULT_TAGS:
+        if node is not None and node.tag not in _DEFAULT_TAGS:
             raise yaml.composer.ComposerError(None, None, "YAML tags (!name, !!type) are not supported; "
                                               "quote a value to make it text", node.start_mark)
         return node

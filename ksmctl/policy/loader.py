@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Set, Union
 
 from ksmctl.errors import PolicyError
 from ksmctl.fsutil import read_input
@@ -39,7 +39,7 @@ def policy_dirs() -> List[Path]:
 
 
 def shipped_policy_names() -> List[str]:
-    names = set()
+    names: Set[str] = set()
     for d in policy_dirs():
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.yaml"))
