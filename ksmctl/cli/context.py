@@ -51,7 +51,9 @@ class CliContext:
     def state_file(self) -> str:
         try:
             return self.config.state_file
-        except KsmctlError:
+        except KsmctlError as e:  # status still works, but says why the config is ignored
+            click.echo("ksmctl: warning: %s\n(using the default state file %s)" % (e.message, DEFAULT_STATE_FILE),
+                       err=True)
             return DEFAULT_STATE_FILE
 
     def daemon_state(self) -> Optional[Dict[str, Any]]:
