@@ -73,9 +73,15 @@ def invoke(host, args: List[str], config: str = "") -> "object":
     return r
 
 
-def assert_refused(r, path: str) -> None:
+WHY = {"fifo": ("is a FIFO",), "directory": ("is a directory",), "dev-zero": ("is a character device",),
+       "sparse-100MiB": ("larger than", "longer than"), "invalid-utf8": ("not UTF-8 text (byte 9)",),
+       "shadow-symlink": ("",)}
+
+
+def assert_refused(r, path: str, kind: str) -> None:
     assert r.exit_code == 2, r.output
     assert path in r.output, r.output
+    assert any(why in r.output for why in WHY[kind]), r.output
     assert SECRET not in r.output and "daemon:*" not in r.output, r.output
 
 
@@ -93,7 +99,7 @@ SURFACES = {
 @pytest.mark.parametrize("surface", sorted(SURFACES))
 def test_not_the_expected_file(host, surface, kind):
     path = host["paths"][kind]
-    assert_refused(invoke(host, SURFACES[surface](path)), path)
+    assert_refused(invoke(host, SURFACES[surface](path)), path, kind)
 
 
 @pytest.mark.timeout(60)
@@ -101,7 +107,7 @@ def test_not_the_expected_file(host, surface, kind):
 @pytest.mark.parametrize("command", [["daemon", "--dry-run", "--once"], ["policy", "explain"]])
 def test_not_a_config_file(host, command, kind):
     path = host["paths"][kind]
-    assert_refused(invoke(host, command, config=path), path)
+    assert_refused(invoke(host, command, config=path), path, kind)
 
 
 @pytest.mark.timeout(60)
@@ -109,7 +115,7 @@ def test_not_a_config_file(host, command, kind):
 def test_not_a_state_file_for_status(host, kind):
     cfg = Path(host["config"])
     cfg.write_text(cfg.read_text().replace(str(host["tmp"] / "state.json"), host["paths"][kind]))
-    assert_refused(invoke(host, ["status", "--cpu-window", "0"]), host["paths"][kind])
+    assert_refused(invoke(host, ["status", "--cpu-window", "0"]), host["paths"][kind], kind)
 
 
 @pytest.mark.timeout(60)
