@@ -6,12 +6,12 @@ key and what is allowed. No file at the default path means the documented defaul
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ksmctl.errors import ConfigError
+from ksmctl.fsutil import read_input
 from ksmctl.units import parse_duration
 from ksmctl.yamlload import YamlProblem, load_yaml, validate
 
@@ -20,8 +20,13 @@ DEFAULT_STATE_FILE = "/run/ksmctl/state.json"
 DEFAULT_LISTEN = "127.0.0.1:19839"
 
 
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_BYTES = 2 ** 40  # a size setting beyond 1 TiB is a typo, not a size
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: "nan" and "inf" (from a variable, or quoted) are not numbers of anything.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ExporterConfig(_Model):
@@ -35,21 +40,21 @@ class ExporterConfig(_Model):
     @classmethod
     def _listen(cls, v: str) -> str:
         host, sep, port = v.rpartition(":")
-        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5 or not 0 < int(port) < 65536:
             raise ValueError("expected host:port (e.g. %s or :%s)" % (DEFAULT_LISTEN, DEFAULT_LISTEN.rsplit(":", 1)[1]))
         return v
 
 
 class TraceConfig(_Model):
     path: Optional[str] = None             # JSON lines of readings and decisions, for replay
-    max_bytes: int = Field(default=16 * 1024 * 1024, ge=4096)
+    max_bytes: int = Field(default=16 * 1024 * 1024, ge=4096, le=MAX_BYTES)
     backups: int = Field(default=3, ge=0, le=100)
 
 
 class EstimateConfig(_Model):
     enabled: bool = False                  # periodic dedup-potential scan of guest memory
-    interval: float = Field(default=3600.0, ge=60)
-    rate_mib_s: float = Field(default=64.0, gt=0)
+    interval: float = Field(default=3600.0, ge=60, le=366 * 86400)
+    rate_mib_s: float = Field(default=64.0, gt=0, le=1024 * 1024)
 
     @field_validator("interval", mode="before")
     @classmethod
@@ -110,14 +115,8 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
     path = path or env.get("KSMCTL_CONFIG") or DEFAULT_CONFIG_PATH
     data: Dict[str, Any] = {}
     lines: Dict[Any, int] = {}
-    p = Path(path)
-    if p.exists() or explicit:
-        try:
-            text = p.read_text()
-        except FileNotFoundError:
-            raise ConfigError("%s: no such config file" % path) from None
-        except OSError as e:
-            raise ConfigError("%s: cannot read: %s" % (path, e.strerror or e)) from None
+    if explicit or os.path.lexists(path):
+        text = read_input(path, "config", MAX_CONFIG_BYTES, ConfigError).text
         try:
             loaded, lines = load_yaml(text, str(path))
         except YamlProblem as e:
@@ -140,9 +139,9 @@ def load_config(path: Optional[str] = None, env: Optional[Mapping[str, str]] = N
         return validate(Config, data, str(path), lines)
     except YamlProblem as e:
         msg = str(e)
+        # The key of each problem ("file:line: key: ..."), to name a variable that set it.
+        bad_keys = {line.split(": ", 2)[1] for line in msg.splitlines() if line.count(": ") >= 2}
         for var, keys in ENV_KEYS.items():
-            if var in env and ".".join(keys) + ":" in msg:
+            if var in env and ".".join(keys) in bad_keys:
                 msg += "\n(%s is set in the environment: %r)" % (var, env[var])
         raise ConfigError(msg) from None
-
-

@@ -38,7 +38,7 @@ class DaemonProc:
         self.tmp = tmp
         self.policy = tmp / "policy.yaml"
         self.policy.write_text(policy_text)
-        self.state_file = tmp / "state.json"
+        self.state_file = tmp / "state.json"  # the config's; a --dry-run daemon writes state-dry-run.json
         self.log = tmp / "daemon.log"
         cfg: Dict[str, Any] = {"policy": str(self.policy), "state_file": str(self.state_file),
                                "exporter": {"enabled": False}, "libvirt": False, "log_level": "debug"}
@@ -50,6 +50,8 @@ class DaemonProc:
         self.config = tmp / "config.yaml"
         self.config.write_text(yaml.safe_dump(cfg))
         self.args = args or []
+        if "--dry-run" in self.args:
+            self.state_file = tmp / "state-dry-run.json"
         self.env = dict(os.environ, **(env or {}))
         self.env.pop("NOTIFY_SOCKET", None) if "NOTIFY_SOCKET" not in (env or {}) else None
         self.proc: Optional[subprocess.Popen] = None

@@ -75,7 +75,7 @@ def daemon_proc(tmp_path):
     p = subprocess.Popen([str(Path(sys.executable).parent / "ksmctl"), "daemon", "--dry-run", "--force",
                           "--log-level", "debug"], env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        yield p, state, tmp_path / "daemon.log"
+        yield p, tmp_path / "state-dry-run.json", tmp_path / "daemon.log"  # a dry run's own state file
     finally:
         kill_pid(p.pid)
         p.wait(10)

@@ -44,7 +44,7 @@ INVALID = [
     ("name: x\nscan:\n  sleep_millisecs: {reference_memory: 16 gigs}\n",
      "p.yaml:3: scan.sleep_millisecs.reference_memory: '16 gigs' is not allowed: expected a size in bytes, or with "
      "a unit: 512MiB, 2GiB, 2048KiB (K/M/G/T = powers of 1024), found '16 gigs'"),
-    ("name: x\nrun:\n  mode: conditional\n  start_when:\n    - {signal: memory_free, below: yes}\n",
+    ("name: x\nrun:\n  mode: conditional\n  start_when:\n    - {signal: memory_free, below: true}\n",
      "p.yaml:5: run.start_when[0].below: True is not allowed: expected a number, a size like 2GiB or a "
      "percentage like 20%, found True"),
     ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: memory_free, below: 1GiB}]\n  on_stop: background\n",

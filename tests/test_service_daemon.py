@@ -161,7 +161,7 @@ def test_silent_without_notify_socket(service):
     p = start("--dry-run", notify=False)
     wait_for(lambda: (p.log.exists() and "policy e2e-a" in _log(p)) or p.poll() is not None,
              30, "the daemon to start")
-    wait_for(lambda: Path(str(p.policy.parent / "state.json")).exists(), 30, "a first tick")
+    wait_for(lambda: Path(str(p.policy.parent / "state-dry-run.json")).exists(), 30, "a first tick")
     assert p.poll() is None, _log(p)
     assert rx.drain() == []
 

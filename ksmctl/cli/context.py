@@ -12,7 +12,7 @@ from ksmctl.collectors.procfs import ProcFs
 from ksmctl.config import DEFAULT_STATE_FILE, Config, load_config
 from ksmctl.errors import KsmctlError
 from ksmctl.kernel.sysfs import KsmSysfs
-from ksmctl.service.state import read_state
+from ksmctl.service.state import find_state
 from ksmctl.service.wiring import make_vm_collector
 
 EXIT_CODES_HELP = """\b
@@ -51,11 +51,15 @@ class CliContext:
     def state_file(self) -> str:
         try:
             return self.config.state_file
-        except KsmctlError:
+        except KsmctlError as e:  # status still works, but says why the config is ignored
+            click.echo("ksmctl: warning: %s\n(using the default state file %s)" % (e.message, DEFAULT_STATE_FILE),
+                       err=True)
             return DEFAULT_STATE_FILE
 
     def daemon_state(self) -> Optional[Dict[str, Any]]:
-        return read_state(self.state_file())
+        """The running daemon's state (a dry-run one's when no service daemon runs),
+        checked by parse_state: a file of another shape is a UsageError (exit 2)."""
+        return find_state(self.state_file())
 
     def collector(self, with_vms: bool = False) -> HostCollector:
         vms = None

@@ -63,19 +63,20 @@ def status(c: CliContext, as_json: bool, cpu_window: float) -> None:
         return
     k = r.ksm
     run = k.get("run")
-    state = {0: "stopped", 1: "running", 2: "unmerging / stopped after unmerge"}.get(run, "unknown")
+    states: Dict[Optional[int], str] = {0: "stopped", 1: "running", 2: "unmerging / stopped after unmerge"}
+    state = states.get(run, "unknown")
     rows: List[Tuple[str, str]] = [("KSM", "%s (run=%s)%s" % (state, run, ", advisor %s" % k.advisor_mode
                                                            if k.advisor_mode else ""))]
     rows.append(("Scan rate", "%s pages every %s ms; %s full scans, %s pages scanned" % (
-        k.get("pages_to_scan"), k.get("sleep_millisecs"), k.get("full_scans", "?"), k.get("pages_scanned", "?"))))
+        k.get("pages_to_scan"), k.get("sleep_millisecs"), k.values.get("full_scans", "?"), k.values.get("pages_scanned", "?"))))
     saved = "%s (pages_sharing %s + ksm_zero_pages %s)" % (format_bytes(k.saved_bytes), k.get("pages_sharing", 0),
-                                                          k.get("ksm_zero_pages", "n/a"))
+                                                          k.values.get("ksm_zero_pages", "n/a"))
     rows.append(("Memory saved", saved))
     gp = k.get("general_profit")
     rows.append(("General profit", "not supported by this kernel" if gp is None else
                  format_bytes(gp) + ("  (negative: KSM costs more than it saves)" if gp < 0 else "")))
     rows.append(("Merged pages", "shared %s, sharing %s, unshared %s, volatile %s" % tuple(
-        k.get(n, "?") for n in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))))
+        k.values.get(n, "?") for n in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile"))))
     rows.append(("ksmd CPU", "n/a" if cpu is None else "%.1f%% of one core" % cpu))
     if r.meminfo:
         m = r.meminfo

@@ -16,7 +16,7 @@ import click
 from ksmctl.config import DEFAULT_STATE_FILE
 from ksmctl.errors import KsmctlError
 from ksmctl.readings import KsmState, VmReading, VmSource, vm_dicts, vm_from_dict
-from ksmctl.service.state import read_state
+from ksmctl.service.state import find_state
 from ksmctl.units import format_bytes
 
 SORT_KEYS = ("saved", "share", "merging", "memory", "name", "uuid", "state")
@@ -155,7 +155,7 @@ def vms(ctx: click.Context, sort_key: str, reverse: bool, as_json: bool, state_f
 
     got = None
     if not live:
-        state = read_state(state_file)
+        state = find_state(state_file)
         if state is not None:
             got = from_daemon(state)
     if got is None:

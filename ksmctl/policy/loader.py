@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Set, Union
 
 from ksmctl.errors import PolicyError
+from ksmctl.fsutil import read_input
 from ksmctl.yamlload import YamlProblem, load_yaml, validate
 from ksmctl.policy.model import Policy
 
@@ -37,24 +39,35 @@ def policy_dirs() -> List[Path]:
 
 
 def shipped_policy_names() -> List[str]:
-    names = set()
+    names: Set[str] = set()
     for d in policy_dirs():
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.yaml"))
     return sorted(names)
 
 
+def _exists(p: Path) -> bool:
+    try:
+        os.stat(p)
+        return True
+    except OSError:  # ENOENT, but also ENAMETOOLONG, ELOOP, EACCES: reported when read
+        return False
+
+
 def resolve_policy_path(name_or_path: Union[str, Path], search: Optional[List[Path]] = None) -> Path:
     """A path as given, or a shipped policy's name ('default', 'ksmtuned')."""
-    p = Path(name_or_path)
-    if p.exists() or "/" in str(name_or_path) or str(name_or_path).endswith((".yaml", ".yml")):
+    text = str(name_or_path)
+    if not text.strip() or "\0" in text:
+        raise PolicyError("%r is not a policy name or file path" % text[:80])
+    p = Path(text)
+    if "/" in text or text.endswith((".yaml", ".yml")) or _exists(p):
         return p
     for d in (search or []) + policy_dirs():
-        cand = d / (str(name_or_path) + ".yaml")
-        if cand.exists():
+        cand = d / (text + ".yaml")
+        if _exists(cand):
             return cand
     raise PolicyError("no policy named %r; shipped policies: %s (or give a file path)"
-                      % (str(name_or_path), ", ".join(shipped_policy_names()) or "none found"))
+                      % (text[:80], ", ".join(shipped_policy_names()) or "none found"))
 
 
 def parse_policy(text: str, filename: str = "<policy>") -> Policy:
@@ -67,22 +80,9 @@ def parse_policy(text: str, filename: str = "<policy>") -> Policy:
 
 def load_policy(name_or_path: Union[str, Path], search: Optional[List[Path]] = None) -> LoadedPolicy:
     path = resolve_policy_path(name_or_path, search)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise PolicyError("%s: no such policy file" % path) from None
-    except IsADirectoryError:
-        raise PolicyError("%s: is a directory, expected a policy YAML file" % path) from None
-    except OSError as e:
-        raise PolicyError("%s: cannot read: %s" % (path, e.strerror or e)) from None
-    if len(raw) > MAX_POLICY_BYTES:
-        raise PolicyError("%s: %d bytes is too large for a policy (at most %d)" % (path, len(raw), MAX_POLICY_BYTES))
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise PolicyError("%s: not UTF-8 text (byte %d)" % (path, e.start)) from None
-    policy = parse_policy(text, str(path))
-    return LoadedPolicy(policy=policy, path=str(path), sha256=hashlib.sha256(raw).hexdigest())
+    f = read_input(path, "policy", MAX_POLICY_BYTES, PolicyError)
+    policy = parse_policy(f.text, str(path))
+    return LoadedPolicy(policy=policy, path=str(path), sha256=hashlib.sha256(f.raw).hexdigest())
 
 
 def json_schema() -> str:

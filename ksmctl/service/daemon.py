@@ -24,7 +24,7 @@ from ksmctl.kernel.writer import Change, KsmWriter
 from ksmctl.policy.decide import Decision, EngineState, decide
 from ksmctl.policy.loader import LoadedPolicy, load_policy
 from ksmctl.readings import Readings
-from ksmctl.service.state import write_state
+from ksmctl.service.state import StateFile
 from ksmctl.service.trace import TraceWriter, decision_to_dict
 from ksmctl.units import format_bytes
 
@@ -78,8 +78,9 @@ class Daemon:
                  notifier: Any = None, observers: Optional[List[Callable[[TickRecord], None]]] = None,
                  config_loader: Optional[Callable[[], Config]] = None,
                  policy_loader: Callable[[str], LoadedPolicy] = load_policy,
-                 policy_override: Optional[str] = None) -> None:
+                 policy_override: Optional[str] = None, state_file: Optional[StateFile] = None) -> None:
         self.config = config
+        self.state_file = state_file or StateFile(config.state_file)
         self.loaded = policy
         self.collector = collector
         self.writer = writer
@@ -182,9 +183,9 @@ class Daemon:
 
     def _write_state(self, rec: TickRecord) -> None:
         try:
-            write_state(self.config.state_file, self.state_dict(rec))
+            self.state_file.write(self.state_dict(rec))
         except OSError as e:
-            log.error("cannot write state file %s: %s", self.config.state_file, e.strerror or e)
+            log.error("cannot write state file %s: %s", self.state_file.path, e.strerror or e)
 
     def _setup_trace(self) -> None:
         tc = self.config.trace
@@ -208,6 +209,8 @@ class Daemon:
             return False
         if config.exporter != self.config.exporter:
             log.warning("exporter settings changed: they take effect at the next restart")
+        if config.state_file != self.config.state_file:
+            log.warning("state_file changed: it takes effect at the next restart")
         changed = loaded.sha256 != self.loaded.sha256
         self.config, self.loaded = config, loaded
         self._setup_trace()
@@ -281,7 +284,5 @@ class Daemon:
                 fn()
             except Exception as e:
                 log.error("shutdown step failed: %s", e)
-        try:
-            os.unlink(self.config.state_file)
-        except OSError:
-            pass
+        self.state_file.remove()
+        self.state_file.release()

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
 from ksmctl.errors import UsageError
+from ksmctl.fsutil import decode_utf8, open_input
 from ksmctl.policy.decide import Decision, EngineState, Mark
 from ksmctl.readings import EstimateSummary, KsmStat, KsmState, MemInfo, Psi, Readings, VmReading, VmSource
 
@@ -85,24 +86,58 @@ class TraceWriter:
         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
 
 
+MAX_TRACE_LINE = 64 * 1024 * 1024  # one tick's record; ~100x that of a 500-VM host
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError("%s is not a number a trace holds" % name)
+
+
 def read_trace(path: str, limit: Optional[int] = None) -> Iterator[Dict[str, Any]]:
-    """Records of a trace file; a bad line is an error naming file and line number."""
-    try:
-        f = open(path)
-    except OSError as e:
-        raise UsageError("%s: cannot read trace: %s" % (path, e.strerror or e)) from None
-    with f:
-        for n, line in enumerate(f, 1):
+    """Records of a trace file; a file that is not a trace (a FIFO, a device, another
+    file's text) or a bad line is a UsageError naming file and line, never its text."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from ksmctl.service.state import DecisionDoc
+    shapes = (("readings", TypeAdapter(Readings)), ("state_before", TypeAdapter(EngineState)),
+              ("decision", TypeAdapter(DecisionDoc)))
+    with open_input(path, "trace") as f:
+        n = 0
+        while True:
+            try:
+                raw = f.readline(MAX_TRACE_LINE + 1)
+            except OSError as e:
+                raise UsageError("%s: cannot read trace: %s" % (path, e.strerror or e)) from None
+            if not raw:
+                return
+            n += 1
+            where = "%s:%d" % (path, n)
+            if len(raw) > MAX_TRACE_LINE:
+                raise UsageError("%s: not a ksmctl trace record (longer than %d MiB)" % (where, MAX_TRACE_LINE >> 20))
+            line = decode_utf8(raw, where, "trace")
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(line, parse_constant=_no_constant)
+                if not isinstance(rec, dict):
+                    raise ValueError("not a JSON object")
                 if rec.get("v") != TRACE_VERSION:
-                    raise ValueError("trace version %r, expected %d" % (rec.get("v"), TRACE_VERSION))
+                    raise ValueError("trace version %r, expected %d" % (str(rec.get("v"))[:20], TRACE_VERSION))
+                for key, shape in shapes:
+                    if key not in rec:
+                        raise ValueError("no %s" % key)
+                    try:
+                        shape.validate_python(rec[key])
+                    except ValidationError as e:
+                        err = e.errors()[0]
+                        raise ValueError("%s: %s" % (".".join(str(p) for p in (key,) + tuple(err["loc"])),
+                                                     err["msg"])) from None
                 rec["readings_obj"] = readings_from_dict(rec["readings"])
                 rec["state_obj"] = state_from_dict(rec["state_before"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise UsageError("%s:%d: not a ksmctl trace record (%s)" % (path, n, e)) from None
+            except json.JSONDecodeError as e:
+                raise UsageError("%s: not a ksmctl trace record (not JSON: column %d)" % (where, e.colno)) from None
+            except (ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
+                raise UsageError("%s: not a ksmctl trace record (%s)" % (where, e)) from None
             yield rec
             if limit is not None and n >= limit:
                 return

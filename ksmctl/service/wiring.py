@@ -19,6 +19,7 @@ from ksmctl.export.http import build_exporter
 from ksmctl.kernel.writer import KsmWriter
 from ksmctl.policy.loader import load_policy
 from ksmctl.service.sdnotify import Notifier
+from ksmctl.service.state import StateFile, dry_run_path
 
 log = logging.getLogger("ksmctl.service")
 
@@ -40,9 +41,10 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
     collector = HostCollector(sysfs, procfs, vms=vms)
     writer = KsmWriter(sysfs, dry_run=dry_run)
     observers: List[Any] = [marker.observe] if not dry_run else []
+    state = StateFile(dry_run_path(config.state_file) if dry_run else config.state_file).acquire()
     d = Daemon(config, loaded, collector, writer, notifier=Notifier(),
                observers=observers, config_loader=lambda: load_config(config_path),
-               policy_override=policy_name)
+               policy_override=policy_name, state_file=state)
     if once:
         d.config = config.model_copy(update={"restore_on_exit": False})
     vms.on_change(d.request_tick)
