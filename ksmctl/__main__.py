@@ -1,3 +1,3 @@
-from ksmctl.cli import main
+from ksmctl.entry import main
 
 main()

@@ -6,7 +6,7 @@ key and what is allowed. No file at the default path means the documented defaul
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -87,6 +87,33 @@ class Config(_Model):
         if not 0.1 <= d <= 3600:
             raise ValueError("interval must be between 0.1s and 3600s")
         return d
+
+
+# What a reload (SIGHUP) does with each key: applied at once, or kept at its running value
+# and named in a warning until the next restart. tests/test_reload.py holds these two sets
+# to the model's fields, so a new key must be put in one of them.
+ON_RELOAD = frozenset({"policy", "interval", "restore_on_exit", "log_level", "trace"})
+AT_RESTART = frozenset({"libvirt_uri", "libvirt", "state_file", "state_dir", "exporter", "estimate",
+                        "sys_root", "proc_root", "run_root"})
+
+
+def restart_keys_changed(running: "Config", new: "Config") -> List[str]:
+    """The AT_RESTART keys whose value differs, as dotted paths (exporter.listen)."""
+    out: List[str] = []
+    for key in sorted(AT_RESTART):
+        a, b = getattr(running, key), getattr(new, key)
+        if a == b:
+            continue
+        if isinstance(a, BaseModel):
+            out += ["%s.%s" % (key, f) for f in type(a).model_fields if getattr(a, f) != getattr(b, f)]
+        else:
+            out.append(key)
+    return out
+
+
+def keep_restart_keys(running: "Config", new: "Config") -> "Config":
+    """new, with every AT_RESTART key at its running value."""
+    return new.model_copy(update={k: getattr(running, k) for k in AT_RESTART})
 
 
 # KSMCTL_* variable -> key path in the config.

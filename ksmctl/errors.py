@@ -6,6 +6,7 @@ argument, a sysfs file, a libvirt error) becomes one of these, never a traceback
 from __future__ import annotations
 
 import enum
+from typing import Optional
 
 # Exit codes, documented in `ksmctl --help` and the README.
 EXIT_OK = 0
@@ -34,6 +35,7 @@ class ErrorSource(StrEnum):
     PROC = "proc"
     LIBVIRT = "libvirt"
     POLICY = "policy"
+    CONFIG = "config"
     TRACE = "trace"
     ESTIMATE = "estimate"
     EXPORTER = "exporter"
@@ -52,6 +54,7 @@ class KsmctlError(Exception):
     """Base of all errors that are reported to a person as a message."""
 
     exit_code = EXIT_FAILURE
+    knob: Optional[str] = None   # the KSM knob a refused write was for
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

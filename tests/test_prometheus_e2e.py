@@ -182,7 +182,7 @@ def test_dashboard_and_rules_against_real_prometheus(stack):
     assert inst == [p.query("ksm_run")[0]["metric"]["instance"]]
     doms = p.get("/api/v1/label/domain/values", **{"match[]": 'ksmctl_vm_merging_pages{instance=~".*"}'})["data"]
     assert {"e2e-vm1", "e2e-vm2"} <= set(doms)
-    assert {v["name"] for v in dashboard()["templating"]["list"]} == {"datasource", "instance", "vm", "topn"}
+    assert {v["name"] for v in dashboard()["templating"]["list"]} == {"datasource", "job", "instance", "vm", "topn"}
 
     # Alerts: none firing or pending on this healthy host.
     rules = p.get("/api/v1/rules")["data"]["groups"]

@@ -39,6 +39,7 @@ log = logging.getLogger("ksmctl.metrics")
 
 # Error sources: bounded by the enum. Anything else a trace holds is counted as "other".
 ERROR_SOURCES = tuple(ErrorSource)
+RUN_MODES = ("conditional", "always", "off")   # the policy format's run.mode values
 TICK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -73,6 +74,7 @@ class MetricsCollector(Collector):
         self._errors: Dict[ErrorSource, float] = {s: 0.0 for s in ERROR_SOURCES}
         self._changes: Dict[str, float] = {k: 0.0 for k in _knob_labels()}
         self._external: Dict[str, float] = {k: 0.0 for k in _knob_labels()}
+        self._write_failures: Dict[str, float] = {k: 0.0 for k in _knob_labels() + ("other",)}
         self._ticks: Dict[str, float] = {"ok": 0.0, "failed": 0.0}
         self._buckets = [0] * (len(TICK_BUCKETS) + 1)
         self._dur_sum = 0.0
@@ -101,6 +103,8 @@ class MetricsCollector(Collector):
             for knob in rec.external:
                 if knob in self._external:
                     self._external[knob] += 1
+            for knob in rec.failed_writes:
+                self._write_failures[knob if knob in self._write_failures else "other"] += 1
             self._ticks["ok" if rec.ok else "failed"] += 1
             self._buckets[bisect.bisect_left(TICK_BUCKETS, rec.duration)] += 1
             self._dur_sum += rec.duration
@@ -149,6 +153,7 @@ class MetricsCollector(Collector):
     def _snapshot(self) -> dict:
         return {"decisions": dict(self._decisions), "errors": dict(self._errors),
                 "changes": dict(self._changes), "external": dict(self._external),
+                "write_failures": dict(self._write_failures),
                 "ticks": dict(self._ticks), "buckets": list(self._buckets), "sum": self._dur_sum,
                 "last_ok": self._last_ok, "last_tick": self._last_tick}
 
@@ -176,6 +181,14 @@ class MetricsCollector(Collector):
                                              value=budget / 100.0))
             out.append(GaugeMetricFamily("ksmctl_policy_interval_seconds", "The policy's tick interval.",
                                          value=_num(rec.policy.policy.interval)))
+            mode = str(getattr(rec.policy.policy.run.mode, "value", rec.policy.policy.run.mode))
+            m = GaugeMetricFamily("ksmctl_policy_run_mode", "The policy's run mode: 1 for the active one "
+                                  "(off: the operator keeps KSM off).", labels=["mode"])
+            for name in RUN_MODES:
+                m.add_metric([name], 1.0 if name == mode else 0.0)
+            out.append(m)
+            out.append(GaugeMetricFamily("ksmctl_dry_run", "1 when the daemon only decides and logs "
+                                         "(--dry-run): it writes no knob.", value=1.0 if rec.dry_run else 0.0))
         d = CounterMetricFamily("ksmctl_decisions", "Decisions by kind (run, scan) and the rule that made them; "
                                 "one of each per tick.", labels=["kind", "rule"])
         for (kind, rule), v in sorted(st["decisions"].items()):
@@ -188,7 +201,11 @@ class MetricsCollector(Collector):
         for k in st["changes"]:
             ch.add_metric([k], st["changes"][k])
             ex.add_metric([k], st["external"][k])
-        out += [ch, ex]
+        wf = CounterMetricFamily("ksmctl_write_failures", "Knob writes the kernel refused, by knob "
+                                 "(the log says why).", labels=["knob"])
+        for k, v in st["write_failures"].items():
+            wf.add_metric([k], v)
+        out += [ch, ex, wf]
         t = CounterMetricFamily("ksmctl_ticks", "Controller ticks by result (ok: decided and applied; "
                                 "failed: skipped or write failed).", labels=["result"])
         for r in ("ok", "failed"):

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, List, Mapping, Optional, Tuple
 
-from ksmctl.errors import KernelWriteError, PermissionDenied, Refused, UsageError
+from ksmctl.errors import KernelWriteError, KsmctlError, PermissionDenied, Refused, UsageError
 from ksmctl.kernel import knobs
 from ksmctl.kernel.knobs import RUN_UNMERGE, Kind, KnobValue
 from ksmctl.kernel.sysfs import KsmSysfs
@@ -143,9 +143,11 @@ class KsmWriter:
             with open(self.sysfs.path(name), "w") as f:
                 f.write("%s\n" % value)
         except OSError as e:
-            raise self._explain(name, value, e, state) from None
+            err = self._explain(name, value, e, state)
+            err.knob = name
+            raise err from None
 
-    def _explain(self, name: str, value: KnobValue, e: OSError, state: Optional[KsmState]) -> Exception:
+    def _explain(self, name: str, value: KnobValue, e: OSError, state: Optional[KsmState]) -> KsmctlError:
         path = self.sysfs.path(name)
         k = knobs.find(name)
         if e.errno in (errno.EPERM, errno.EACCES, errno.EROFS):

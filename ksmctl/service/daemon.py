@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ksmctl import __version__
 from ksmctl.collectors.host import CollectionFailed, HostCollector
-from ksmctl.config import Config
+from ksmctl.config import Config, keep_restart_keys, restart_keys_changed
 from ksmctl.errors import ErrorSource, KsmctlError, PermissionDenied
 from ksmctl.kernel.ownership import KnobOwnership, OnExternalChange
 from ksmctl.kernel.writer import Change, KsmWriter
@@ -40,6 +40,9 @@ class TickRecord:
     decision: Optional[Decision] = None
     changes: List[Change] = field(default_factory=list)
     external: List[str] = field(default_factory=list)  # knobs someone else changed (once per change)
+    would_change: List[Change] = field(default_factory=list)  # dry run: what it would have written
+    failed_writes: List[str] = field(default_factory=list)    # knobs the kernel refused this tick
+    dry_run: bool = False
     errors: List[Tuple[ErrorSource, str]] = field(default_factory=list)  # (source, message)
     duration: float = 0.0
     ok: bool = False
@@ -98,6 +101,7 @@ class Daemon:
         self._reload = False
         self._tick_now = False
         self._ready_sent = False
+        self._pending_errors: List[Tuple[ErrorSource, str]] = []  # from reloads, for the next tick
         self.ownership = KnobOwnership()  # what we wrote: restore, drift, back-off
         self.trace: Optional[TraceWriter] = None
         self.on_shutdown: List[Callable[[], None]] = []  # e.g. stop the exporter's server
@@ -106,7 +110,9 @@ class Daemon:
     # -- one tick -------------------------------------------------------------------------
     def tick(self) -> TickRecord:
         t0 = time.perf_counter()
-        rec = TickRecord(policy=self.loaded, wall=time.time())
+        rec = TickRecord(policy=self.loaded, wall=time.time(), dry_run=self.writer.dry_run)
+        rec.errors.extend(self._pending_errors)
+        self._pending_errors.clear()
         try:
             readings = self.collector.collect()
         except CollectionFailed as e:
@@ -124,17 +130,31 @@ class Daemon:
             rec.external.append(drift.knob)
             log.warning("%s; policy says %s", drift.message(),
                         "back off" if on_change is OnExternalChange.BACK_OFF else "re-assert")
+        written: List[Change] = []
+
+        def wrote(c: Change) -> None:
+            self.ownership.wrote(c)
+            written.append(c)
+
         try:
-            rec.changes = self.writer.apply(plan.targets, readings.ksm, wrote=self.ownership.wrote)
+            planned = self.writer.apply(plan.targets, readings.ksm, wrote=wrote)
             rec.ok = True
         except PermissionDenied:
             raise
         except KsmctlError as e:
+            planned = []
             rec.errors.append((ErrorSource.SYSFS, e.message))
+            rec.failed_writes.append(e.knob or "other")
             log.error("%s", e.message)
+        # A dry run reports what it would write, never as changes it made (no counts, no
+        # annotations, no drift for values it only imagined).
+        rec.changes = written
+        rec.would_change = planned if self.writer.dry_run else []
+        why = "%s/%s: %s" % (decision.run_rule, decision.scan_rule, decision.reason)
         for c in rec.changes:
-            log.info("%s %s -> %s (%s: %s)%s", c.knob, c.old, c.new, decision.run_rule + "/" + decision.scan_rule,
-                     decision.reason, " [dry run]" if self.writer.dry_run else "")
+            log.info("%s %s -> %s (%s)", c.knob, c.old, c.new, why)
+        for c in rec.would_change:
+            log.info("dry run: would set %s %s -> %s (%s)", c.knob, c.old, c.new, why)
         if self.trace is not None:
             try:
                 self.trace.record(self.loaded.policy.name, self.loaded.sha256, readings, before, decision)
@@ -174,6 +194,7 @@ class Daemon:
                        "interval": self.interval},
             "decision": decision_to_dict(rec.decision) if rec.decision else None,
             "changes": [{"knob": c.knob, "old": c.old, "new": c.new} for c in rec.changes],
+            "would_change": [{"knob": c.knob, "old": c.old, "new": c.new} for c in rec.would_change],
             "external_changes": rec.external,
             "errors": [list(e) for e in rec.errors],
             "readings": rec.readings.to_dict(vm_table=True) if rec.readings else None,
@@ -201,16 +222,20 @@ class Daemon:
         self.notifier.reloading()
         try:
             config = self.config_loader() if self.config_loader else self.config
+        except Exception as e:  # any failure at all keeps what runs: the loop must not die
+            return self._reload_failed(ErrorSource.CONFIG, e)
+        try:
             loaded = self.policy_loader(self.policy_override or config.policy)
-        except KsmctlError as e:
-            log.error("reload rejected, keeping policy %s (%s): %s", self.loaded.policy.name,
-                      self.loaded.short_hash, e.message)
-            self.notifier.ready()
-            return False
-        if config.exporter != self.config.exporter:
-            log.warning("exporter settings changed: they take effect at the next restart")
-        if config.state_file != self.config.state_file:
-            log.warning("state_file changed: it takes effect at the next restart")
+        except Exception as e:
+            return self._reload_failed(ErrorSource.POLICY, e)
+        later = restart_keys_changed(self.config, config)
+        if later:
+            log.warning("reload: %s changed; %s at the next restart, the running value%s stay%s meanwhile",
+                        ", ".join(later), "it takes effect" if len(later) == 1 else "they take effect",
+                        "" if len(later) == 1 else "s", "s" if len(later) == 1 else "")
+        config = keep_restart_keys(self.config, config)
+        if config.log_level != self.config.log_level:
+            logging.getLogger().setLevel(getattr(logging, config.log_level.upper()))
         changed = loaded.sha256 != self.loaded.sha256
         self.config, self.loaded = config, loaded
         self._setup_trace()
@@ -220,6 +245,14 @@ class Daemon:
                  loaded.short_hash, "" if changed else ", unchanged")
         self.notifier.ready()
         return True
+
+    def _reload_failed(self, source: ErrorSource, e: Exception) -> bool:
+        message = e.message if isinstance(e, KsmctlError) else "%s: %s" % (type(e).__name__, e)
+        log.error("reload rejected, keeping policy %s (%s): %s", self.loaded.policy.name,
+                  self.loaded.short_hash, message)
+        self._pending_errors.append((source, "reload rejected: " + message))
+        self.notifier.ready()
+        return False
 
     # -- the loop ---------------------------------------------------------------------------
     def request_stop(self, *_: Any) -> None:
@@ -236,9 +269,21 @@ class Daemon:
         self._wake.set()
 
     def install_signal_handlers(self) -> None:
+        """Take over from ksmctl.entry's early queue: a SIGHUP that came while starting
+        reloads after the first tick, a SIGTERM/SIGINT stops."""
+        from ksmctl import entry
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGHUP, self.request_reload)
+        early, entry.pending[:] = list(entry.pending), []
+        for signum in early:
+            if signum == signal.SIGHUP:
+                self.request_reload()
+            else:
+                self.request_stop()
+        if early:
+            log.info("signals received while starting, handled now: %s",
+                     ", ".join(signal.Signals(s).name for s in early))
 
     def run(self, max_ticks: Optional[int] = None) -> None:
         log.info("ksmctl %s: policy %s from %s (sha256 %s), every %gs%s", __version__, self.loaded.policy.name,

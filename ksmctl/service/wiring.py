@@ -13,7 +13,7 @@ from ksmctl.collectors.vms import VmCollector
 from ksmctl.service.coexist import CoexistenceChecker, check_or_refuse
 from ksmctl.config import Config, load_config
 from ksmctl.service.daemon import Daemon
-from ksmctl.errors import ErrorSource, KsmctlError, PermissionDenied
+from ksmctl.errors import ErrorSource, PermissionDenied
 from ksmctl.estimate.schedule import PeriodicEstimate
 from ksmctl.export.http import build_exporter
 from ksmctl.kernel.writer import KsmWriter
@@ -60,22 +60,7 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
         exporter = build_exporter(config.exporter, serve=not once)
         d.observers.append(exporter.observer)
         d.on_shutdown.append(exporter.stop)
-        _count_policy_errors(d, exporter.metrics)
     return d
-
-
-def _count_policy_errors(d: Daemon, metrics: Any) -> None:
-    """A rejected policy on reload counts as ksmctl_errors_total{source="policy"}."""
-    load = d.policy_loader
-
-    def counted(name: str) -> Any:
-        try:
-            return load(name)
-        except KsmctlError:
-            metrics.count_error(ErrorSource.POLICY)
-            raise
-
-    d.policy_loader = counted
 
 
 def make_vm_collector(config: Config, procfs: ProcFs) -> VmCollector:

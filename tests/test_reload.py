@@ -1,0 +1,201 @@
+"""Reload means reload, and never kills the daemon: every config key is either applied on
+SIGHUP or named as waiting for a restart; any failure while reading the new config or
+policy keeps the running ones and is counted; signals that arrive while the daemon is
+still starting are queued, not fatal. Dry run reports what it would write and nothing
+more; a write the kernel refuses is counted by knob."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from ksmctl.collectors.host import HostCollector
+from ksmctl.collectors.procfs import ProcFs
+from ksmctl.config import AT_RESTART, ON_RELOAD, Config
+from ksmctl.errors import ErrorSource
+from ksmctl.export.metrics import MetricsCollector, render_text
+from ksmctl.kernel.sysfs import KsmSysfs
+from ksmctl.kernel.writer import KsmWriter
+from ksmctl.policy.loader import LoadedPolicy, parse_policy
+from ksmctl.service.daemon import Daemon
+
+from .daemon_proc import ALWAYS_ON_POLICY, DaemonProc, wait_ticks
+from .fixtures import make_proc, make_sys
+from .support import wait_for
+
+ON = "name: on\ninterval: 3600\nrun: {mode: always}\nscan: {strategy: step, pages_to_scan: {initial: 700, min: 64, max: 1250, boost: 0, decay: 0}}\n"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _daemon(tmp_path, dry_run=False, config_loader=None, policy_loader=None, **cfg):
+    sys_root = make_sys(tmp_path / "sys", {"run": "0", "pages_to_scan": "100"})
+    proc_root = make_proc(tmp_path / "proc")
+    collector = HostCollector(KsmSysfs(str(sys_root)), ProcFs(str(proc_root)))
+    lp = LoadedPolicy(parse_policy(ON, "on.yaml"), "on.yaml", "1" * 64)
+    metrics = MetricsCollector()
+    kw = {}
+    if config_loader is not None:
+        kw["config_loader"] = config_loader
+    if policy_loader is not None:
+        kw["policy_loader"] = policy_loader
+    d = Daemon(Config(state_file=str(tmp_path / "state.json"), **cfg), lp, collector,
+               KsmWriter(collector.sysfs, dry_run=dry_run), observers=[metrics.observe], **kw)
+    return d, sys_root, metrics
+
+
+def _sample(metrics, line_start):
+    for line in render_text(metrics).decode().splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no sample %r" % line_start)
+
+
+def test_every_config_key_is_applied_on_reload_or_named_as_needing_a_restart():
+    fields = set(Config.model_fields)
+    assert ON_RELOAD | AT_RESTART == fields and not ON_RELOAD & AT_RESTART, \
+        sorted(fields ^ (ON_RELOAD | AT_RESTART))
+
+
+def test_restart_keys_are_named_kept_and_the_rest_applied(tmp_path, caplog):
+    new = {}
+    d, _, _ = _daemon(tmp_path, config_loader=lambda: Config(**new))
+    d.config = Config(state_file=str(tmp_path / "state.json"))
+    new.update(state_file=str(tmp_path / "state.json"), interval=5, libvirt_uri="qemu+ssh://elsewhere/system",
+               exporter={"listen": "127.0.0.1:29999"}, log_level="warning")
+    d.policy_loader = lambda name: d.loaded
+    caplog.set_level(logging.INFO, logger="ksmctl.daemon")
+    root_level = logging.getLogger().level
+    try:
+        assert d.reload()
+        warning = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any("exporter.listen, libvirt_uri changed" in w and "next restart" in w for w in warning), warning
+        assert d.config.libvirt_uri == "qemu:///system" and d.config.exporter.listen == "127.0.0.1:19839"
+        assert d.interval == 5 and d.config.log_level == "warning"
+        assert logging.getLogger().level == logging.WARNING
+    finally:
+        logging.getLogger().setLevel(root_level)
+
+
+@pytest.mark.parametrize("where,source", [("config", ErrorSource.CONFIG), ("policy", ErrorSource.POLICY)])
+def test_any_failure_while_reloading_keeps_the_running_policy_and_is_counted_once(tmp_path, where, source):
+    def boom(*_a):
+        raise RuntimeError("disk on fire")
+    kw = {"config_loader": boom} if where == "config" else {"config_loader": lambda: Config(), "policy_loader": boom}
+    d, _, metrics = _daemon(tmp_path, **kw)
+    before = d.loaded
+    assert d.reload() is False
+    assert d.loaded is before
+    rec = d.tick()
+    assert (source, "reload rejected: RuntimeError: disk on fire") in rec.errors
+    assert _sample(metrics, 'ksmctl_errors_total{source="%s"}' % source.value) == 1.0
+    d.tick()
+    assert _sample(metrics, 'ksmctl_errors_total{source="%s"}' % source.value) == 1.0
+
+
+def test_dry_run_reports_what_it_would_write_and_nothing_more(tmp_path):
+    d, sys_root, metrics = _daemon(tmp_path, dry_run=True)
+    for _ in range(3):
+        rec = d.tick()
+    knobs = sys_root / "kernel/mm/ksm"
+    assert (knobs / "run").read_text() == "0\n" and (knobs / "pages_to_scan").read_text() == "100\n"
+    assert rec.changes == [] and {c.knob for c in rec.would_change} >= {"run", "pages_to_scan"}
+    assert rec.external == []                           # no "another writer" for imagined values
+    state = d.state_dict(rec)
+    assert state["dry_run"] is True and state["changes"] == []
+    assert {"knob": "pages_to_scan", "old": 100, "new": 700} in state["would_change"]
+    text = render_text(metrics).decode()
+    assert "ksmctl_dry_run 1.0" in text
+    assert all(l.endswith(" 0.0") for l in text.splitlines() if l.startswith("ksmctl_changes_total"))
+
+
+def test_a_write_the_kernel_refuses_is_counted_by_knob(tmp_path):
+    d, sys_root, metrics = _daemon(tmp_path)
+    target = sys_root / "kernel/mm/ksm/pages_to_scan"
+    target.unlink()
+    target.symlink_to("/proc/version")   # reads as garbage, and the kernel refuses writes to it
+    rec = d.tick()
+    assert "pages_to_scan" in rec.failed_writes and not rec.ok, rec.errors
+    assert _sample(metrics, 'ksmctl_write_failures_total{knob="pages_to_scan"}') == 1.0
+    assert _sample(metrics, 'ksmctl_write_failures_total{knob="run"}') == 0.0
+
+
+def test_signal_handlers_are_in_place_before_the_cli_is_imported(tmp_path):
+    """The entry point queues SIGHUP before the slow imports: a reload sent by systemd
+    while the daemon is still starting must not kill it with SIGHUP's default action."""
+    probe = ("import signal, sys\n"
+             "class Probe:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'ksmctl.cli':\n"
+             "            print('HUP handled:', signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None), flush=True)\n"
+             "            raise SystemExit(0)\n"
+             "sys.meta_path.insert(0, Probe())\n"
+             "sys.argv = ['ksmctl', 'daemon', '--help']\n"
+             "from ksmctl.entry import main\n"
+             "main()\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=str(REPO),
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert "HUP handled: True" in out.stdout, out.stdout + out.stderr
+
+
+def _hup_caught(pid: int) -> bool:
+    try:
+        for line in Path("/proc/%d/status" % pid).read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    except OSError:
+        pass
+    return False
+
+
+def test_sighup_storm_while_starting_and_with_broken_files_of_every_kind(tmp_path):
+    """A real daemon (dry run, fixture trees): SIGHUPs from its first instructions on, then
+    its policy swapped for a FIFO, a directory, /dev/zero, a huge sparse file, invalid
+    UTF-8 and a policy that does not validate, one SIGHUP each: it keeps ticking on the
+    last good policy and counts each rejection; a good new policy is then taken."""
+    sys_root = make_sys(tmp_path / "sys", {"run": "0"})
+    proc_root = make_proc(tmp_path / "proc")
+    d = DaemonProc(tmp_path, ALWAYS_ON_POLICY, {"sys_root": str(sys_root), "proc_root": str(proc_root)},
+                   args=["--dry-run"])
+    with d:
+        wait_for(lambda: _hup_caught(d.proc.pid) or d.proc.poll() is not None, 30, "the entry point's handler")
+        sent = 0
+        while d.state() is None and d.alive() and sent < 2000:
+            d.signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.002)
+        assert d.alive(), d.log_text()
+        first = wait_ticks(d, 1)
+        assert first["policy"]["name"] == "test-on", first["policy"]
+        good = d.policy.read_text()
+        broken = []
+        fifo = tmp_path / "fifo.yaml"
+        os.mkfifo(str(fifo))
+        broken.append(("fifo", lambda: (d.policy.unlink(), d.policy.symlink_to(fifo))))
+        broken.append(("directory", lambda: (d.policy.unlink(), d.policy.mkdir())))
+        broken.append(("device", lambda: (d.policy.rmdir(), d.policy.symlink_to("/dev/zero"))))
+        sparse = tmp_path / "sparse.yaml"
+        with open(str(sparse), "wb") as f:
+            f.truncate(100 << 20)
+        broken.append(("sparse", lambda: (d.policy.unlink(), d.policy.symlink_to(sparse))))
+        broken.append(("utf8", lambda: (d.policy.unlink(), d.policy.write_bytes(b"name: \xff\xfe\n"))))
+        broken.append(("invalid", lambda: d.policy.write_text("name: x\nscan: {strategy: nonsense}\n")))
+        for n, (what, swap) in enumerate(broken, 1):
+            swap()
+            d.signal(signal.SIGHUP)
+            wait_for(lambda: d.log_text().count("reload rejected") >= n or not d.alive(), 30,
+                     "the %s policy to be rejected" % what)
+            assert d.alive(), d.log_text()
+            s = wait_ticks(d, 1)
+            assert s["policy"]["name"] == "test-on", (what, s["policy"])
+        d.policy.unlink()
+        d.policy.write_text(good.replace("name: test-on", "name: test-new"))
+        d.signal(signal.SIGHUP)
+        wait_for(lambda: (d.state() or {}).get("policy", {}).get("name") == "test-new", 30, "the good policy")
+        assert (sys_root / "kernel/mm/ksm/run").read_text() == "0\n"   # a dry run never writes
+        assert d.stop() == 0
