@@ -310,3 +310,19 @@ def test_fuzz_trace(host, lines):
     p.write_bytes(b"\n".join(lines))
     r = invoke(host, ["policy", "replay", "--policy", "default", "--trace", str(p)])
     assert r.exit_code in (0, 2), r.output
+
+
+def test_web_config_is_read_like_every_input_file(tmp_path):
+    """A FIFO, a directory or a device as the exporter's web config: refused at load with
+    a message naming the file, without blocking and without quoting it."""
+    from ksmctl.errors import ConfigError
+    from ksmctl.export.webconfig import load_web_config
+    fifo = tmp_path / "web.fifo"
+    os.mkfifo(str(fifo))
+    (tmp_path / "dir").mkdir()
+    shadow = tmp_path / "shadow"
+    shadow.write_text("root:$6$abcdefgh$0123456789:19000:0:99999:7:::\n")
+    for bad in (fifo, tmp_path / "dir", Path("/dev/zero"), shadow):
+        with pytest.raises(ConfigError) as e:
+            load_web_config(str(bad))
+        assert str(bad) in e.value.message and "$6$" not in e.value.message, e.value.message

@@ -199,3 +199,34 @@ def test_sighup_storm_while_starting_and_with_broken_files_of_every_kind(tmp_pat
         wait_for(lambda: (d.state() or {}).get("policy", {}).get("name") == "test-new", 30, "the good policy")
         assert (sys_root / "kernel/mm/ksm/run").read_text() == "0\n"   # a dry run never writes
         assert d.stop() == 0
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_POLICYISH = st.one_of(
+    st.binary(max_size=300),
+    st.text(max_size=300).map(str.encode),
+    st.dictionaries(st.sampled_from(["name", "interval", "run", "scan", "mode", "strategy", "x"]),
+                    st.one_of(st.integers(), st.floats(), st.text(max_size=8), st.booleans(), st.none(),
+                              st.lists(st.integers(), max_size=3)), max_size=5)
+    .map(lambda d: ("\n".join("%s: %s" % kv for kv in d.items()) + "\n").encode()))
+
+
+@settings(max_examples=120, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=_POLICYISH)
+def test_reload_of_any_bytes_keeps_or_switches_but_never_raises(tmp_path, raw):
+    """The reload path fuzzed with whatever a policy file could hold: reload() returns,
+    keeps the running policy unless the new one validates, and nothing reaches the kernel."""
+    from ksmctl.policy.loader import load_policy
+    policy = tmp_path / "fuzz.yaml"
+    policy.write_bytes(raw)
+    d, sys_root, _ = _daemon(tmp_path / ("d%d" % (abs(hash(raw)) % 10 ** 9)),
+                             config_loader=lambda: Config(policy=str(policy)), policy_loader=load_policy)
+    before = d.loaded
+    knobs = {p.name: p.read_bytes() for p in (sys_root / "kernel/mm/ksm").iterdir()}
+    switched = d.reload()
+    assert (d.loaded is not before) == switched
+    if not switched:
+        assert d._pending_errors and d._pending_errors[-1][0] in (ErrorSource.POLICY, ErrorSource.CONFIG)
+    assert {p.name: p.read_bytes() for p in (sys_root / "kernel/mm/ksm").iterdir()} == knobs

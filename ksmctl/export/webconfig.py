@@ -24,11 +24,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ksmctl.fsutil import read_input
 from ksmctl.errors import ConfigError
 from ksmctl.yamlload import YamlProblem, load_yaml, validate
 
 log = logging.getLogger("ksmctl.exporter")
 
+
+MAX_WEB_CONFIG_BYTES = 1024 * 1024   # a web config is a few lines; certificates are separate files
 
 class ClientAuthType(str, enum.Enum):
     NO_CLIENT_CERT = "NoClientCert"
@@ -138,10 +141,7 @@ class WebConfig(_Model):
 def load_web_config(path: str) -> "ActiveWebConfig":
     """Parse and check a web config, TLS files included; every problem names the file and key."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError("%s: cannot read web config: %s" % (path, getattr(e, "strerror", None) or e)) from None
+    text = read_input(path, "web config", MAX_WEB_CONFIG_BYTES, ConfigError).text
     try:
         data, lines = load_yaml(text, path)
         wc = validate(WebConfig, {} if data is None else data, path, lines)
