@@ -105,7 +105,8 @@ def _nosharepages(uri: Optional[str], vms: Sequence[VmReading]) -> Dict[str, boo
 def _select(vms: Sequence[VmReading], wanted: Sequence[str]) -> List[VmReading]:
     if not wanted:
         return list(vms)
-    out, missing = [], []
+    out: List[VmReading] = []
+    missing: List[str] = []
     for w in wanted:
         hit = [v for v in vms if v.name == w or v.uuid == w.lower()]
         if not hit:

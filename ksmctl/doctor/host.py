@@ -59,7 +59,8 @@ def host_findings(h: HostFacts) -> List[Finding]:
 
 def _k(h: HostFacts, name: str) -> Evidence:
     assert h.ksm is not None
-    return ev(name, h.ksm.get(name, "not supported"), "%s/%s" % (h.ksm_dir, name))
+    value = h.ksm.get(name)
+    return ev(name, "not supported" if value is None else value, "%s/%s" % (h.ksm_dir, name))
 
 
 def _run_state(h: HostFacts) -> List[Finding]:

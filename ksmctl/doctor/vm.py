@@ -101,11 +101,11 @@ def vm_findings(f: VmFacts) -> List[Finding]:
             "check the QEMU version and options (mem-merge) and `ksmctl vms`")
         blocked = True
     rss = sum(m.rss for m in ram_maps)
-    huge = sum(m.anon_huge for m in ram_maps)
-    if rss and huge / rss >= THP_SHARE_NOTE and not blocked:
+    thp = sum(m.anon_huge for m in ram_maps)
+    if rss and thp / rss >= THP_SHARE_NOTE and not blocked:
         add(Reason.GUEST_THP, Severity.INFO, "%.0f%% of its RAM's resident memory is in transparent huge "
             "pages: KSM must split each before merging any of it, and khugepaged may collapse it again"
-            % (100.0 * huge / rss), [ev("AnonHugePages", format_bytes(huge), maps_src),
+            % (100.0 * thp / rss), [ev("AnonHugePages", format_bytes(thp), maps_src),
                                      ev("Rss", format_bytes(rss), maps_src)],
             "THP 'never' (host) or a guest that frees memory merges more; see the host's THP finding")
     if k is not None and not blocked:

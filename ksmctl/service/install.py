@@ -134,7 +134,7 @@ class Report:
     warnings: List[str] = field(default_factory=list)
 
     def lines(self) -> List[str]:
-        out = []
+        out: List[str] = []
         for label, paths in (("installed", self.installed), ("updated", self.updated),
                              ("unchanged", self.unchanged), ("removed", self.removed)):
             out.extend("%-10s %s" % (label, self._abs(p)) for p in paths)
