@@ -35,6 +35,10 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 echo "== pip install -e .[test,bench]"
 quiet_pip .venv/bin/pip install -q --disable-pip-version-check -e '.[test,bench]'
 
+echo "== mypy (normal over ksmctl/, strict over the kernel and policy packages)"
+.venv/bin/mypy ksmctl
+.venv/bin/mypy --strict --follow-imports=silent ksmctl/kernel ksmctl/policy
+
 # RHEL 9 runs Python 3.9: the pure-Python core (policies, decisions, readers) and the
 # estimator's counting (numpy 2.0 is the last for 3.9) must work there.
 PY39=$(ls -d /root/.pyenv/versions/3.9*/bin/python3.9 2>/dev/null | head -n1 || true)
