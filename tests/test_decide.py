@@ -7,6 +7,7 @@ from typing import Optional
 import pytest
 
 from ksmctl.policy.decide import EngineState, decide, sleep_millisecs
+from ksmctl.policy.strategies.run import RunState
 from ksmctl.policy.loader import load_policy, parse_policy
 from ksmctl.readings import KsmState, MemInfo, Psi, Readings, VmReading
 
@@ -94,22 +95,22 @@ run:
 def test_hysteresis(avail_pct, was, expect):
     total = 10 * GIB
     d, st = decide(HYSTERESIS, reading(total_kib=total // KIB, available=total * avail_pct // 100),
-                   EngineState(active=was))
+                   EngineState(run=RunState(active=was)))
     assert d.targets["run"] == expect
     assert d.run_rule == {(1, False): "start", (0, False): "stay_stopped", (1, True): "keep_running",
                           (0, True): "stop"}[(expect, was)]
-    assert st.active == bool(expect)
+    assert st.run.active == bool(expect)
 
 
 def test_reason_names_condition_and_values():
     total = 10 * GIB
-    d, _ = decide(HYSTERESIS, reading(total_kib=total // KIB, available=3 * GIB), EngineState(active=False))
+    d, _ = decide(HYSTERESIS, reading(total_kib=total // KIB, available=3 * GIB), EngineState(run=RunState(active=False)))
     assert d.reasons[0] == "memory_available 3.0 GiB < 4.0 GiB"
 
 
 def test_unknown_signal_never_fires():
     p = parse_policy("name: p\nrun:\n  mode: conditional\n  start_when: [{signal: guest_free, above: 0}]\n")
-    d, _ = decide(p, reading(), EngineState(active=False))
+    d, _ = decide(p, reading(), EngineState(run=RunState(active=False)))
     assert d.targets["run"] == 0 and d.reasons == ("guest_free unknown",)
 
 
@@ -131,14 +132,14 @@ def test_adaptive_paces_passes_then_idles_then_resumes():
     st = EngineState()
     d, st = decide(ADAPTIVE, reading(t=0, mergeable=merge), st)
     assert (d.targets["pages_to_scan"], d.targets["sleep_millisecs"], d.scan_rule) == (256, 10, "merging")
-    assert st.need_passes == 2  # ksmd holds no pages yet: its next pass starts from the beginning
+    assert st.adaptive.need_passes == 2  # ksmd holds no pages yet: its next pass starts from the beginning
     # Pass 1 only checksums: nothing merges, and that must not count as "found nothing".
     d, st = decide(ADAPTIVE, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400), st)
-    assert d.scan_rule == "merging" and st.passes == 1 and st.last_pass_yield == 0.0
+    assert d.scan_rule == "merging" and st.adaptive.passes == 1 and st.adaptive.last_pass_yield == 0.0
     # Pass 2 merges.
     d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge, full_scans=2, pages_scanned=204800,
                                      pages_sharing=50000), st)
-    assert d.scan_rule == "merging" and st.passes == 2
+    assert d.scan_rule == "merging" and st.adaptive.passes == 2
     # The next interval, two passes done: 25 new merges in 51200 pages = 0.49 per 1000 < 1: idle,
     # without waiting for a third full pass.
     d, st = decide(ADAPTIVE, reading(t=12, mergeable=merge, full_scans=2, pages_scanned=256000,
@@ -154,7 +155,7 @@ def test_adaptive_paces_passes_then_idles_then_resumes():
     d, st = decide(ADAPTIVE, reading(t=25, mergeable=merge + 200 * MIB, full_scans=2, pages_scanned=256200,
                                      pages_sharing=50025, pages_shared=100), st)
     assert d.scan_rule == "resume" and d.targets["pages_to_scan"] == 384  # 153600 pages / 4 s / 100 per s
-    assert "grew by 200.0 MiB" in d.reason and st.need_passes == 2 and st.passes == 0
+    assert "grew by 200.0 MiB" in d.reason and st.adaptive.need_passes == 2 and st.adaptive.passes == 0
 
 
 def test_adaptive_restart_with_pages_held_needs_one_more_pass():
@@ -168,10 +169,10 @@ def test_adaptive_restart_with_pages_held_needs_one_more_pass():
     assert d.targets["run"] == 0
     # Pressure: restart. ksmd's cursor is somewhere in a pass: min_passes + 1 = 3.
     d, st = decide(p, reading(t=2, available=3 * GIB, mergeable=merge, pages_sharing=1000), st)
-    assert (d.run_rule, d.scan_rule, st.need_passes) == ("start", "resume", 3)
+    assert (d.run_rule, d.scan_rule, st.adaptive.need_passes) == ("start", "resume", 3)
     d, st = decide(p, reading(t=4, available=3 * GIB, mergeable=merge, pages_sharing=1000, full_scans=2,
                               pages_scanned=150000), st)
-    assert d.scan_rule == "merging" and st.passes == 2   # two boundaries, quiet, but one short
+    assert d.scan_rule == "merging" and st.adaptive.passes == 2   # two boundaries, quiet, but one short
     d, st = decide(p, reading(t=6, available=3 * GIB, mergeable=merge, pages_sharing=1000, full_scans=3,
                               pages_scanned=250000), st)
     assert d.scan_rule == "idle"
@@ -194,15 +195,15 @@ def test_adaptive_counts_passes_again_when_memory_grows_while_merging():
     # A guest starts (+100 MiB) during the merge pass: its pages need two passes of their own.
     d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge + 100 * MIB, full_scans=2, pages_scanned=204800,
                                      pages_sharing=50000, pages_unshared=2000), st)
-    assert d.scan_rule == "merging" and st.passes == 0 and st.need_passes == 2
+    assert d.scan_rule == "merging" and st.adaptive.passes == 0 and st.adaptive.need_passes == 2
     assert "grew by 100.0 MiB while merging" in d.reason
     # A quiet interval now is not enough: only 1 of 2 passes since the growth.
     d, st = decide(ADAPTIVE, reading(t=12, mergeable=merge + 100 * MIB, full_scans=3, pages_scanned=256000,
                                      pages_sharing=50000, pages_unshared=2000), st)
-    assert d.scan_rule == "merging" and st.passes == 1
+    assert d.scan_rule == "merging" and st.adaptive.passes == 1
     d, st = decide(ADAPTIVE, reading(t=17, mergeable=merge + 100 * MIB, full_scans=4, pages_scanned=512000,
                                      pages_sharing=75000, pages_unshared=2000), st)
-    assert d.scan_rule == "merging" and st.passes == 2   # found 25000 merges: keep going
+    assert d.scan_rule == "merging" and st.adaptive.passes == 2   # found 25000 merges: keep going
     d, st = decide(ADAPTIVE, reading(t=19, mergeable=merge + 100 * MIB, full_scans=5, pages_scanned=563200,
                                      pages_sharing=75000, pages_unshared=2000), st)
     assert d.scan_rule == "idle"
@@ -241,7 +242,7 @@ def test_advisor_strategy_and_fallback_on_old_kernels():
 
 
 def test_off_policy_and_background_on_stop():
-    d, _ = decide(load_policy("off").policy, reading(), EngineState(active=True))
+    d, _ = decide(load_policy("off").policy, reading(), EngineState(run=RunState(active=True)))
     assert d.targets == {"run": 0} and d.run_rule == "off"
     p = parse_policy("""
 name: bg
@@ -251,7 +252,7 @@ run:
   on_stop: background
   background: {pages_to_scan: 50, sleep_millisecs: 500}
 """)
-    d, _ = decide(p, reading(available=8 * GIB), EngineState(active=False))
+    d, _ = decide(p, reading(available=8 * GIB), EngineState(run=RunState(active=False)))
     assert d.targets == {"advisor_mode": "none", "pages_to_scan": 50, "sleep_millisecs": 500, "run": 1}
     assert d.scan_rule == "background"
 
@@ -295,12 +296,12 @@ def test_adaptive_checks_at_a_tenth_of_the_pace_when_the_last_pass_ended_mid_int
     # Second boundary inside an interval that still merged 40000 pages: check, slowly.
     d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge, full_scans=2, pages_scanned=204800,
                                      pages_sharing=40000), st)
-    assert d.scan_rule == "merging" and st.verifying and d.targets["pages_to_scan"] == 256
+    assert d.scan_rule == "merging" and st.adaptive.verifying and d.targets["pages_to_scan"] == 256
     assert "checking at 0.1 of the pace" in d.reason
     # The checking interval found 10 merges in 12800 pages (0.78 per 1000 < 1): idle.
     d, st = decide(ADAPTIVE, reading(t=15, mergeable=merge, full_scans=2, pages_scanned=217600,
                                      pages_sharing=40010), st)
-    assert d.scan_rule == "idle" and not st.verifying
+    assert d.scan_rule == "idle" and not st.adaptive.verifying
 
 
 def test_adaptive_goes_back_to_full_pace_when_checking_still_finds_merges():
@@ -310,11 +311,11 @@ def test_adaptive_goes_back_to_full_pace_when_checking_still_finds_merges():
     d, st = decide(ADAPTIVE, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400), st)
     d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge, full_scans=2, pages_scanned=204800,
                                      pages_sharing=40000), st)
-    assert st.verifying
+    assert st.adaptive.verifying
     # 500 merges in 12800 pages (39 per 1000): full pace, and one more boundary first.
     d, st = decide(ADAPTIVE, reading(t=15, mergeable=merge, full_scans=2, pages_scanned=217600,
                                      pages_sharing=40500), st)
-    assert d.scan_rule == "merging" and not st.verifying and st.need_passes == 3
+    assert d.scan_rule == "merging" and not st.adaptive.verifying and st.adaptive.need_passes == 3
     assert d.targets["pages_to_scan"] == 256 and "one more pass at full pace" in d.reason
     d, st = decide(ADAPTIVE, reading(t=20, mergeable=merge, full_scans=2, pages_scanned=320000,
                                      pages_sharing=40500), st)

@@ -7,7 +7,8 @@ from typing import Optional, Tuple
 import click
 
 from ksmctl.errors import EXIT_USAGE, KsmctlError
-from ksmctl.policy.decide import EngineState, decide, evaluate, signals
+from ksmctl.policy.decide import EngineState, decide
+from ksmctl.policy.signals import evaluate, signals
 from ksmctl.policy.loader import json_schema, load_policy, resolve_policy_path, shipped_policy_names
 
 from .context import CliContext, pass_cli
@@ -85,7 +86,7 @@ def policy_explain(c: CliContext, file: Optional[str], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"policy": lp.policy.name, "path": lp.path, "run_rule": decision.run_rule,
                                "scan_rule": decision.scan_rule, "reasons": list(decision.reasons),
-                               "targets": decision.targets, "conditions": conds, "changes": changes}, indent=2))
+                               "targets": decision.targets.to_dict(), "conditions": conds, "changes": changes}, indent=2))
         return
     click.echo("Policy %s (%s, sha256 %s)" % (lp.policy.name, lp.path, lp.short_hash))
     click.echo("Decision: %s / %s" % (decision.run_rule, decision.scan_rule))
