@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import click
 
@@ -80,7 +80,7 @@ def policy_explain(c: CliContext, file: Optional[str], as_json: bool) -> None:
         for cond in items:
             held, why = evaluate(cond, sig, total)
             conds.append({"group": group, "holds": held, "why": why})
-    current = dict(r.ksm.values)
+    current: Dict[str, object] = dict(r.ksm.values)
     current["advisor_mode"] = r.ksm.advisor_mode
     changes = {k: {"now": current.get(k), "target": v} for k, v in decision.targets.items() if current.get(k) != v}
     if as_json:

@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Set, Union
 
 from ksmctl.errors import PolicyError
 from ksmctl.yamlload import YamlProblem, load_yaml, validate
@@ -37,7 +37,7 @@ def policy_dirs() -> List[Path]:
 
 
 def shipped_policy_names() -> List[str]:
-    names = set()
+    names: Set[str] = set()
     for d in policy_dirs():
         if d.is_dir():
             names.update(p.stem for p in d.glob("*.yaml"))

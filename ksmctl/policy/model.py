@@ -11,10 +11,10 @@ import enum
 import math
 from typing import Any, List, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ksmctl.kernel.knobs import BY_NAME
-from ksmctl.policy.rules import OnExternalChange, OnStop, RunMode, Strategy
+from ksmctl.policy.rules import Comparison, OnExternalChange, OnStop, RunMode, Strategy
 from ksmctl.units import parse_duration, parse_size
 
 
@@ -37,7 +37,7 @@ def size(v: Any) -> int:
     try:
         return parse_size(v)
     except OverflowError:
-        raise ValueError("%r is too large for a size" % (v,)) from None
+        raise ValueError("too large for a size: %.20s..." % (v,)) from None
 
 
 class Signal(str, enum.Enum):
@@ -135,7 +135,7 @@ class Condition(Model):
 
     @model_validator(mode="after")
     def _one_comparison(self) -> "Condition":
-        given = [k for k in ("below", "at_most", "above", "at_least") if getattr(self, k) is not None]
+        given = [k.value for k in Comparison if getattr(self, k.value) is not None]
         if len(given) != 1:
             raise ValueError("a condition needs exactly one of below, at_most, above, at_least (found %s)"
                              % (", ".join(given) or "none"))
@@ -143,28 +143,33 @@ class Condition(Model):
         if t.percent is not None and self.signal not in BYTE_SIGNALS:
             raise ValueError("a percentage of MemTotal only applies to memory signals, not %s"
                              % self.signal.value)
-        if t.value is not None:
-            _check_bound(self.signal, given[0], t.value)
         return self
 
+    @field_validator("below", "at_most", "above", "at_least")
+    @classmethod
+    def _meaningful(cls, t: Optional[Threshold], info: ValidationInfo) -> Optional[Threshold]:
+        """Bounds no reading can cross mean nothing: negative sizes or counts, stall time outside 0..100%."""
+        signal = info.data.get("signal")
+        if t is None or t.value is None or signal is None:
+            return t
+        if signal in PSI_SIGNALS and not 0 <= t.value <= 100:
+            raise ValueError("PSI is a percentage of time, 0..100")
+        if t.value < 0 and signal not in PSI_SIGNALS and signal not in SIGNED_SIGNALS:
+            raise ValueError("%s cannot be negative" % signal.value)
+        return t
+
     @property
-    def op(self) -> str:
-        for k in ("below", "at_most", "above", "at_least"):
-            if getattr(self, k) is not None:
+    def op(self) -> Comparison:
+        for k in Comparison:
+            if getattr(self, k.value) is not None:
                 return k
         raise AssertionError("validated")
 
     @property
     def threshold(self) -> Threshold:
-        return getattr(self, self.op)
-
-
-def _check_bound(signal: Signal, op: str, value: float) -> None:
-    """Bounds no reading can cross mean nothing: negative sizes, counts or stall time, stall over 100%."""
-    if signal in PSI_SIGNALS and not 0 <= value <= 100:
-        raise ValueError("%s: %g is not allowed: PSI is a percentage of time, 0..100" % (op, value))
-    if value < 0 and signal not in PSI_SIGNALS and signal not in SIGNED_SIGNALS:
-        raise ValueError("%s: %g is not allowed: %s cannot be negative" % (op, value, signal.value))
+        t = getattr(self, self.op.value)
+        assert isinstance(t, Threshold)
+        return t
 
 
 def _duration(v: Any) -> float:
@@ -297,7 +302,7 @@ class Policy(Model):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     interval: float = Field(default=10.0, ge=0.1, le=3600)
-    run: RunSection = RunSection(mode="always")
+    run: RunSection = RunSection(mode=RunMode.always)
     scan: ScanSection = ScanSection()
     ownership: Ownership = Ownership()
 

@@ -47,6 +47,15 @@ RUN_RULES: Tuple[str, ...] = tuple(r.value for r in RunRule)
 SCAN_RULES: Tuple[str, ...] = tuple(r.value for r in ScanRule)
 
 
+class Comparison(Label):
+    """How a condition compares its signal with its threshold (the condition's key)."""
+
+    below = "below"
+    at_most = "at_most"
+    above = "above"
+    at_least = "at_least"
+
+
 class RunMode(Label):
     """conditional: start_when/stop_when with hysteresis; always; off."""
 

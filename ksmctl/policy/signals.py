@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ksmctl.policy.model import BYTE_SIGNALS, Condition, Signal
+from ksmctl.policy.rules import Comparison
 from ksmctl.readings import Readings, vm_signals
 from ksmctl.units import format_bytes
 
@@ -85,9 +86,9 @@ def _show(sig: Signal, v: float) -> str:
     return format_bytes(v) if sig in BYTE_SIGNALS else "%g" % v
 
 
-_OPS: Dict[str, Tuple[Callable[[float, float], bool], str]] = {
-    "below": (lambda a, b: a < b, "<"), "at_most": (lambda a, b: a <= b, "<="),
-    "above": (lambda a, b: a > b, ">"), "at_least": (lambda a, b: a >= b, ">=")}
+_OPS: Dict[Comparison, Tuple[Callable[[float, float], bool], str]] = {
+    Comparison.below: (lambda a, b: a < b, "<"), Comparison.at_most: (lambda a, b: a <= b, "<="),
+    Comparison.above: (lambda a, b: a > b, ">"), Comparison.at_least: (lambda a, b: a >= b, ">=")}
 
 
 def evaluate(c: Condition, sig: SignalValues, mem_total: Optional[int]) -> Tuple[bool, str]:
