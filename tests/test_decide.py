@@ -8,6 +8,7 @@ from typing import Optional
 import pytest
 
 from ksmctl.policy.decide import EngineState, decide, sleep_millisecs
+from ksmctl.policy.strategies.run import RunState
 from ksmctl.policy.loader import load_policy, parse_policy
 from ksmctl.readings import KsmState, MemInfo, Psi, Readings, VmReading
 
@@ -95,22 +96,22 @@ run:
 def test_hysteresis(avail_pct, was, expect):
     total = 10 * GIB
     d, st = decide(HYSTERESIS, reading(total_kib=total // KIB, available=total * avail_pct // 100),
-                   EngineState(active=was))
+                   EngineState(run=RunState(active=was)))
     assert d.targets["run"] == expect
     assert d.run_rule == {(1, False): "start", (0, False): "stay_stopped", (1, True): "keep_running",
                           (0, True): "stop"}[(expect, was)]
-    assert st.active == bool(expect)
+    assert st.run.active == bool(expect)
 
 
 def test_reason_names_condition_and_values():
     total = 10 * GIB
-    d, _ = decide(HYSTERESIS, reading(total_kib=total // KIB, available=3 * GIB), EngineState(active=False))
+    d, _ = decide(HYSTERESIS, reading(total_kib=total // KIB, available=3 * GIB), EngineState(run=RunState(active=False)))
     assert d.reasons[0] == "memory_available 3.0 GiB < 4.0 GiB"
 
 
 def test_unknown_signal_never_fires():
     p = parse_policy("name: p\nrun:\n  mode: conditional\n  start_when: [{signal: guest_free, above: 0}]\n")
-    d, _ = decide(p, reading(), EngineState(active=False))
+    d, _ = decide(p, reading(), EngineState(run=RunState(active=False)))
     assert d.targets["run"] == 0 and d.reasons == ("guest_free unknown",)
 
 
@@ -132,14 +133,14 @@ def test_adaptive_paces_passes_then_idles_then_resumes():
     st = EngineState()
     d, st = decide(ADAPTIVE, reading(t=0, mergeable=merge), st)
     assert (d.targets["pages_to_scan"], d.targets["sleep_millisecs"], d.scan_rule) == (256, 10, "merging")
-    assert st.need_passes == 2  # ksmd holds no pages yet: its next pass starts from the beginning
+    assert st.adaptive.need_passes == 2  # ksmd holds no pages yet: its next pass starts from the beginning
     # Pass 1 only checksums: nothing merges, and that must not count as "found nothing".
     d, st = decide(ADAPTIVE, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400), st)
-    assert d.scan_rule == "merging" and st.passes == 1 and st.last_pass_yield == 0.0
+    assert d.scan_rule == "merging" and st.adaptive.passes == 1 and st.adaptive.last_pass_yield == 0.0
     # Pass 2 merges.
     d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge, full_scans=2, pages_scanned=204800,
                                      pages_sharing=50000), st)
-    assert d.scan_rule == "merging" and st.passes == 2
+    assert d.scan_rule == "merging" and st.adaptive.passes == 2
     # The next interval, two passes done: 25 new merges in 51200 pages = 0.49 per 1000 < 1: idle,
     # without waiting for a third full pass.
     d, st = decide(ADAPTIVE, reading(t=12, mergeable=merge, full_scans=2, pages_scanned=256000,
@@ -155,7 +156,7 @@ def test_adaptive_paces_passes_then_idles_then_resumes():
     d, st = decide(ADAPTIVE, reading(t=25, mergeable=merge + 200 * MIB, full_scans=2, pages_scanned=256200,
                                      pages_sharing=50025, pages_shared=100), st)
     assert d.scan_rule == "resume" and d.targets["pages_to_scan"] == 384  # 153600 pages / 4 s / 100 per s
-    assert "grew by 200.0 MiB" in d.reason and st.need_passes == 2 and st.passes == 0
+    assert "grew by 200.0 MiB" in d.reason and st.adaptive.need_passes == 2 and st.adaptive.passes == 0
 
 
 def test_adaptive_restart_with_pages_held_needs_one_more_pass():
@@ -169,10 +170,10 @@ def test_adaptive_restart_with_pages_held_needs_one_more_pass():
     assert d.targets["run"] == 0
     # Pressure: restart. ksmd's cursor is somewhere in a pass: min_passes + 1 = 3.
     d, st = decide(p, reading(t=2, available=3 * GIB, mergeable=merge, pages_sharing=1000), st)
-    assert (d.run_rule, d.scan_rule, st.need_passes) == ("start", "resume", 3)
+    assert (d.run_rule, d.scan_rule, st.adaptive.need_passes) == ("start", "resume", 3)
     d, st = decide(p, reading(t=4, available=3 * GIB, mergeable=merge, pages_sharing=1000, full_scans=2,
                               pages_scanned=150000), st)
-    assert d.scan_rule == "merging" and st.passes == 2   # two boundaries, quiet, but one short
+    assert d.scan_rule == "merging" and st.adaptive.passes == 2   # two boundaries, quiet, but one short
     d, st = decide(p, reading(t=6, available=3 * GIB, mergeable=merge, pages_sharing=1000, full_scans=3,
                               pages_scanned=250000), st)
     assert d.scan_rule == "idle"
@@ -195,15 +196,15 @@ def test_adaptive_counts_passes_again_when_memory_grows_while_merging():
     # A guest starts (+100 MiB) during the merge pass: its pages need two passes of their own.
     d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge + 100 * MIB, full_scans=2, pages_scanned=204800,
                                      pages_sharing=50000, pages_unshared=2000), st)
-    assert d.scan_rule == "merging" and st.passes == 0 and st.need_passes == 2
+    assert d.scan_rule == "merging" and st.adaptive.passes == 0 and st.adaptive.need_passes == 2
     assert "grew by 100.0 MiB while merging" in d.reason
     # A quiet interval now is not enough: only 1 of 2 passes since the growth.
     d, st = decide(ADAPTIVE, reading(t=12, mergeable=merge + 100 * MIB, full_scans=3, pages_scanned=256000,
                                      pages_sharing=50000, pages_unshared=2000), st)
-    assert d.scan_rule == "merging" and st.passes == 1
+    assert d.scan_rule == "merging" and st.adaptive.passes == 1
     d, st = decide(ADAPTIVE, reading(t=17, mergeable=merge + 100 * MIB, full_scans=4, pages_scanned=512000,
                                      pages_sharing=75000, pages_unshared=2000), st)
-    assert d.scan_rule == "merging" and st.passes == 2   # found 25000 merges: keep going
+    assert d.scan_rule == "merging" and st.adaptive.passes == 2   # found 25000 merges: keep going
     d, st = decide(ADAPTIVE, reading(t=19, mergeable=merge + 100 * MIB, full_scans=5, pages_scanned=563200,
                                      pages_sharing=75000, pages_unshared=2000), st)
     assert d.scan_rule == "idle"
@@ -242,7 +243,7 @@ def test_advisor_strategy_and_fallback_on_old_kernels():
 
 
 def test_off_policy_and_background_on_stop():
-    d, _ = decide(load_policy("off").policy, reading(), EngineState(active=True))
+    d, _ = decide(load_policy("off").policy, reading(), EngineState(run=RunState(active=True)))
     assert d.targets == {"run": 0} and d.run_rule == "off"
     p = parse_policy("""
 name: bg
@@ -252,7 +253,7 @@ run:
   on_stop: background
   background: {pages_to_scan: 50, sleep_millisecs: 500}
 """)
-    d, _ = decide(p, reading(available=8 * GIB), EngineState(active=False))
+    d, _ = decide(p, reading(available=8 * GIB), EngineState(run=RunState(active=False)))
     assert d.targets == {"advisor_mode": "none", "pages_to_scan": 50, "sleep_millisecs": 500, "run": 1}
     assert d.scan_rule == "background"
 
@@ -296,12 +297,12 @@ def test_adaptive_checks_at_a_tenth_of_the_pace_when_the_last_pass_ended_mid_int
     # Second boundary inside an interval that still merged 40000 pages: check, slowly.
     d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge, full_scans=2, pages_scanned=204800,
                                      pages_sharing=40000), st)
-    assert d.scan_rule == "merging" and st.verifying and d.targets["pages_to_scan"] == 256
+    assert d.scan_rule == "merging" and st.adaptive.verifying and d.targets["pages_to_scan"] == 256
     assert "checking at 0.1 of the pace" in d.reason
     # The checking interval found 10 merges in 12800 pages (0.78 per 1000 < 1): idle.
     d, st = decide(ADAPTIVE, reading(t=15, mergeable=merge, full_scans=2, pages_scanned=217600,
                                      pages_sharing=40010), st)
-    assert d.scan_rule == "idle" and not st.verifying
+    assert d.scan_rule == "idle" and not st.adaptive.verifying
 
 
 def test_adaptive_goes_back_to_full_pace_when_checking_still_finds_merges():
@@ -311,11 +312,11 @@ def test_adaptive_goes_back_to_full_pace_when_checking_still_finds_merges():
     d, st = decide(ADAPTIVE, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400), st)
     d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge, full_scans=2, pages_scanned=204800,
                                      pages_sharing=40000), st)
-    assert st.verifying
+    assert st.adaptive.verifying
     # 500 merges in 12800 pages (39 per 1000): full pace, and one more boundary first.
     d, st = decide(ADAPTIVE, reading(t=15, mergeable=merge, full_scans=2, pages_scanned=217600,
                                      pages_sharing=40500), st)
-    assert d.scan_rule == "merging" and not st.verifying and st.need_passes == 3
+    assert d.scan_rule == "merging" and not st.adaptive.verifying and st.adaptive.need_passes == 3
     assert d.targets["pages_to_scan"] == 256 and "one more pass at full pace" in d.reason
     d, st = decide(ADAPTIVE, reading(t=20, mergeable=merge, full_scans=2, pages_scanned=320000,
                                      pages_sharing=40500), st)
@@ -323,3 +324,174 @@ def test_adaptive_goes_back_to_full_pace_when_checking_still_finds_merges():
     d, st = decide(ADAPTIVE, reading(t=25, mergeable=merge, full_scans=3, pages_scanned=422400,
                                      pages_sharing=40500), st)
     assert d.scan_rule == "idle"
+
+
+# -- every accepted setting is enforced or refused -----------------------------------------
+# Any policy the loader accepts, on any readings, decides only targets the writer accepts:
+# a policy that validates is a policy whose every write the kernel takes.
+
+import itertools  # noqa: E402
+import json  # noqa: E402
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as hs  # noqa: E402
+
+from ksmctl.errors import PolicyError  # noqa: E402
+from ksmctl.kernel.writer import validate_value  # noqa: E402
+from ksmctl.policy.model import Signal  # noqa: E402
+
+U32 = 2 ** 32 - 1
+_EDGES = [0, 1, 2, 100, 101, 60000, 60001, U32, U32 + 1, 2 ** 63 - 1, 2 ** 63, -1]
+# Mostly plausible values (so most policies load), with the kernel's edges and junk mixed in.
+_plausible = hs.one_of(hs.integers(1, 100), hs.integers(1, 60000), hs.integers(1, 200000))
+_junk = hs.one_of(hs.integers(-10, 2 ** 64), hs.floats(0, 1e6), hs.floats(allow_nan=True, allow_infinity=True))
+numbers = hs.one_of(*[_plausible] * 8, *[hs.sampled_from(_EDGES)] * 3, _junk)
+small = hs.one_of(hs.integers(1, 100), hs.integers(1, 100), hs.floats(0.1, 100), hs.sampled_from(_EDGES))
+thresholds = hs.one_of(numbers, hs.sampled_from(["20%", "2GiB", "0%", "100%", "-1"]),
+                       hs.fixed_dictionaries({"percent": small}, optional={"at_least": numbers, "at_most": numbers}))
+conditions = hs.builds(lambda s, op, t: {"signal": s.value, op: t}, hs.sampled_from(list(Signal)),
+                       hs.sampled_from(["below", "at_most", "above", "at_least"]), thresholds)
+points = hs.fixed_dictionaries({"pages_to_scan": numbers, "sleep_millisecs": numbers})
+policies = hs.fixed_dictionaries({"name": hs.just("prop"), "run": hs.fixed_dictionaries({
+        "mode": hs.sampled_from(["conditional", "conditional", "always", "off"]),
+        "start_when": hs.lists(conditions, min_size=1, max_size=3)}, optional={"stop_when": hs.lists(conditions, max_size=3),
+        "on_stop": hs.sampled_from(["stop", "background"]), "background": points}),
+    "scan": hs.fixed_dictionaries({"strategy": hs.sampled_from(["step", "adaptive", "advisor"])}, optional={
+        "pages_to_scan": hs.fixed_dictionaries({}, optional={k: numbers for k in ("initial", "min", "max",
+                                                                                  "boost", "decay")}),
+        "boost_when": hs.lists(conditions, max_size=2),
+        "sleep_millisecs": hs.fixed_dictionaries({}, optional={"base": numbers, "reference_memory": numbers,
+                                                               "floor": numbers, "ceiling": numbers}),
+        "cpu_budget": small,
+        "adaptive": hs.fixed_dictionaries({}, optional={
+            "target_pass_seconds": hs.one_of(numbers, hs.floats(1e-300, 1e-3)), "idle_yield": small,
+            "min_passes": small, "verify_rate": hs.floats(0, 1), "idle": points, "resume_growth": numbers}),
+        "advisor": hs.fixed_dictionaries({}, optional={k: numbers for k in (
+            "target_scan_time", "max_cpu", "min_pages_to_scan", "max_pages_to_scan")}),
+    }),
+})
+
+# And, deeper: a valid policy with one to three of its numbers replaced by an edge or junk.
+TEMPLATE = {"name": "prop", "run": {
+    "mode": "conditional", "start_when": [{"signal": "memory_available", "below": "50%"}],
+    "stop_when": [{"signal": "memory_available", "above": "60%"}], "on_stop": "background",
+    "background": {"pages_to_scan": 100, "sleep_millisecs": 1000}}, "scan": {
+    "pages_to_scan": {"initial": 100, "min": 64, "max": 1250, "boost": 300, "decay": 50},
+    "boost_when": [{"signal": "memory_free", "below": "20%"}],
+    "sleep_millisecs": {"base": 20, "floor": 10, "ceiling": 60000}, "cpu_budget": 50,
+    "adaptive": {"target_pass_seconds": 1, "idle_yield": 1.0, "min_passes": 2, "verify_rate": 0.1,
+                 "idle": {"pages_to_scan": 100, "sleep_millisecs": 1000}, "resume_growth": 67108864},
+    "advisor": {"target_scan_time": 200, "max_cpu": 70, "min_pages_to_scan": 500, "max_pages_to_scan": 30000}}}
+
+
+def _leaves(d, path=()):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, path + (k,))
+        elif isinstance(v, (int, float)):
+            yield path + (k,)
+
+
+# The numbers each strategy reads (step's also apply to the advisor's fallback).
+LEAVES = {s: [p for p in _leaves(TEMPLATE) if p[:2] not in (("scan", "adaptive"), ("scan", "advisor"))
+              or p[1] == s] for s in ("step", "adaptive", "advisor")}
+
+
+@hs.composite
+def mutated(draw):
+    doc = json.loads(json.dumps(TEMPLATE))
+    strategy = doc["scan"]["strategy"] = draw(hs.sampled_from(["step", "adaptive", "advisor"]))
+    doc["run"]["mode"] = draw(hs.sampled_from(["conditional", "always"]))
+    for path in draw(hs.lists(hs.sampled_from(LEAVES[strategy]), min_size=1, max_size=draw(hs.sampled_from([1, 1, 2])))):
+        node = doc
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = draw(hs.one_of(hs.sampled_from(_EDGES), hs.sampled_from(_EDGES), _junk, _plausible))
+    return doc
+
+
+big = hs.integers(0, 2 ** 45)
+counters = hs.fixed_dictionaries({"run": hs.sampled_from([0, 1, 2]), "pages_to_scan": big, "sleep_millisecs": big,
+                                  **{k: big for k in ("pages_shared", "pages_sharing", "pages_unshared",
+                                                      "pages_volatile", "pages_scanned", "full_scans",
+                                                      "ksm_zero_pages")}})
+meminfos = hs.builds(MemInfo, total=hs.integers(1, 2 ** 45), available=big, free=big, buffers=big, cached=big)
+psis = hs.builds(Psi, *[hs.floats(0, 100)] * 4)
+vms = hs.lists(hs.builds(VmReading, uuid=hs.text(max_size=3), name=hs.just("g"), rss=hs.one_of(hs.none(), big),
+                         balloon_current=hs.one_of(hs.none(), big), balloon_maximum=hs.one_of(hs.none(), big)),
+               max_size=3).map(tuple)
+
+
+@hs.composite
+def tick_series(draw):
+    advisor = draw(hs.sampled_from([True, True, False]))
+    t, out = 0.0, []
+    for _ in range(draw(hs.integers(1, 6))):
+        t += draw(hs.floats(0, 1000))
+        ksm_state = KsmState(values=draw(counters), advisor_mode=draw(hs.sampled_from(["none", "scan-time"]))
+                             if advisor else None, advisor_modes=("none", "scan-time") if advisor else (),
+                             unsupported=frozenset() if advisor else frozenset({"advisor_mode"}), page_size=4096)
+        out.append(Readings(monotonic=t, wall=1e9 + t, ksm=ksm_state, meminfo=draw(hs.one_of(hs.none(), meminfos)),
+                            psi=draw(hs.one_of(hs.none(), psis)),
+                            ksmd_cpu_seconds=draw(hs.one_of(hs.none(), hs.floats(0, 1e6))),
+                            vms=draw(hs.one_of(hs.none(), vms)), mergeable_rss=draw(hs.one_of(hs.none(), big))))
+    return out
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(hs.one_of(policies, mutated(), mutated()), tick_series())
+def test_every_target_of_an_accepted_policy_is_one_the_kernel_accepts(doc, ticks):
+    try:
+        policy = parse_policy(json.dumps(doc), "prop.yaml")
+    except PolicyError:
+        return  # refused at load time, with a message: the other half of the property
+    st = EngineState()
+    for r in ticks:
+        d, st = decide(policy, r, st)
+        for knob, value in d.targets.items():
+            assert validate_value(knob, value, r.ksm) == value, (knob, value)
+
+
+def _edge_readings():
+    """Stopped and running, with and without the advisor, small and huge mergeable memory."""
+    out = []
+    for available in (7 * GIB, 1 * GIB):
+        for mergeable in (None, 400 * MIB, 2 ** 45):
+            r = reading(t=0, available=available, mergeable=mergeable)
+            out.append([r, reading(t=10, available=available, mergeable=mergeable, full_scans=3, pages_scanned=10 ** 6,
+                                   ksmd_cpu=9.0)])
+            old = KsmState(values=dict(r.ksm.values), unsupported=frozenset({"advisor_mode"}))
+            out.append([Readings(monotonic=0, wall=0, ksm=old, meminfo=r.meminfo, vms=r.vms, mergeable_rss=mergeable)])
+    return out
+
+
+EDGE_READINGS = _edge_readings()
+
+
+@pytest.mark.parametrize("path", sorted({p for ps in LEAVES.values() for p in ps}), ids=".".join)
+def test_every_number_at_the_kernels_edges_is_refused_or_written_within_range(path):
+    """Exhaustive over one field at a time, where the random search above may miss one; once
+    as shipped and once with the rate and sleep pushed to their clamps (a tiny pass time, a
+    huge reference_memory and boost), so the clamps' own bounds are reached too."""
+    for strategy, stress in itertools.product(("step", "adaptive", "advisor"), (False, True)):
+        for value in _EDGES + [0.5, 1e-300, 1e300, float("nan"), float("inf")]:
+            doc = json.loads(json.dumps(TEMPLATE))
+            doc["scan"]["strategy"] = strategy
+            if stress:
+                doc["scan"]["adaptive"]["target_pass_seconds"] = 1e-300
+                doc["scan"]["sleep_millisecs"]["reference_memory"] = 2 ** 62
+                doc["scan"]["pages_to_scan"]["boost"] = U32
+            node = doc
+            for k in path[:-1]:
+                node = node[k]
+            node[path[-1]] = value
+            try:
+                policy = parse_policy(json.dumps(doc), "edge.yaml")
+            except PolicyError:
+                continue
+            for ticks in EDGE_READINGS:
+                st = EngineState()
+                for r in ticks:
+                    d, st = decide(policy, r, st)
+                    for knob, v in d.targets.items():
+                        assert validate_value(knob, v, r.ksm) == v, (strategy, value, knob, v)

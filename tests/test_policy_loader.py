@@ -54,6 +54,41 @@ INVALID = [
                   "run, scan"),
     ("name: x\nrun: {mode: sometimes}\n",
      "p.yaml:2: run.mode: 'sometimes' is not allowed: Input should be 'conditional', 'always' or 'off'"),
+    # Cross-field consistency and the kernel's ranges (issue #11).
+    ("name: x\nscan:\n  sleep_millisecs: {floor: 500, ceiling: 100}\n",
+     "p.yaml:3: scan.sleep_millisecs: floor (500) is larger than ceiling (100)"),
+    ("name: x\nscan:\n  sleep_millisecs: {base: 5, floor: 10}\n",
+     "p.yaml:3: scan.sleep_millisecs: base (5) is outside floor..ceiling (10..60000)"),
+    ("name: x\nrun:\n  mode: conditional\n  start_when:\n    - {signal: memory_free, below: {percent: 20, at_least: 2GiB, "
+     "at_most: 1GiB}}\n",
+     "p.yaml:5: run.start_when[0].below: at_least (2147483648) is larger than at_most (1073741824)"),
+    ("name: x\nscan:\n  advisor: {min_pages_to_scan: 5000, max_pages_to_scan: 100}\n",
+     "p.yaml:3: scan.advisor: min_pages_to_scan (5000) is larger than max_pages_to_scan (100)"),
+    ("name: x\nscan:\n  advisor: {target_scan_time: 0}\n",
+     "p.yaml:3: scan.advisor.target_scan_time: 0 is not allowed: Input should be greater than or equal to 1"),
+    ("name: x\nscan:\n  adaptive: {idle: {pages_to_scan: 4294967296, sleep_millisecs: 10}}\n",
+     "p.yaml:3: scan.adaptive.idle.pages_to_scan: 4294967296 is not allowed: Input should be less than or equal to "
+     "4294967295"),
+    ("name: x\nscan:\n  pages_to_scan: {max: 4294967296}\n",
+     "p.yaml:3: scan.pages_to_scan.max: 4294967296 is not allowed: Input should be less than or equal to 4294967295"),
+    ("name: x\nscan:\n  adaptive: {target_pass_seconds: .nan}\n",
+     "p.yaml:3: scan.adaptive.target_pass_seconds: nan is not allowed: Input should be a finite number"),
+    ("name: x\nscan:\n  cpu_budget: .inf\n", "p.yaml:3: scan.cpu_budget: inf is not allowed: Input should be a finite number"),
+    ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: memory_free, below: .inf}]\n",
+     "p.yaml:4: run.start_when[0].below.value: inf is not allowed: Input should be a finite number"),
+    ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: memory_free, below: 99999999999999999999999999"
+     "9999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999"
+     "99999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999"
+     "99999999999999999999999999999999999999999999999999999999999999999999999999999GiB}]\n",
+     "p.yaml:4: run.start_when[0].below: too large for a size: 99999999999999999999..."),
+    ("name: x\nscan:\n  adaptive: {resume_growth: .inf}\n",
+     "p.yaml:3: scan.adaptive.resume_growth: inf is not allowed: expected a finite size, found inf"),
+    ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: memory_free, below: -1}]\n",
+     "p.yaml:4: run.start_when[0].below: -1 is not allowed: memory_free cannot be negative"),
+    ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: psi_some_avg10, above: 101}]\n",
+     "p.yaml:4: run.start_when[0].above: 101 is not allowed: PSI is a percentage of time, 0..100"),
+    ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: memory_free, below: 120%}]\n",
+     "p.yaml:4: run.start_when[0].below.percent: 120.0 is not allowed: Input should be less than or equal to 100"),
 ]
 
 
@@ -62,6 +97,13 @@ def test_invalid_policy_messages(text, message):
     with pytest.raises(PolicyError) as e:
         parse_policy(text, "p.yaml")
     assert str(e.value) == message
+
+
+def test_headroom_may_be_negative_and_scaled_base_may_leave_floor_ceiling():
+    # Headroom is negative when guests are overcommitted; a reference_memory scales the base.
+    p = parse_policy("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: guest_rss_headroom, below: -1073741824}]\n"
+                     "scan:\n  sleep_millisecs: {base: 5, floor: 10, reference_memory: 16GiB}\n")
+    assert p.run.start_when[0].threshold.value == -1073741824 and p.scan.sleep_millisecs.base == 5
 
 
 def test_several_problems_are_all_reported():

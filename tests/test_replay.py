@@ -104,3 +104,31 @@ def test_readings_to_dict_matches_asdict_and_round_trips():
     slow["ksm"]["unsupported"] = sorted(slow["ksm"]["unsupported"])
     assert fast == json.loads(json.dumps(slow))
     assert readings_from_dict(fast) == r
+
+
+DATA = __import__("pathlib").Path(__file__).resolve().parent / "data"
+
+
+def test_traces_written_before_the_strategy_split_still_replay_and_round_trip():
+    """Recorded by the code whose EngineState was one flat dataclass: the nested states read
+    them, replay them to the same decisions, and write them back in the same flat shape."""
+    from ksmctl.service.trace import state_from_dict, state_to_dict
+    for name in ("ksmtuned", "default"):
+        path = DATA / ("trace-before-split-%s.jsonl" % name)
+        records = [json.loads(x) for x in path.read_text().splitlines()]
+        result = replay(load_policy(name).policy, str(path))
+        assert len(result.rows) == len(records) and result.differing == 0, name
+        for rec in records:
+            assert state_to_dict(state_from_dict(rec["state_before"])) == rec["state_before"]
+    new = json.loads(record_trace(__import__("pathlib").Path(__import__("tempfile").mkdtemp()), ticks=2)
+                     .read_text().splitlines()[1])
+    assert list(new["state_before"]) == list(records[0]["state_before"])  # same keys, same order
+
+
+def test_bad_state_value_in_a_trace_is_named(tmp_path):
+    rec = json.loads((DATA / "trace-before-split-default.jsonl").read_text().splitlines()[1])
+    rec["state_before"]["mode"] = "sleepy"
+    t = tmp_path / "t.jsonl"
+    t.write_text(json.dumps(rec) + "\n")
+    out = CliRunner().invoke(cli, ["policy", "replay", "--policy", "default", "--trace", str(t)])
+    assert out.exit_code == 2 and "t.jsonl:1: not a ksmctl trace record" in out.output and "sleepy" in out.output

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import click
 
 from ksmctl.errors import EXIT_USAGE, KsmctlError
-from ksmctl.policy.decide import EngineState, decide, evaluate, signals
+from ksmctl.policy.decide import EngineState, decide
+from ksmctl.policy.signals import evaluate, signals
 from ksmctl.policy.loader import json_schema, load_policy, resolve_policy_path, shipped_policy_names
 
 from .context import CliContext, pass_cli
@@ -79,13 +80,13 @@ def policy_explain(c: CliContext, file: Optional[str], as_json: bool) -> None:
         for cond in items:
             held, why = evaluate(cond, sig, total)
             conds.append({"group": group, "holds": held, "why": why})
-    current = dict(r.ksm.values)
+    current: Dict[str, object] = dict(r.ksm.values)
     current["advisor_mode"] = r.ksm.advisor_mode
     changes = {k: {"now": current.get(k), "target": v} for k, v in decision.targets.items() if current.get(k) != v}
     if as_json:
         click.echo(json.dumps({"policy": lp.policy.name, "path": lp.path, "run_rule": decision.run_rule,
                                "scan_rule": decision.scan_rule, "reasons": list(decision.reasons),
-                               "targets": decision.targets, "conditions": conds, "changes": changes}, indent=2))
+                               "targets": decision.targets.to_dict(), "conditions": conds, "changes": changes}, indent=2))
         return
     click.echo("Policy %s (%s, sha256 %s)" % (lp.policy.name, lp.path, lp.short_hash))
     click.echo("Decision: %s / %s" % (decision.run_rule, decision.scan_rule))

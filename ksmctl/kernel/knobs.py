@@ -207,7 +207,7 @@ def numeric_names() -> Tuple[str, ...]:
     return tuple(k.name for k in KNOBS if k.kind is not Kind.CHOICE)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # Mapping's __eq__: equal to a dict with the same items
 class Targets(Mapping[str, KnobValue]):
     """What a decision wants the kernel to hold: knob name -> value, writable knobs of
     the table only. A read-only Mapping, so the writer, traces and metrics take it as

@@ -8,15 +8,36 @@ Conditions are data (signal, comparison, threshold), never expressions to evalua
 from __future__ import annotations
 
 import enum
-from typing import Any, List, Literal, Optional
+import math
+from typing import Any, List, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ksmctl.kernel.knobs import BY_NAME
+from ksmctl.policy.rules import Comparison, OnExternalChange, OnStop, RunMode, Strategy
 from ksmctl.units import parse_duration, parse_size
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN compares false with every bound and infinity overflows int(): neither is a setting.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _kernel_range(knob: str, **kw: Any) -> Any:
+    """A field bounded by what the kernel accepts for `knob` (the knob table's range)."""
+    k = BY_NAME[knob]
+    return Field(ge=k.lo, le=k.hi, **kw)
+
+
+def size(v: Any) -> int:
+    """parse_size, with non-finite and too-large sizes as ValueError (pydantic reports those;
+    an OverflowError would escape as a traceback)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ValueError("expected a finite size, found %r" % v)
+    try:
+        return parse_size(v)
+    except OverflowError:
+        raise ValueError("too large for a size: %.20s..." % (v,)) from None
 
 
 class Signal(str, enum.Enum):
@@ -40,9 +61,11 @@ class Signal(str, enum.Enum):
     merge_potential = "merge_potential"         # achievable - achieved (bytes) from the estimator
 
 
-BYTE_SIGNALS = frozenset(s for s in Signal if s not in (
-    Signal.psi_some_avg10, Signal.psi_some_avg60, Signal.psi_full_avg10, Signal.psi_full_avg60,
-    Signal.running_vms))
+PSI_SIGNALS = frozenset((Signal.psi_some_avg10, Signal.psi_some_avg60, Signal.psi_full_avg10,
+                         Signal.psi_full_avg60))
+BYTE_SIGNALS = frozenset(s for s in Signal if s not in PSI_SIGNALS and s is not Signal.running_vms)
+# MemTotal minus what guests hold: negative when guests are overcommitted.
+SIGNED_SIGNALS = frozenset((Signal.guest_committed_headroom, Signal.guest_rss_headroom))
 
 
 class Threshold(Model):
@@ -69,12 +92,12 @@ class Threshold(Model):
                     return {"percent": float(text[:-1])}
                 except ValueError:
                     raise ValueError("expected a percentage like 20%%, found %r" % data) from None
-            return {"value": parse_size(text)}
+            return {"value": size(text)}
         if isinstance(data, dict):
             out = dict(data)
             for k in ("at_least", "at_most"):
                 if k in out and isinstance(out[k], (str, int, float)) and not isinstance(out[k], bool):
-                    out[k] = parse_size(out[k])
+                    out[k] = size(out[k])
             return out
         raise ValueError("expected a number, a size, a percentage or {percent, at_least, at_most}")
 
@@ -82,6 +105,8 @@ class Threshold(Model):
     def _one_base(self) -> "Threshold":
         if (self.value is None) == (self.percent is None):
             raise ValueError("give either a value or a percent")
+        if self.at_least is not None and self.at_most is not None and self.at_least > self.at_most:
+            raise ValueError("at_least (%d) is larger than at_most (%d)" % (self.at_least, self.at_most))
         return self
 
     def resolve(self, mem_total: Optional[int]) -> Optional[float]:
@@ -110,7 +135,7 @@ class Condition(Model):
 
     @model_validator(mode="after")
     def _one_comparison(self) -> "Condition":
-        given = [k for k in ("below", "at_most", "above", "at_least") if getattr(self, k) is not None]
+        given = [k.value for k in Comparison if getattr(self, k.value) is not None]
         if len(given) != 1:
             raise ValueError("a condition needs exactly one of below, at_most, above, at_least (found %s)"
                              % (", ".join(given) or "none"))
@@ -120,16 +145,31 @@ class Condition(Model):
                              % self.signal.value)
         return self
 
+    @field_validator("below", "at_most", "above", "at_least")
+    @classmethod
+    def _meaningful(cls, t: Optional[Threshold], info: ValidationInfo) -> Optional[Threshold]:
+        """Bounds no reading can cross mean nothing: negative sizes or counts, stall time outside 0..100%."""
+        signal = info.data.get("signal")
+        if t is None or t.value is None or signal is None:
+            return t
+        if signal in PSI_SIGNALS and not 0 <= t.value <= 100:
+            raise ValueError("PSI is a percentage of time, 0..100")
+        if t.value < 0 and signal not in PSI_SIGNALS and signal not in SIGNED_SIGNALS:
+            raise ValueError("%s cannot be negative" % signal.value)
+        return t
+
     @property
-    def op(self) -> str:
-        for k in ("below", "at_most", "above", "at_least"):
-            if getattr(self, k) is not None:
+    def op(self) -> Comparison:
+        for k in Comparison:
+            if getattr(self, k.value) is not None:
                 return k
         raise AssertionError("validated")
 
     @property
     def threshold(self) -> Threshold:
-        return getattr(self, self.op)
+        t = getattr(self, self.op.value)
+        assert isinstance(t, Threshold)
+        return t
 
 
 def _duration(v: Any) -> float:
@@ -137,36 +177,35 @@ def _duration(v: Any) -> float:
 
 
 class ScanPoint(Model):
-    pages_to_scan: int = Field(ge=0, le=2 ** 32 - 1)
-    sleep_millisecs: int = Field(ge=0, le=2 ** 32 - 1)
+    pages_to_scan: int = _kernel_range("pages_to_scan")
+    sleep_millisecs: int = _kernel_range("sleep_millisecs")
 
 
 class RunSection(Model):
     """When KSM runs. conditional: start when ANY start_when holds, stop when ALL
     stop_when hold (separate thresholds give hysteresis); always; or off."""
 
-    mode: Literal["conditional", "always", "off"] = "conditional"
+    mode: RunMode = RunMode.conditional
     start_when: List[Condition] = Field(default_factory=list)
     stop_when: List[Condition] = Field(default_factory=list)
-    # When pressure ends: stop ksmd (run=0: merged pages stay merged) or keep a slow scan.
-    on_stop: Literal["stop", "background"] = "stop"
+    on_stop: OnStop = OnStop.stop
     background: Optional[ScanPoint] = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "RunSection":
-        if self.mode == "conditional" and not self.start_when:
+        if self.mode is RunMode.conditional and not self.start_when:
             raise ValueError("mode conditional needs at least one start_when condition")
-        if self.on_stop == "background" and self.background is None:
+        if self.on_stop is OnStop.background and self.background is None:
             raise ValueError("on_stop: background needs a background: {pages_to_scan, sleep_millisecs}")
         return self
 
 
 class PagesToScan(Model):
-    initial: int = Field(default=100, ge=0, le=2 ** 32 - 1)
-    min: int = Field(default=64, ge=0, le=2 ** 32 - 1)
-    max: int = Field(default=1250, ge=1, le=2 ** 32 - 1)
-    boost: int = Field(default=300, ge=0)   # added per tick while a boost_when condition holds
-    decay: int = Field(default=50, ge=0)    # subtracted per tick otherwise
+    initial: int = _kernel_range("pages_to_scan", default=100)
+    min: int = _kernel_range("pages_to_scan", default=64)
+    max: int = Field(default=1250, ge=1, le=BY_NAME["pages_to_scan"].hi)
+    boost: int = _kernel_range("pages_to_scan", default=300)  # added per tick while a boost_when condition holds
+    decay: int = _kernel_range("pages_to_scan", default=50)   # subtracted per tick otherwise
 
     @model_validator(mode="after")
     def _order(self) -> "PagesToScan":
@@ -182,12 +221,21 @@ class SleepMillisecs(Model):
     base: int = Field(default=20, ge=0, le=60000)
     reference_memory: Optional[int] = None
     floor: int = Field(default=10, ge=0, le=60000)
-    ceiling: int = Field(default=60000, ge=1, le=2 ** 32 - 1)
+    ceiling: int = Field(default=60000, ge=1, le=BY_NAME["sleep_millisecs"].hi)
 
     @field_validator("reference_memory", mode="before")
     @classmethod
     def _size(cls, v: Any) -> Any:
-        return None if v is None else parse_size(v)
+        return None if v is None else size(v)
+
+    @model_validator(mode="after")
+    def _order(self) -> "SleepMillisecs":
+        if self.floor > self.ceiling:
+            raise ValueError("floor (%d) is larger than ceiling (%d)" % (self.floor, self.ceiling))
+        if not self.reference_memory and not self.floor <= self.base <= self.ceiling:
+            # Without reference_memory the base is the sleep: outside floor..ceiling it is never used.
+            raise ValueError("base (%d) is outside floor..ceiling (%d..%d)" % (self.base, self.floor, self.ceiling))
+        return self
 
 
 class Adaptive(Model):
@@ -214,20 +262,27 @@ class Adaptive(Model):
     @field_validator("resume_growth", mode="before")
     @classmethod
     def _size(cls, v: Any) -> Any:
-        return parse_size(v)
+        return size(v)
 
 
 class Advisor(Model):
     """Hand the scan rate to the kernel (advisor_mode=scan-time, Linux 6.9+)."""
 
-    target_scan_time: int = Field(default=200, ge=1)
-    max_cpu: int = Field(default=70, ge=1, le=100)
-    min_pages_to_scan: int = Field(default=500, ge=1)
-    max_pages_to_scan: int = Field(default=30000, ge=1)
+    target_scan_time: int = _kernel_range("advisor_target_scan_time", default=200)
+    max_cpu: int = _kernel_range("advisor_max_cpu", default=70)
+    min_pages_to_scan: int = _kernel_range("advisor_min_pages_to_scan", default=500)
+    max_pages_to_scan: int = _kernel_range("advisor_max_pages_to_scan", default=30000)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Advisor":
+        if self.min_pages_to_scan > self.max_pages_to_scan:
+            raise ValueError("min_pages_to_scan (%d) is larger than max_pages_to_scan (%d)"
+                             % (self.min_pages_to_scan, self.max_pages_to_scan))
+        return self
 
 
 class ScanSection(Model):
-    strategy: Literal["step", "adaptive", "advisor"] = "step"
+    strategy: Strategy = Strategy.step
     pages_to_scan: PagesToScan = PagesToScan()
     boost_when: List[Condition] = Field(default_factory=list)  # any: boost, else decay ("step")
     sleep_millisecs: SleepMillisecs = SleepMillisecs()
@@ -240,14 +295,14 @@ class Ownership(Model):
     """What to do when someone else writes a knob ksmctl set: put it back, or leave it
     for one interval (back_off) and re-assert only if it changed again by policy."""
 
-    on_external_change: Literal["reassert", "back_off"] = "reassert"
+    on_external_change: OnExternalChange = OnExternalChange.reassert
 
 
 class Policy(Model):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
     interval: float = Field(default=10.0, ge=0.1, le=3600)
-    run: RunSection = RunSection(mode="always")
+    run: RunSection = RunSection(mode=RunMode.always)
     scan: ScanSection = ScanSection()
     ownership: Ownership = Ownership()
 

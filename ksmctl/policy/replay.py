@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
+from ksmctl.kernel.knobs import KnobValue
 from ksmctl.policy.decide import EngineState, decide
 from ksmctl.policy.model import Policy
 from ksmctl.service.trace import read_trace
@@ -15,7 +16,7 @@ class ReplayRow:
     n: int
     wall: float
     recorded: Dict[str, Any]
-    replayed_targets: Dict[str, object]
+    replayed_targets: Dict[str, KnobValue]
     replayed_rule: str
     reason: str
 
@@ -31,7 +32,7 @@ class ReplayRow:
         ) + ("\n     because " + self.reason if self.reason else "")
 
 
-def _t(t: Dict[str, object]) -> str:
+def _t(t: Mapping[str, object]) -> str:
     keys = ("run", "pages_to_scan", "sleep_millisecs", "advisor_mode")
     return " ".join("%s=%s" % (k, t[k]) for k in keys if k in t)
 
@@ -65,6 +66,6 @@ def replay(policy: Policy, trace_path: str, start_state: Optional[EngineState] =
         if state is None:
             state = rec["state_obj"]
         decision, state = decide(policy, rec["readings_obj"], state)
-        out.rows.append(ReplayRow(n, rec["readings"]["wall"], rec["decision"], dict(decision.targets),
+        out.rows.append(ReplayRow(n, rec["readings"]["wall"], rec["decision"], decision.targets.to_dict(),
                                   "%s/%s" % (decision.run_rule, decision.scan_rule), decision.reason))
     return out

@@ -240,7 +240,7 @@ class Daemon:
         self.config, self.loaded = config, loaded
         self._setup_trace()
         if changed:
-            self.engine = EngineState(active=self.engine.active, npages=self.engine.npages)
+            self.engine = self.engine.after_policy_change()
         log.info("reloaded: policy %s from %s (sha256 %s)%s", loaded.policy.name, loaded.path,
                  loaded.short_hash, "" if changed else ", unchanged")
         self.notifier.ready()

@@ -3,14 +3,20 @@ so a policy can be replayed over a real night (`ksmctl policy replay`)."""
 from __future__ import annotations
 
 import json
+import math
 import os
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Optional, TypeVar
 
 from ksmctl.errors import UsageError
 from ksmctl.fsutil import decode_utf8, open_input
 from ksmctl.policy.decide import Decision, EngineState, Mark
+from ksmctl.policy.rules import AdaptiveMode
+from ksmctl.policy.strategies.adaptive import AdaptiveState
+from ksmctl.policy.strategies.cpu_budget import BudgetState
+from ksmctl.policy.strategies.run import RunState
+from ksmctl.policy.strategies.step import StepState
 from ksmctl.readings import EstimateSummary, KsmStat, KsmState, MemInfo, Psi, Readings, VmReading, VmSource
 
 TRACE_VERSION = 1
@@ -35,19 +41,67 @@ def readings_from_dict(d: Dict[str, Any]) -> Readings:
 
 
 def state_to_dict(s: EngineState) -> Dict[str, Any]:
-    return asdict(s)
+    """The flat shape traces have always had (one key per field of every strategy's state),
+    so old and new traces are interchangeable."""
+    ad = s.adaptive
+    return {"active": s.run.active, "npages": s.step.npages, "mode": ad.mode.value,
+            "last": asdict(s.last) if s.last is not None else None, "passes": ad.passes,
+            "last_pass_yield": ad.last_pass_yield, "need_passes": ad.need_passes, "verifying": ad.verifying,
+            "available_history": [list(p) for p in s.available_history], "idle_mergeable": ad.idle_mergeable,
+            "cpu_scale": s.budget.cpu_scale}
+
+
+T = TypeVar("T")
+
+
+def _field(d: Dict[str, Any], key: str, conv: Callable[[Any], T], default: T) -> T:
+    v = d.get(key)
+    return default if v is None else conv(v)
+
+
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError("expected a whole number, found %r" % (v,))
+    return v
+
+
+def _num(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError("expected a finite number, found %r" % (v,))
+    return float(v)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("expected true or false, found %r" % (v,))
+    return v
+
+
+def _mark(v: Any) -> Mark:
+    return Mark(_num(v["monotonic"]), _int(v["full_scans"]), _int(v["pages_scanned"]), _int(v["saved_pages"]),
+                _field(v, "ksmd_cpu", _num, None))
 
 
 def state_from_dict(d: Dict[str, Any]) -> EngineState:
-    kw = dict(d)
-    if kw.get("last") is not None:
-        kw["last"] = Mark(**kw["last"])
-    known = {f.name for f in fields(EngineState)}
-    return EngineState(**{k: v for k, v in kw.items() if k in known})
+    """The flat shape back into per-strategy states; absent keys take their defaults, unknown
+    keys are ignored. A bad value is ValueError/TypeError/KeyError (read_trace names the line)."""
+    if not isinstance(d, dict):
+        raise TypeError("state_before is not an object")
+    try:
+        ad = AdaptiveState(AdaptiveMode(_field(d, "mode", str, "merging")), _field(d, "passes", _int, 0),
+                           _field(d, "last_pass_yield", _num, None), _field(d, "need_passes", _int, 0),
+                           _field(d, "verifying", _bool, False), _field(d, "idle_mergeable", _int, None))
+        history = tuple((_num(t), _int(v)) for t, v in d.get("available_history") or ())
+        return EngineState(run=RunState(_field(d, "active", _bool, None)),
+                           step=StepState(_field(d, "npages", _int, None)), adaptive=ad,
+                           budget=BudgetState(_field(d, "cpu_scale", _num, 1.0)),
+                           last=_field(d, "last", _mark, None), available_history=history)
+    except ValueError as e:
+        raise ValueError("state_before: %s" % e) from None
 
 
 def decision_to_dict(dec: Decision) -> Dict[str, Any]:
-    return {"targets": dec.targets, "run_rule": dec.run_rule, "scan_rule": dec.scan_rule,
+    return {"targets": dict(dec.targets), "run_rule": str(dec.run_rule), "scan_rule": str(dec.scan_rule),
             "reasons": list(dec.reasons), "ksmd_cpu_percent": dec.ksmd_cpu_percent}
 
 

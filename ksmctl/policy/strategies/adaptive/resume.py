@@ -1,0 +1,37 @@
+"""When the adaptive strategy counts passes from 0 again: KSM (re)starts (one pass more
+when ksmd already holds pages: its cursor is part-way through a pass and pages behind it
+changed unseen), or mergeable memory grows by resume_growth. New guests are added at the
+end of ksmd's list, ahead of its cursor, so growth needs no extra pass."""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Optional
+
+from ksmctl.policy.model import Adaptive
+from ksmctl.policy.rules import AdaptiveMode, ScanRule
+from ksmctl.policy.strategies.adaptive.state import AdaptiveState, Step, Tick
+from ksmctl.units import format_bytes
+
+
+def restart(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Optional[Step]:
+    """The phase after a (re)start or growth; None when neither happened."""
+    fresh = replace(state, passes=0, verifying=False, last_pass_yield=None, idle_mergeable=tick.mergeable)
+    if tick.restarted or tick.last is None:
+        need = ad.min_passes + (1 if tick.rmap_pages > 0 else 0)
+        rule = ScanRule.resume if tick.resumed else ScanRule.merging
+        return replace(fresh, mode=AdaptiveMode.merging, need_passes=need), rule, ()
+    grown = tick.grown(state)
+    grew = grown is not None and grown > ad.resume_growth
+    if state.mode is AdaptiveMode.idle:
+        if not grew:
+            return replace(state, verifying=False, last_pass_yield=None), ScanRule.idle, \
+                ("no new merges to find; idle scan",)
+        why = "mergeable memory grew by %s since idle (> %s)" % (format_bytes(grown or 0),
+                                                                  format_bytes(ad.resume_growth))
+        return replace(fresh, mode=AdaptiveMode.merging, need_passes=ad.min_passes), ScanRule.resume, (why,)
+    if grew:
+        # New memory while merging: it too needs min_passes before anything is known.
+        need = max(ad.min_passes, state.need_passes - state.passes)
+        why = "mergeable memory grew by %s while merging: counting passes again" % format_bytes(grown or 0)
+        return replace(fresh, need_passes=need), ScanRule.merging, (why,)
+    return None

@@ -1,0 +1,44 @@
+"""What the adaptive strategy remembers, and what it reads from one tick."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from ksmctl.policy.rules import AdaptiveMode, ScanRule
+from ksmctl.policy.signals import Mark
+
+
+@dataclass(frozen=True)
+class AdaptiveState:
+    mode: AdaptiveMode = AdaptiveMode.merging
+    passes: int = 0                          # full-scan boundaries seen since (re)start of merging
+    last_pass_yield: Optional[float] = None  # new merges per 1000 pages scanned over the last tick
+    need_passes: int = 0                     # boundaries to see before idling is allowed
+    verifying: bool = False                  # passes done, checking one interval at verify_rate
+    idle_mergeable: Optional[int] = None     # mergeable memory's low-water mark since passes were counted from 0
+
+    def stopped(self) -> "AdaptiveState":
+        """While KSM is stopped: merging again from pass 0 when it restarts."""
+        return AdaptiveState(AdaptiveMode.merging, 0, self.last_pass_yield, self.need_passes, self.verifying,
+                             self.idle_mergeable)
+
+
+@dataclass(frozen=True)
+class Tick:
+    now: Mark
+    last: Optional[Mark]         # the previous tick; None on the first
+    mergeable: Optional[int]     # bytes of MADV_MERGEABLE memory (None: unknown)
+    rmap_pages: int              # pages ksmd holds (shared + sharing + unshared + volatile)
+    page_size: int
+    restarted: bool              # KSM starts this tick or was stopped by the policy before
+    resumed: bool                # a restart after earlier ticks (not the very first tick)
+
+    def grown(self, state: AdaptiveState) -> Optional[int]:
+        """Growth of mergeable memory over its low-water mark; None when unknown."""
+        if self.mergeable is None:
+            return None
+        return self.mergeable - (state.idle_mergeable or 0)
+
+
+# A phase step: the new state, the rule, the reasons.
+Step = Tuple[AdaptiveState, ScanRule, Tuple[str, ...]]
