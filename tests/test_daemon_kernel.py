@@ -64,7 +64,7 @@ def test_dry_run_decides_but_never_writes(tmp_path):
         with DaemonProc(tmp_path, ALWAYS_ON_POLICY, args=["--dry-run"]) as d:
             s = wait_ticks(d, 3)
             assert s["dry_run"] and s["decision"]["targets"]["run"] == 1
-            assert "[dry run]" in d.log_text()
+            assert "dry run: would set" in d.log_text()
             now = sysfs.read().values
             assert {k: now[k] for k in ("run", "pages_to_scan", "sleep_millisecs")} == \
                    {k: before[k] for k in ("run", "pages_to_scan", "sleep_millisecs")}

@@ -71,18 +71,20 @@ INVALID = [
      "4294967295"),
     ("name: x\nscan:\n  pages_to_scan: {max: 4294967296}\n",
      "p.yaml:3: scan.pages_to_scan.max: 4294967296 is not allowed: Input should be less than or equal to 4294967295"),
-    ("name: x\nscan:\n  adaptive: {target_pass_seconds: .nan}\n",
-     "p.yaml:3: scan.adaptive.target_pass_seconds: nan is not allowed: Input should be a finite number"),
-    ("name: x\nscan:\n  cpu_budget: .inf\n", "p.yaml:3: scan.cpu_budget: inf is not allowed: Input should be a finite number"),
-    ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: memory_free, below: .inf}]\n",
-     "p.yaml:4: run.start_when[0].below.value: inf is not allowed: Input should be a finite number"),
+    ("name: x\nscan:\n  adaptive: {target_pass_seconds: 'nan'}\n",
+     "p.yaml:3: scan.adaptive.target_pass_seconds: 'nan' is not allowed: Input should be a finite number"),
+    ("name: x\nscan:\n  cpu_budget: 'inf'\n", "p.yaml:3: scan.cpu_budget: 'inf' is not allowed: Input should be a finite number"),
+    ("name: x\nscan:\n  cpu_budget: .inf\n", "p.yaml:3: scan.cpu_budget: .inf: NaN and infinity are not allowed, write a finite number"),
+    ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: memory_free, below: '1e999'}]\n",
+     "p.yaml:4: run.start_when[0].below: '1e999' is not allowed: expected a size in bytes, or with a unit: 512MiB, "
+     "2GiB, 2048KiB (K/M/G/T = powers of 1024), found '1e999'"),
     ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: memory_free, below: 99999999999999999999999999"
      "9999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999"
      "99999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999999"
      "99999999999999999999999999999999999999999999999999999999999999999999999999999GiB}]\n",
      "p.yaml:4: run.start_when[0].below: too large for a size: 99999999999999999999..."),
     ("name: x\nscan:\n  adaptive: {resume_growth: .inf}\n",
-     "p.yaml:3: scan.adaptive.resume_growth: inf is not allowed: expected a finite size, found inf"),
+     "p.yaml:3: scan.adaptive.resume_growth: .inf: NaN and infinity are not allowed, write a finite number"),
     ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: memory_free, below: -1}]\n",
      "p.yaml:4: run.start_when[0].below: -1 is not allowed: memory_free cannot be negative"),
     ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: psi_some_avg10, above: 101}]\n",
