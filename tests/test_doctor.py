@@ -219,3 +219,10 @@ def test_parsers():
     b = ram.ram_backends[0]
     assert (b.id, b.share, b.merge, b.on_hugetlbfs) == ("ram0", True, False, True)
     assert parse_guest_ram(["/bin/bash"]) is None
+
+
+def test_docs_list_exactly_the_reasons():
+    from ksmctl.doctor.findings import Reason
+    text = (Path(__file__).resolve().parent.parent / "docs" / "doctor.md").read_text()
+    documented = set(__import__("re").findall(r"^\| `(\w+)` \| (?:host|VM) \|", text, __import__("re").M))
+    assert documented == {r.value for r in Reason}
