@@ -50,7 +50,7 @@ INVALID = [
     ("name: x\nrun:\n  mode: conditional\n  start_when: [{signal: memory_free, below: 1GiB}]\n  on_stop: background\n",
      "p.yaml:3: run: on_stop: background needs a background: {pages_to_scan, sleep_millisecs}"),
     ("Name: x\n", "p.yaml:1: top level: required key 'name' is missing\n"
-                  "p.yaml:1: top level: unknown key 'Name'; allowed here: description, interval, name, ownership, "
+                  "p.yaml:1: top level: unknown key 'Name'; allowed here: description, interval, kernel, name, ownership, "
                   "run, scan"),
     ("name: x\nrun: {mode: sometimes}\n",
      "p.yaml:2: run.mode: 'sometimes' is not allowed: Input should be 'conditional', 'always' or 'off'"),

@@ -62,12 +62,16 @@ def decide(policy: Policy, r: Readings, state: EngineState) -> Tuple[Decision, E
     st = replace(state, run=run_state, last=now, available_history=history)
     advisor_ok = r.ksm.advisor_mode is not None
 
+    settings = policy.kernel.knobs()   # held whether KSM runs or not
+
     def decision(choice: Union[Pace, Delegated, None]) -> Decision:
         if isinstance(choice, Delegated):
-            return Decision(Targets(choice.knobs), run.rule, ScanRule.advisor, run.reasons + choice.reasons, cpu)
+            return Decision(Targets({**settings, **choice.knobs}), run.rule, ScanRule.advisor,
+                            run.reasons + choice.reasons, cpu)
         if choice is None:
-            return Decision(Targets({"run": 0}), run.rule, ScanRule.none, run.reasons, cpu)
-        return Decision(_paced(choice, advisor_ok), run.rule, choice.rule, run.reasons + choice.reasons, cpu)
+            return Decision(Targets({**settings, "run": 0}), run.rule, ScanRule.none, run.reasons, cpu)
+        return Decision(Targets({**settings, **_paced(choice, advisor_ok)}), run.rule, choice.rule,
+                        run.reasons + choice.reasons, cpu)
 
     if not run.active:
         return decision(background(policy.run)), replace(st, adaptive=st.adaptive.stopped())

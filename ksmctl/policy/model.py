@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -298,6 +298,22 @@ class Ownership(Model):
     on_external_change: OnExternalChange = OnExternalChange.reassert
 
 
+class KernelSettings(Model):
+    """KSM settings that change what can merge; an unset key is left as the kernel has it.
+    max_page_sharing and merge_across_nodes change only while nothing is merged: the
+    daemon unmerges first when MemAvailable absorbs it (kernel/transition.py), and says
+    so in its log and status. A key this kernel lacks is reported and skipped."""
+
+    use_zero_pages: Optional[bool] = None       # empty pages map to the zero page (ksm_zero_pages)
+    smart_scan: Optional[bool] = None           # skip pages that did not merge on earlier passes
+    merge_across_nodes: Optional[bool] = None   # merge identical pages of different NUMA nodes
+    max_page_sharing: Optional[int] = Field(default=None, ge=BY_NAME["max_page_sharing"].lo,
+                                            le=BY_NAME["max_page_sharing"].hi)
+
+    def knobs(self) -> Dict[str, int]:
+        return {name: int(value) for name, value in self if value is not None}
+
+
 class Policy(Model):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
@@ -305,6 +321,7 @@ class Policy(Model):
     run: RunSection = RunSection(mode=RunMode.always)
     scan: ScanSection = ScanSection()
     ownership: Ownership = Ownership()
+    kernel: KernelSettings = KernelSettings()
 
     @field_validator("interval", mode="before")
     @classmethod

@@ -19,7 +19,9 @@ from ksmctl import __version__
 from ksmctl.collectors.host import CollectionFailed, HostCollector
 from ksmctl.config import Config, keep_restart_keys, restart_keys_changed
 from ksmctl.errors import ErrorSource, KsmctlError, PermissionDenied
+from ksmctl.kernel import knobs
 from ksmctl.kernel.ownership import KnobOwnership, OnExternalChange
+from ksmctl.kernel.transition import UnmergedOnlyChanges
 from ksmctl.kernel.writer import Change, KsmWriter
 from ksmctl.policy.decide import Decision, EngineState, decide
 from ksmctl.policy.loader import LoadedPolicy, load_policy
@@ -103,6 +105,9 @@ class Daemon:
         self._ready_sent = False
         self._pending_errors: List[Tuple[ErrorSource, str]] = []  # from reloads, for the next tick
         self.ownership = KnobOwnership()  # what we wrote: restore, drift, back-off
+        self._written: List[Change] = []  # this tick's writes, as they happen
+        self.transition = UnmergedOnlyChanges(writer, wrote=self._wrote)  # max_page_sharing, merge_across_nodes
+        self._unsupported_reported: set = set()
         self.trace: Optional[TraceWriter] = None
         self.on_shutdown: List[Callable[[], None]] = []  # e.g. stop the exporter's server
         self._setup_trace()
@@ -130,14 +135,14 @@ class Daemon:
             rec.external.append(drift.knob)
             log.warning("%s; policy says %s", drift.message(),
                         "back off" if on_change is OnExternalChange.BACK_OFF else "re-assert")
-        written: List[Change] = []
-
-        def wrote(c: Change) -> None:
-            self.ownership.wrote(c)
-            written.append(c)
-
+        self._written = []
+        self._report_unsupported(decision.targets, readings)
+        step = self.transition.step(plan.targets, readings.ksm, readings.meminfo)
+        targets = dict(step.targets)
+        if step.hold_run:
+            targets.pop("run", None)   # run=2 holds until nothing is merged
         try:
-            planned = self.writer.apply(plan.targets, readings.ksm, wrote=wrote)
+            planned = self.writer.apply(targets, readings.ksm, wrote=self._wrote)
             rec.ok = True
         except PermissionDenied:
             raise
@@ -148,7 +153,7 @@ class Daemon:
             log.error("%s", e.message)
         # A dry run reports what it would write, never as changes it made (no counts, no
         # annotations, no drift for values it only imagined).
-        rec.changes = written
+        rec.changes = list(self._written)
         rec.would_change = planned if self.writer.dry_run else []
         why = "%s/%s: %s" % (decision.run_rule, decision.scan_rule, decision.reason)
         for c in rec.changes:
@@ -161,6 +166,17 @@ class Daemon:
             except OSError as e:
                 rec.errors.append((ErrorSource.TRACE, "cannot write trace %s: %s" % (self.trace.path, e.strerror)))
         return self._finish(rec, t0)
+
+    def _wrote(self, c: Change) -> None:
+        self.ownership.wrote(c)
+        self._written.append(c)
+
+    def _report_unsupported(self, targets: Any, readings: Readings) -> None:
+        """A policy key this kernel has no file for: said once, the rest of the policy applies."""
+        for name in sorted(set(targets) & set(readings.ksm.unsupported) - self._unsupported_reported):
+            self._unsupported_reported.add(name)
+            log.warning("the policy sets %s, which this kernel does not support (no %s): it is skipped, the rest "
+                        "of the policy applies", name, self.collector.sysfs.path(name))
 
     def _finish(self, rec: TickRecord, t0: float) -> TickRecord:
         rec.duration = time.perf_counter() - t0
@@ -195,6 +211,8 @@ class Daemon:
             "decision": decision_to_dict(rec.decision) if rec.decision else None,
             "changes": [{"knob": c.knob, "old": c.old, "new": c.new} for c in rec.changes],
             "would_change": [{"knob": c.knob, "old": c.old, "new": c.new} for c in rec.would_change],
+            "kernel_settings": self.transition.status(),
+            "unsupported_targets": sorted(self._unsupported_reported),
             "external_changes": rec.external,
             "errors": [list(e) for e in rec.errors],
             "readings": rec.readings.to_dict(vm_table=True) if rec.readings else None,
@@ -318,7 +336,15 @@ class Daemon:
         if self.config.restore_on_exit and self.ownership.has_original and not self.writer.dry_run:
             try:
                 state = self.collector.sysfs.read()
-                for c in self.writer.apply(self.ownership.restore_targets(), state):
+                targets = self.ownership.restore_targets()
+                if state.get("pages_shared"):
+                    # ksmctl never unmerges on its own at stop: these wait for an unmerge.
+                    for name in [n for n in targets if knobs.knob(n).needs_unmerged and state.current(n) != targets[n]]:
+                        log.warning("not restoring %s=%s: the kernel takes it only while nothing is merged, and "
+                                    "ksmctl does not unmerge at stop (`ksmctl unmerge`, then `ksmctl set %s=%s`)",
+                                    name, targets[name], name, targets[name])
+                        del targets[name]
+                for c in self.writer.apply(targets, state):
                     log.info("restored %s %s -> %s", c.knob, c.old, c.new)
             except KsmctlError as e:
                 log.error("could not restore KSM settings: %s", e.message)
