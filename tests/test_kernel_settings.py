@@ -156,3 +156,22 @@ def test_real_kernel_max_page_sharing_change_with_merged_pages(tmp_path):
             unmerge_and_wait()
             (KSM / "max_page_sharing").write_text(str(original))
     assert int((KSM / "max_page_sharing").read_text()) == original
+
+
+def test_policy_explain_shows_the_unmerge_and_its_guard(tmp_path):
+    from click.testing import CliRunner
+    from ksmctl.cli import cli
+    sys_root = make_sys(tmp_path / "sys", {"pages_shared": "1000", "pages_sharing": "2000", "max_page_sharing": "256"},
+                        drop=("smart_scan",))
+    policy = tmp_path / "p.yaml"
+    policy.write_text(POLICY % "max_page_sharing: 512, smart_scan: true")
+    args = ["--sys-root", str(sys_root)]
+    for meminfo, verdict in ((MEMINFO, "allowed"), (LOW_MEMINFO, "refused")):
+        proc = make_proc(tmp_path / ("proc-" + verdict), meminfo=meminfo)
+        cfg = tmp_path / ("c-%s.yaml" % verdict)
+        cfg.write_text("libvirt: false\nstate_file: %s\n" % (tmp_path / "none.json"))
+        r = CliRunner().invoke(cli, args + ["--proc-root", str(proc), "--config", str(cfg), "policy", "explain", str(policy)])
+        assert r.exit_code == 0, r.output
+        assert "max_page_sharing: 256 -> 512 needs nothing merged: would unmerge 9.8 MiB first" in r.output
+        assert r.output.rstrip().count(verdict) >= 1 and "smart_scan: not supported by this kernel" in r.output
+        assert "smart_scan None" not in r.output   # not a change this kernel can make

@@ -6,6 +6,7 @@ from typing import Dict, Optional, Tuple
 
 import click
 
+from ksmctl.kernel.transition import explain as explain_settings
 from ksmctl.errors import EXIT_USAGE, KsmctlError
 from ksmctl.policy.decide import EngineState, decide
 from ksmctl.policy.signals import evaluate, signals
@@ -82,11 +83,14 @@ def policy_explain(c: CliContext, file: Optional[str], as_json: bool) -> None:
             conds.append({"group": group, "holds": held, "why": why})
     current: Dict[str, object] = dict(r.ksm.values)
     current["advisor_mode"] = r.ksm.advisor_mode
-    changes = {k: {"now": current.get(k), "target": v} for k, v in decision.targets.items() if current.get(k) != v}
+    changes = {k: {"now": current.get(k), "target": v} for k, v in decision.targets.items()
+               if current.get(k) != v and k not in r.ksm.unsupported}
+    settings = explain_settings(decision.targets, r.ksm, r.meminfo)
     if as_json:
         click.echo(json.dumps({"policy": lp.policy.name, "path": lp.path, "run_rule": decision.run_rule,
                                "scan_rule": decision.scan_rule, "reasons": list(decision.reasons),
-                               "targets": decision.targets.to_dict(), "conditions": conds, "changes": changes}, indent=2))
+                               "targets": decision.targets.to_dict(), "conditions": conds, "changes": changes,
+                               "kernel_settings": settings}, indent=2))
         return
     click.echo("Policy %s (%s, sha256 %s)" % (lp.policy.name, lp.path, lp.short_hash))
     click.echo("Decision: %s / %s" % (decision.run_rule, decision.scan_rule))
@@ -99,6 +103,8 @@ def policy_explain(c: CliContext, file: Optional[str], as_json: bool) -> None:
         click.echo("Would change: " + ", ".join("%s %s -> %s" % (k, v["now"], v["target"]) for k, v in changes.items()))
     else:
         click.echo("Would change: nothing")
+    for name, what in settings.items():
+        click.echo("  %s: %s" % (name, what))
     click.echo("(explained from a fresh start: a running daemon's history, e.g. a stepped pages_to_scan, "
                "can make it decide differently%s)" % ("; the daemon is running" if daemon else ""))
 

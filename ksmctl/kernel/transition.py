@@ -134,3 +134,33 @@ class UnmergedOnlyChanges:
         except KsmctlError:
             return "the merged pages"
         return format_bytes(need)
+
+
+def explain(targets: Mapping[str, object], state: KsmState, meminfo: Optional[MemInfo]) -> Dict[str, str]:
+    """What applying targets would do to the knobs that need nothing merged, and to knobs
+    this kernel lacks, in words (for `ksmctl policy explain`)."""
+    out: Dict[str, str] = {}
+    merged = state.get("pages_shared") or 0
+    for name, value in sorted(targets.items()):
+        if name in state.unsupported:
+            out[name] = "not supported by this kernel: skipped, the rest of the policy applies"
+            continue
+        k = BY_NAME.get(name)
+        if k is None or not k.needs_unmerged or state.current(name) == value:
+            continue
+        change = "%s -> %s" % (state.current(name), value)
+        if not merged:
+            out[name] = "%s, written at once (nothing is merged)" % change
+        elif meminfo is None:
+            out[name] = "%s needs nothing merged, and MemAvailable cannot be read: refused" % change
+        else:
+            try:
+                need, margin = unmerge_need(state, meminfo)
+                refusal = unmerge_refusal(state, meminfo)
+            except KsmctlError as e:
+                out[name] = "%s needs nothing merged: refused: %s" % (change, e.message)
+                continue
+            out[name] = ("%s needs nothing merged: would unmerge %s first (MemAvailable %s, margin %s): %s"
+                         % (change, format_bytes(need), format_bytes(meminfo.available), format_bytes(margin),
+                            "allowed" if refusal is None else "refused"))
+    return out
