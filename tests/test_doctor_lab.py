@@ -12,11 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from ksmctl.cli import cli
-from tests.ksmlock import KSM, ksm_exclusive
 from tests.lab.lab import Lab
-from tests.support import wait_for
 
-from .test_lab_vms import MIN_MERGED, _knob, merging, sharing
+from .test_lab_vms import merging, merging_fast, sharing
 
 pytestmark = [pytest.mark.lab, pytest.mark.kernel]
 
@@ -50,14 +48,7 @@ def variants(lab: Lab, lab_guests):
 def test_doctor_names_why_each_real_guest_merges_or_not(tmp_path, lab_guests, variants):
     cfg = tmp_path / "config.yaml"
     cfg.write_text("state_file: %s\n" % (tmp_path / "state.json"))
-    with ksm_exclusive():
-        if (KSM / "advisor_mode").exists():
-            _knob("advisor_mode", "none")
-        _knob("pages_to_scan", "5000")
-        _knob("sleep_millisecs", "10")
-        _knob("run", "1")
-        wait_for(lambda: all(merging(g.pid) >= MIN_MERGED for g in sharing(lab_guests)), 180,
-                 "the normal guests to merge", interval=0.5)
+    with merging_fast(lab_guests):
         names = [g.name for g in lab_guests] + [g.name for g in variants.values()]
         r = CliRunner().invoke(cli, ["--config", str(cfg), "doctor", "--json", "--cpu-window", "0"] + names)
     assert r.exit_code == 0, r.output

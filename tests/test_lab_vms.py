@@ -4,6 +4,7 @@ Needs root, libvirt, QEMU and busybox-static (tests/lab). Skipped locally withou
 fails in CI. The guests boot once per session (fixture lab_guests)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -95,17 +96,25 @@ def agrees(pid: int, reported: int) -> bool:
     return min(a, b) - 64 <= reported <= max(a, b) + 64
 
 
-@pytest.fixture(scope="class")
-def merged(lab_guests):
-    """ksmd merging the guests fast, under the global KSM lock (knobs restored after)."""
+@contextlib.contextmanager
+def merging_fast(guests: List[Guest]):
+    """ksmd merging fast under the global KSM lock (knobs restored after), once every
+    sharing guest has MIN_MERGED merged pages."""
     with ksm_exclusive():
         if (KSM / "advisor_mode").exists():
             _knob("advisor_mode", "none")
         _knob("pages_to_scan", "5000")
         _knob("sleep_millisecs", "10")
         _knob("run", "1")
-        wait_for(lambda: all(merging(g.pid) >= MIN_MERGED for g in sharing(lab_guests)), 180,
+        wait_for(lambda: all(merging(g.pid) >= MIN_MERGED for g in sharing(guests)), 180,
                  "every sharing guest to have %d merged pages" % MIN_MERGED, interval=0.5)
+        yield guests
+
+
+@pytest.fixture(scope="class")
+def merged(lab_guests):
+    """ksmd merging the guests fast, settled."""
+    with merging_fast(lab_guests):
         wait_for(_settled, 120, "merging to settle (pages_sharing unchanged for a second)", interval=0.1)
         yield lab_guests
 

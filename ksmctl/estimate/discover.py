@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from ksmctl.collectors.memlayout import parse_smaps
 from ksmctl.collectors.procfs import ProcFs
 from ksmctl.collectors.vms.qemu import parse_qemu_cmdline
 from ksmctl.errors import UsageError
@@ -41,35 +42,7 @@ class Region:
 
 def parse_smaps_mergeable(text: str) -> List[Region]:
     """VMAs whose VmFlags contain `mg` (MADV_MERGEABLE or prctl merge-any), with their Rss."""
-    regions: List[Region] = []
-    start = end = rss = 0
-    in_vma = False
-    for line in text.splitlines():
-        head = line.split(None, 1)
-        if not head:
-            continue
-        key = head[0]
-        if not key.endswith(":"):
-            # A VMA header: "start-end perms offset dev inode [path]".
-            lo, sep, hi = key.partition("-")
-            if not sep:
-                continue
-            try:
-                start, end = int(lo, 16), int(hi, 16)
-            except ValueError:
-                continue
-            rss, in_vma = 0, True
-        elif key == "Rss:" and in_vma:
-            try:
-                rss = int(head[1].split()[0]) * 1024
-            except (IndexError, ValueError):
-                rss = 0
-        elif key == "VmFlags:" and in_vma:
-            flags = head[1].split() if len(head) > 1 else []
-            if "mg" in flags:
-                regions.append(Region(start, end, rss))
-            in_vma = False
-    return regions
+    return [Region(m.start, m.end, m.rss) for m in parse_smaps(text) if m.mergeable]
 
 
 def mergeable_regions(proc_root: str, pid: int) -> List[Region]:

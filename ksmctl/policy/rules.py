@@ -3,18 +3,13 @@ written to traces and the state file) and the policy's own choices. Members are 
 as their values, which are what files and labels spell, so str() and %s give the label."""
 from __future__ import annotations
 
-import enum
 from typing import Tuple
 
+from ksmctl.errors import StrEnum
 
-class Label(str, enum.Enum):
-    """A str enum that prints as its value on every Python from 3.9 (3.11 changed the default)."""
 
-    def __str__(self) -> str:
-        return str(self.value)
-
-    def __format__(self, spec: str) -> str:
-        return format(str(self.value), spec)
+# Every enum here prints as its value, on every Python from 3.9: see errors.StrEnum.
+Label = StrEnum
 
 
 class RunRule(Label):
