@@ -47,9 +47,10 @@ if [ -n "$PY39" ]; then
     echo "== Python 3.9: $PY39"
     [ -x .venv39/bin/python ] || "$PY39" -m venv .venv39
     quiet_pip .venv39/bin/pip install -q --disable-pip-version-check -e . pytest pytest-timeout hypothesis
-    .venv39/bin/python -m pytest -q -p no:cacheprovider tests/test_policy_loader.py tests/test_decide.py \
-        tests/test_collectors.py tests/test_config.py tests/test_replay.py \
-        tests/test_estimate_count.py tests/test_estimate.py
+    .venv39/bin/python -m pytest -q -p no:cacheprovider -m "not kernel and not lab" tests/test_policy_loader.py \
+        tests/test_decide.py tests/test_collectors.py tests/test_config.py tests/test_replay.py \
+        tests/test_estimate_count.py tests/test_estimate.py tests/test_doctor.py tests/test_reload.py \
+        tests/test_knob_table.py tests/test_ownership.py tests/test_cli_knobs.py tests/test_kernel_settings.py
 elif [ "${CI:-}" = "true" ]; then
     echo "scripts/test.sh: no Python 3.9 interpreter found (pyenv) in CI" >&2
     exit 1
