@@ -12,6 +12,7 @@ from typing import Any, List, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ksmctl.policy.vms import VmsSection
 from ksmctl.units import parse_duration, parse_size
 
 
@@ -250,6 +251,7 @@ class Policy(Model):
     run: RunSection = RunSection(mode="always")
     scan: ScanSection = ScanSection()
     ownership: Ownership = Ownership()
+    vms: Optional[VmsSection] = None  # per-VM merge control (ksmctl/policy/vms.py)
 
     @field_validator("interval", mode="before")
     @classmethod

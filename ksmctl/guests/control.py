@@ -1,0 +1,379 @@
+"""Each running guest's merge setting: where it comes from, applying it, and its cost.
+
+The wanted setting of a guest is, first match: a runtime change by `ksmctl merge`, a
+policy rule (or the policy's default), trust-domain isolation, and else what the guest
+was started with (domain XML <nosharepages/>, QEMU's mem-merge and backend merge=).
+ksmctl sends QMP only to guests whose setting it manages (runtime, policy, isolation):
+libvirt taints every domain it passes a monitor command to.
+
+Denying a merging guest unmerges its pages, which allocates up to its ksm_merging_pages
+(less what it only shared with itself, which ksm_stat cannot tell): refused or deferred
+unless MemAvailable absorbs that plus the margin `ksmctl unmerge` keeps.
+"""
+from __future__ import annotations
+
+import logging
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from ksmctl.collectors.procfs import ProcFs
+from ksmctl.collectors.vms.backends import GuestRam, parse_guest_ram
+from ksmctl.errors import ErrorSource, KsmctlError, Refused, StrEnum
+from ksmctl.guests.audit import Audit
+from ksmctl.guests.qmp import GuestError, Qmp
+from ksmctl.guests.runtime import ChangedBy, RuntimeChange, RuntimeChanges
+from ksmctl.kernel.writer import unmerge_margin
+from ksmctl.policy.vms import GuestIdentity, MergeMode, VmsSection, isolate, parse_metadata
+from ksmctl.readings import MemInfo, VmReading
+from ksmctl.units import format_bytes
+
+log = logging.getLogger("ksmctl.guests")
+
+
+class MergeSource(StrEnum):
+    """Where a guest's merge setting comes from (the `source` label of ksmctl_vm_merge)."""
+
+    DOMAIN_XML = "domain_xml"      # <memoryBacking><nosharepages/>
+    QEMU_CMDLINE = "qemu_cmdline"  # -machine mem-merge=, -object memory-backend-*,merge=, or QEMU's default
+    RUNTIME = "runtime"            # `ksmctl merge on|off`
+    POLICY = "policy"              # a vms rule or the vms default
+    ISOLATION = "isolation"        # trust-domain isolation (isolation: per_domain)
+
+
+MANAGED = (MergeSource.RUNTIME, MergeSource.POLICY, MergeSource.ISOLATION)
+
+
+@dataclass(frozen=True)
+class GuestMerge:
+    """One guest's merge control this tick."""
+
+    uuid: str
+    name: str
+    pid: Optional[int]
+    setting: MergeMode
+    source: MergeSource
+    why: str = ""                       # the rule, the command, the XML element
+    backends: Tuple[str, ...] = ()      # RAM backend ids (QEMU command line; confirmed by qom-list when managed)
+    controllable: bool = False
+    not_controllable: str = ""          # why not
+    merging_pages: Optional[int] = None
+    cost_bytes: int = 0                 # what denying it unmerges now (deny, still merging)
+    pending: str = ""                   # why the setting is not in effect yet (guard, QMP error)
+    violation: str = ""                 # why it breaks its deny (audit)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"uuid": self.uuid, "name": self.name, "pid": self.pid, "merge": self.setting.value,
+                "source": str(self.source), "why": self.why, "backends": list(self.backends),
+                "controllable": self.controllable, "not_controllable": self.not_controllable,
+                "merging_pages": self.merging_pages, "cost_bytes": self.cost_bytes, "pending": self.pending,
+                "violation": self.violation}
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    guests: Tuple[GuestMerge, ...] = ()
+    violations_total: int = 0
+    stop_ksm: str = ""                  # why isolation stops KSM (on_mixed: stop_ksm)
+    errors: Tuple[Tuple[ErrorSource, str], ...] = ()
+
+    @property
+    def denied(self) -> int:
+        return sum(1 for g in self.guests if g.setting is MergeMode.deny and not g.pending)
+
+    @property
+    def controllable(self) -> int:
+        return sum(1 for g in self.guests if g.controllable)
+
+    @property
+    def denied_cost_bytes(self) -> int:
+        """What unmerging the guests denied this tick cost (or would, where deferred)."""
+        return sum(g.cost_bytes for g in self.guests)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"guests": [g.to_dict() for g in self.guests], "violations_total": self.violations_total,
+                "stop_ksm": self.stop_ksm, "denied": self.denied, "controllable": self.controllable,
+                "denied_cost_bytes": self.denied_cost_bytes}
+
+
+@dataclass
+class _Facts:
+    """What is read once per QEMU process: libvirt's view and the command line's."""
+
+    pid: Optional[int]
+    identity: GuestIdentity
+    nosharepages: bool
+    ram: Optional[GuestRam]
+    dom: Any = None
+    confirmed: Optional[Tuple[str, ...]] = None  # backend ids qom-list confirmed
+    qom_types: Dict[str, str] = field(default_factory=dict)
+
+
+def configured(f: _Facts) -> Tuple[MergeMode, MergeSource, str]:
+    """The setting the guest was started with."""
+    if f.nosharepages:
+        return MergeMode.deny, MergeSource.DOMAIN_XML, "<nosharepages/>"
+    ram = f.ram
+    if ram is not None and ram.mem_merge is False:
+        return MergeMode.deny, MergeSource.QEMU_CMDLINE, "mem-merge=off"
+    if ram is not None and ram.ram_backends and all(b.merge is False for b in ram.ram_backends):
+        return MergeMode.deny, MergeSource.QEMU_CMDLINE, "merge=off"
+    return MergeMode.allow, MergeSource.QEMU_CMDLINE, "QEMU default (mem-merge=on)"
+
+
+def backend_ids(ram: Optional[GuestRam]) -> Tuple[Tuple[str, ...], str]:
+    """(RAM backend ids, "") or ((), why the guest's RAM has no switch at run time)."""
+    if ram is None:
+        return (), "its QEMU command line could not be read"
+    ids = tuple(b.id for b in ram.ram_backends if b.id)
+    if ids:
+        return ids, ""
+    if ram.mem_path:
+        return (), "its RAM comes from -mem-path, not a memory backend object"
+    return (), "its RAM has no memory backend object (-machine memory-backend=); QEMU older than 5.0 or -m only"
+
+
+def guard(cost: int, meminfo: Optional[MemInfo], already: int = 0) -> Optional[str]:
+    """Why unmerging `cost` bytes (after `already` approved) is refused, or None."""
+    if cost <= 0:
+        return None
+    if meminfo is None:
+        return "cannot read MemAvailable to check that the host absorbs unmerging %s" % format_bytes(cost)
+    margin = unmerge_margin(meminfo)
+    if already + cost + margin <= meminfo.available:
+        return None
+    return ("unmerging would allocate up to %s (its ksm_merging_pages) and keep a margin of %s, but MemAvailable "
+            "is %s%s" % (format_bytes(cost), format_bytes(margin), format_bytes(meminfo.available),
+                         " (%s already taken by other guests this tick)" % format_bytes(already) if already else ""))
+
+
+class GuestController:
+    """Applies wanted merge settings to running guests; the daemon's and the CLI's."""
+
+    def __init__(self, qmp: Qmp, proc: ProcFs, runtime: RuntimeChanges) -> None:
+        self.qmp = qmp
+        self.proc = proc
+        self.runtime = runtime
+        self.audit = Audit()
+        self._facts: Dict[str, _Facts] = {}
+        self._applied: Dict[str, int] = {}      # uuid -> pid ksmctl set a deny on (drift = violation)
+        self._said: Dict[str, str] = {}          # uuid -> last pending message logged
+
+    # ---- facts -----------------------------------------------------------------------
+    def facts(self, vm: VmReading) -> _Facts:
+        f = self._facts.get(vm.uuid)
+        if f is not None and f.pid == vm.pid:
+            return f
+        dom = self.qmp.lookup(vm.uuid)
+        try:
+            root = ET.fromstring(self.qmp.xml(dom))
+        except ET.ParseError as e:
+            raise GuestError("%s: libvirt returned XML that does not parse: %s" % (vm.name, e)) from None
+        ident = GuestIdentity(uuid=vm.uuid.lower(), name=vm.name, title=root.findtext("title") or "",
+                              description=root.findtext("description") or "", metadata=parse_metadata(root))
+        argv = self.proc.cmdline(vm.pid) if vm.pid is not None else None
+        f = _Facts(pid=vm.pid, identity=ident, ram=parse_guest_ram(argv) if argv else None, dom=dom,
+                   nosharepages=root.find("./memoryBacking/nosharepages") is not None)
+        self._facts[vm.uuid] = f
+        return f
+
+    def confirm(self, f: _Facts) -> Tuple[Tuple[str, ...], str]:
+        """Backend ids the command line names that qom-list /objects shows (QMP, once per process)."""
+        ids, why = backend_ids(f.ram)
+        if not ids:
+            return (), why
+        if f.confirmed is None:
+            objs = self.qmp.objects(f.dom)
+            f.confirmed = tuple(i for i in ids if i in objs)
+        if not f.confirmed:
+            return (), "qom-list /objects shows none of its RAM backends (%s)" % ", ".join(ids)
+        return f.confirmed, ""
+
+    # ---- the daemon's tick ------------------------------------------------------------
+    def tick(self, vms: Optional[Sequence[VmReading]], meminfo: Optional[MemInfo],
+             section: Optional[VmsSection], page_size: int = 4096) -> MergeReport:
+        if vms is None:
+            return MergeReport(violations_total=self.audit.violations_total)
+        errors: List[Tuple[ErrorSource, str]] = []
+        running = [v for v in vms if v.pid is not None]
+        facts: Dict[str, _Facts] = {}
+        for vm in running:
+            try:
+                facts[vm.uuid] = self.facts(vm)
+            except KsmctlError as e:
+                errors.append((ErrorSource.LIBVIRT, e.message))
+        for gone in set(self._facts) - set(facts):
+            self._facts.pop(gone, None)
+        self.audit.forget(set(facts))
+        changes = self._live_changes(facts)
+        wanted = {u: self._wanted(f, changes.get(u), section) for u, f in facts.items()}
+        stop = ""
+        if section is not None:
+            allowed = [facts[u].identity for u, w in wanted.items() if w[0] is MergeMode.allow]
+            deny, stopping, why = isolate(section, allowed)
+            stop = why if stopping else ""
+            for u in deny:
+                wanted[u] = (MergeMode.deny, MergeSource.ISOLATION, why)
+            if why and (deny or stopping):
+                log.log(logging.WARNING if self._said.get("isolation") != why else logging.DEBUG, "isolation: %s%s",
+                        why, "; denied: " + ", ".join(sorted(facts[u].identity.name for u in deny)) if deny else "")
+                self._said["isolation"] = why
+        out: List[GuestMerge] = []
+        approved = 0
+        for vm in running:
+            f = facts.get(vm.uuid)
+            if f is None:
+                continue
+            g, cost = self._enforce(vm, f, wanted[vm.uuid], changes.get(vm.uuid), meminfo, page_size, approved,
+                                    errors)
+            approved += cost
+            out.append(g)
+        return MergeReport(tuple(out), self.audit.violations_total, stop, tuple(errors))
+
+    def _live_changes(self, facts: Dict[str, _Facts]) -> Dict[str, RuntimeChange]:
+        """Runtime entries of processes still running; entries of restarted QEMUs dropped."""
+        entries = self.runtime.load()
+        stale = [u for u, c in entries.items() if u in facts and facts[u].pid != c.pid]
+        if stale:
+            with self.runtime.edit() as e:
+                for u in stale:
+                    log.info("guest %s: its QEMU restarted; ksmctl's runtime merge change is void", e[u].name)
+                    e.pop(u, None)
+            entries = self.runtime.load()
+        return {u: c for u, c in entries.items() if u in facts}
+
+    @staticmethod
+    def _wanted(f: _Facts, change: Optional[RuntimeChange],
+                section: Optional[VmsSection]) -> Tuple[MergeMode, MergeSource, str]:
+        if change is not None and change.by is ChangedBy.CLI:
+            return (MergeMode.allow if change.merge else MergeMode.deny), MergeSource.RUNTIME, change.why
+        rule, which = section.rule_for(f.identity) if section is not None else (None, "")
+        if rule is not None:
+            return rule, MergeSource.POLICY, which
+        return configured(f)
+
+    def _enforce(self, vm: VmReading, f: _Facts, want: Tuple[MergeMode, MergeSource, str],
+                 entry: Optional[RuntimeChange], meminfo: Optional[MemInfo], page_size: int, approved: int,
+                 errors: List[Tuple[ErrorSource, str]]) -> Tuple[GuestMerge, int]:
+        setting, source, why = want
+        merging = vm.ksm.merging_pages if vm.ksm is not None else None
+        ids, not_ctl = backend_ids(f.ram)
+        g = GuestMerge(vm.uuid, vm.name, vm.pid, setting, source, why, ids, bool(ids), not_ctl, merging)
+        # A guest the policy changed and no longer covers goes back to what it was started with.
+        reverting = source not in MANAGED and entry is not None and entry.by is ChangedBy.POLICY
+        if source not in MANAGED and not reverting:
+            return replace(g, violation=self.audit.check(vm.uuid, vm.name, setting is MergeMode.deny, merging) or ""), 0
+        try:
+            ids, not_ctl = self.confirm(f)
+            g = replace(g, backends=ids, controllable=bool(ids), not_controllable=not_ctl)
+            if not ids:
+                return self._pending(g, "not controllable: " + not_ctl), 0
+            current = {b: self.qmp.get_merge(f.dom, b) for b in ids}
+        except KsmctlError as e:
+            errors.append((ErrorSource.LIBVIRT, e.message))
+            return self._pending(g, e.message), 0
+        value = setting is MergeMode.allow
+        drift = not value and self._applied.get(vm.uuid) == vm.pid and any(v is not False for v in current.values())
+        violation = self.audit.check(vm.uuid, vm.name, not value, merging, backend_merge_on=drift) or ""
+        g = replace(g, violation=violation)
+        if all(v is value for v in current.values()):
+            self._said.pop(vm.uuid, None)
+            if reverting:
+                self._forget(vm.uuid)
+            if not value:
+                self._applied[vm.uuid] = vm.pid or 0
+            return g, 0
+        cost = (merging or 0) * page_size if not value else 0
+        refusal = guard(cost, meminfo, approved)
+        if refusal is not None:
+            return self._pending(replace(g, cost_bytes=cost), "deferred: " + refusal), 0
+        try:
+            self.set(f, value, current)
+        except KsmctlError as e:
+            errors.append((ErrorSource.LIBVIRT, e.message))
+            return self._pending(g, e.message), 0
+        if reverting:
+            self._forget(vm.uuid)
+        elif source is not MergeSource.RUNTIME:
+            self._record(vm, value, ChangedBy.POLICY, why, current)
+        if not value:
+            self._applied[vm.uuid] = vm.pid or 0
+        self._said.pop(vm.uuid, None)
+        log.info("guest %s: merge %s (%s: %s)%s", vm.name, "on" if value else "off", source, why,
+                 ", unmerging up to %s" % format_bytes(cost) if cost else "")
+        return replace(g, cost_bytes=cost), cost
+
+    def _pending(self, g: GuestMerge, why: str) -> GuestMerge:
+        if self._said.get(g.uuid) != why:
+            self._said[g.uuid] = why
+            log.warning("guest %s: merge %s (%s) not applied: %s", g.name, "on" if g.setting is MergeMode.allow
+                        else "off", g.source, why)
+        return replace(g, pending=why)
+
+    def _forget(self, uuid: str) -> None:
+        with self.runtime.edit() as entries:
+            entries.pop(uuid, None)
+
+    # ---- acting -----------------------------------------------------------------------
+    def set(self, f: _Facts, value: bool, current: Dict[str, Optional[bool]]) -> None:
+        for b, v in current.items():
+            if v is not value:
+                self.qmp.set_merge(f.dom, b, value)
+
+    def _record(self, vm: VmReading, value: bool, by: ChangedBy, why: str,
+                current: Dict[str, Optional[bool]]) -> None:
+        with self.runtime.edit() as e:
+            old = e.get(vm.uuid)
+            original = old.original if old is not None and old.pid == vm.pid else dict(current)
+            e[vm.uuid] = RuntimeChange(vm.uuid, vm.name, vm.pid or 0, value, by, why, original)
+
+    def change(self, vm: VmReading, value: bool, meminfo: Optional[MemInfo], page_size: int = 4096,
+               dry_run: bool = False, force: bool = False, already: int = 0) -> Tuple[str, int]:
+        """`ksmctl merge on|off` for one guest: (what was done, bytes it unmerged)."""
+        f = self.facts(vm)
+        merging = vm.ksm.merging_pages if vm.ksm is not None else None
+        cost = (merging or 0) * page_size if not value else 0
+        word = "on" if value else "off"
+        refusal = guard(cost, meminfo, already)
+        cost_text = "unmerges up to %s (%s merging pages)" % (format_bytes(cost), merging) if not value else \
+            "lets ksmd merge it again"
+        if dry_run:
+            ids, why = backend_ids(f.ram)
+            if not ids:
+                raise GuestError("%s: not controllable: %s" % (vm.name, why))
+            return ("%s: would set merge %s on %s (from the QEMU command line; --dry-run sends no QMP): %s%s"
+                    % (vm.name, word, ", ".join(ids), cost_text,
+                       "; the guard would refuse: " + refusal if refusal else "")), cost
+        ids, why = self.confirm(f)
+        if not ids:
+            raise GuestError("%s: not controllable: %s" % (vm.name, why))
+        if refusal is not None and not force:
+            raise Refused("%s: refusing merge off: %s. Free memory first, or use --force to risk the OOM killer."
+                          % (vm.name, refusal))
+        current = {b: self.qmp.get_merge(f.dom, b) for b in ids}
+        self.set(f, value, current)
+        self._record(vm, value, ChangedBy.CLI, "ksmctl merge " + word, current)
+        return "%s: merge %s on %s: %s" % (vm.name, word, ", ".join(ids), cost_text), cost
+
+    def restore(self, meminfo: Optional[MemInfo], vms: Sequence[VmReading], page_size: int = 4096) -> None:
+        """At stop (restore_on_exit): put back what the daemon's policy changed."""
+        by_uuid = {v.uuid: v for v in vms if v.pid is not None}
+        with self.runtime.edit() as e:
+            for u, c in list(e.items()):
+                vm = by_uuid.get(u)
+                if c.by is not ChangedBy.POLICY or vm is None or vm.pid != c.pid:
+                    continue
+                try:
+                    f = self.facts(vm)
+                    back = {b: v for b, v in c.original.items() if v is not None and v is not c.merge}
+                    cost = (vm.ksm.merging_pages or 0) * page_size if vm.ksm and False in back.values() else 0
+                    refusal = guard(cost, meminfo)
+                    if refusal is not None:
+                        log.warning("guest %s: not restoring merge=off: %s", vm.name, refusal)
+                        continue
+                    for b, v in back.items():
+                        self.qmp.set_merge(f.dom, b, v)
+                    log.info("guest %s: restored merge settings %s", vm.name, back or "(unchanged)")
+                    del e[u]
+                except KsmctlError as err:
+                    log.error("guest %s: could not restore its merge setting: %s", vm.name, err.message)
