@@ -150,7 +150,8 @@ def guard(cost: int, meminfo: Optional[MemInfo], already: int = 0) -> Optional[s
 class GuestController:
     """Applies wanted merge settings to running guests; the daemon's and the CLI's."""
 
-    def __init__(self, qmp: Qmp, proc: ProcFs, runtime: RuntimeChanges) -> None:
+    def __init__(self, qmp: Qmp, proc: ProcFs, runtime: RuntimeChanges, dry_run: bool = False) -> None:
+        self.dry_run = dry_run  # decide and report, change no guest
         self.qmp = qmp
         self.proc = proc
         self.runtime = runtime
@@ -205,7 +206,11 @@ class GuestController:
         for gone in set(self._facts) - set(facts):
             self._facts.pop(gone, None)
         self.audit.forget(set(facts))
-        changes = self._live_changes(facts)
+        try:
+            changes = self._live_changes(facts)
+        except KsmctlError as e:  # a broken runtime file: policy still applies, the file is left alone
+            errors.append((ErrorSource.OTHER, e.message))
+            changes = {}
         wanted = {u: self._wanted(f, changes.get(u), section) for u, f in facts.items()}
         stop = ""
         if section is not None:
@@ -287,6 +292,8 @@ class GuestController:
         refusal = guard(cost, meminfo, approved)
         if refusal is not None:
             return self._pending(replace(g, cost_bytes=cost), "deferred: " + refusal), 0
+        if self.dry_run:
+            return self._pending(replace(g, cost_bytes=cost), "dry run"), 0
         try:
             self.set(f, value, current)
         except KsmctlError as e:
