@@ -278,10 +278,13 @@ class GuestController:
             errors.append((ErrorSource.LIBVIRT, e.message))
             return self._pending(g, e.message), 0
         value = setting is MergeMode.allow
-        drift = not value and self._applied.get(vm.uuid) == vm.pid and any(v is not False for v in current.values())
-        violation = self.audit.check(vm.uuid, vm.name, not value, merging, backend_merge_on=drift) or ""
+        in_effect = all(v is value for v in current.values())
+        # A deny is audited once it was in effect: before, merging pages are what it is about to unmerge.
+        drift = not value and self._applied.get(vm.uuid) == vm.pid and not in_effect
+        violation = self.audit.check(vm.uuid, vm.name, not value and (in_effect or drift), merging,
+                                     backend_merge_on=drift) or ""
         g = replace(g, violation=violation)
-        if all(v is value for v in current.values()):
+        if in_effect:
             self._said.pop(vm.uuid, None)
             if reverting:
                 self._forget(vm.uuid)
