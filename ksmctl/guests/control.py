@@ -190,6 +190,34 @@ class GuestController:
             return (), "qom-list /objects shows none of its RAM backends (%s)" % ", ".join(ids)
         return f.confirmed, ""
 
+    def view(self, vms: Sequence[VmReading]) -> MergeReport:
+        """Each guest's setting and its source as `ksmctl vms` shows it without a daemon:
+        the command line, the XML and ksmctl's runtime changes; no QMP, no policy."""
+        out, errors = [], []
+        try:
+            changes = self.runtime.load()
+        except KsmctlError as e:
+            errors.append((ErrorSource.OTHER, e.message))
+            changes = {}
+        for vm in vms:
+            if vm.pid is None:
+                continue
+            try:
+                f = self.facts(vm)
+            except KsmctlError as e:
+                errors.append((ErrorSource.LIBVIRT, e.message))
+                continue
+            c = changes.get(vm.uuid)
+            setting, source, why = self._wanted(f, c if c is not None and c.pid == vm.pid else None, None)
+            if c is not None and c.pid == vm.pid and c.by is ChangedBy.POLICY:
+                setting, source, why = (MergeMode.allow if c.merge else MergeMode.deny), MergeSource.POLICY, c.why
+            ids, not_ctl = backend_ids(f.ram)
+            merging = vm.ksm.merging_pages if vm.ksm is not None else None
+            denied = setting is MergeMode.deny and source in (MergeSource.DOMAIN_XML, MergeSource.QEMU_CMDLINE)
+            out.append(GuestMerge(vm.uuid, vm.name, vm.pid, setting, source, why, ids, bool(ids), not_ctl, merging,
+                                  violation=self.audit.check(vm.uuid, vm.name, denied, merging) or ""))
+        return MergeReport(tuple(out), errors=tuple(errors))
+
     # ---- the daemon's tick ------------------------------------------------------------
     def tick(self, vms: Optional[Sequence[VmReading]], meminfo: Optional[MemInfo],
              section: Optional[VmsSection], page_size: int = 4096) -> MergeReport:
