@@ -19,7 +19,7 @@ from ksmctl.guests.qmp import GuestError
 from ksmctl.guests.runtime import FILE_NAME, RuntimeChanges
 from ksmctl.policy.loader import parse_policy
 from ksmctl.policy.vms import METADATA_NS, MergeMode
-from ksmctl.readings import KsmStat, MemInfo, VmReading
+from ksmctl.readings import KsmStat, KsmState, MemInfo, VmReading
 from tests.fixtures import make_proc
 
 GIB = 1024 ** 3
@@ -260,3 +260,20 @@ def test_broken_runtime_file_is_named(env):
     (tmp / "state" / FILE_NAME).write_text('{"version": 1, "guests": {"x": {"pid": "7"}}}')
     r = ctl.tick(guests(), PLENTY, None)
     assert any(FILE_NAME in m and "not a ksmctl runtime merge entry" in m for _, m in r.errors)
+
+
+def test_merging_pages_count_only_after_ksmd_has_rescanned(env):
+    """ksm_merging_pages falls as ksmd's scan reaches the unmerged memory: no violation
+    before the second full pass after the deny took effect."""
+    ctl, qmp, _ = env
+    sec = section("  rules:\n    - {match: {name: db1}, merge: deny}\n")
+
+    def scans(n: int) -> KsmState:
+        return KsmState(values={"full_scans": n})
+    ctl.tick(guests(), PLENTY, sec, scans(10))
+    assert qmp.merge[(U2, "pc.ram")] is False
+    for n in (11, 12):  # first seen in effect at 11: its grace lasts two passes
+        r = ctl.tick(guests((0, 6000, 0)), PLENTY, sec, scans(n))
+        assert not by_name(r)["db1"].violation and r.violations_total == 0
+    r = ctl.tick(guests((0, 6000, 0)), PLENTY, sec, scans(13))
+    assert by_name(r)["db1"].violation == "ksm_stat shows 6000 merging pages" and r.violations_total == 1

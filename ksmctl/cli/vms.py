@@ -104,7 +104,7 @@ def rows(vms: List[VmReading], ksm: Optional[KsmState],
          merge: Optional[Dict[str, Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
     from ksmctl.collectors.vms import vm_savings
     savings = vm_savings(vms, ksm)
-    out = []
+    out: List[Dict[str, Any]] = []
     for vm in vms:
         s = savings.get(vm.uuid, {})
         saved = s.get("saved_bytes")

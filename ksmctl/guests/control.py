@@ -25,7 +25,7 @@ from ksmctl.guests.qmp import GuestError, Qmp
 from ksmctl.guests.runtime import ChangedBy, RuntimeChange, RuntimeChanges
 from ksmctl.kernel.writer import unmerge_margin
 from ksmctl.policy.vms import GuestIdentity, MergeMode, VmsSection, isolate, parse_metadata
-from ksmctl.readings import MemInfo, VmReading
+from ksmctl.readings import KsmState, MemInfo, VmReading
 from ksmctl.units import format_bytes
 
 log = logging.getLogger("ksmctl.guests")
@@ -159,6 +159,7 @@ class GuestController:
         self._facts: Dict[str, _Facts] = {}
         self._applied: Dict[str, int] = {}      # uuid -> pid ksmctl set a deny on (drift = violation)
         self._said: Dict[str, str] = {}          # uuid -> last pending message logged
+        self._full_scans: Optional[int] = None   # this tick's ksmd full_scans (the audit's grace)
 
     # ---- facts -----------------------------------------------------------------------
     def facts(self, vm: VmReading) -> _Facts:
@@ -220,7 +221,10 @@ class GuestController:
 
     # ---- the daemon's tick ------------------------------------------------------------
     def tick(self, vms: Optional[Sequence[VmReading]], meminfo: Optional[MemInfo],
-             section: Optional[VmsSection], page_size: int = 4096) -> MergeReport:
+             section: Optional[VmsSection], ksm: Optional[KsmState] = None) -> MergeReport:
+        """Apply and audit every running guest's wanted setting (the daemon, once a tick)."""
+        page_size = ksm.page_size if ksm is not None else 4096
+        self._full_scans = ksm.get("full_scans") if ksm is not None else None
         if vms is None:
             return MergeReport(violations_total=self.audit.violations_total)
         errors: List[Tuple[ErrorSource, str]] = []
@@ -295,7 +299,8 @@ class GuestController:
         # A guest the policy changed and no longer covers goes back to what it was started with.
         reverting = source not in MANAGED and entry is not None and entry.by is ChangedBy.POLICY
         if source not in MANAGED and not reverting:
-            return replace(g, violation=self.audit.check(vm.uuid, vm.name, setting is MergeMode.deny, merging) or ""), 0
+            return replace(g, violation=self.audit.check(vm.uuid, vm.name, setting is MergeMode.deny, merging,
+                                                         full_scans=self._full_scans) or ""), 0
         try:
             ids, not_ctl = self.confirm(f)
             g = replace(g, backends=ids, controllable=bool(ids), not_controllable=not_ctl)
@@ -310,7 +315,7 @@ class GuestController:
         # A deny is audited once it was in effect: before, merging pages are what it is about to unmerge.
         drift = not value and self._applied.get(vm.uuid) == vm.pid and not in_effect
         violation = self.audit.check(vm.uuid, vm.name, not value and (in_effect or drift), merging,
-                                     backend_merge_on=drift) or ""
+                                     backend_merge_on=drift, full_scans=self._full_scans) or ""
         g = replace(g, violation=violation)
         if in_effect:
             self._said.pop(vm.uuid, None)

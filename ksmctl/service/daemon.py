@@ -120,7 +120,7 @@ class Daemon:
         before = self.engine
         decision, self.engine = decide(self.loaded.policy, readings, before)
         if self.guests is not None:
-            rec.merge = self.guests.tick(readings.vms, readings.meminfo, self.loaded.policy.vms, readings.ksm.page_size)
+            rec.merge = self.guests.tick(readings.vms, readings.meminfo, self.loaded.policy.vms, readings.ksm)
             rec.errors.extend(rec.merge.errors)
             if rec.merge.stop_ksm:
                 decision = replace(decision, targets={**decision.targets, "run": 0},
