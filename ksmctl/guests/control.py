@@ -5,146 +5,28 @@ policy rule (or the policy's default), trust-domain isolation, and else what the
 was started with (domain XML <nosharepages/>, QEMU's mem-merge and backend merge=).
 ksmctl sends QMP only to guests whose setting it manages (runtime, policy, isolation):
 libvirt taints every domain it passes a monitor command to.
-
-Denying a merging guest unmerges its pages, which allocates up to its ksm_merging_pages
-(less what it only shared with itself, which ksm_stat cannot tell): refused or deferred
-unless MemAvailable absorbs that plus the margin `ksmctl unmerge` keeps.
+The data (sources, reports) and the unmerge guard are setting.py's.
 """
 from __future__ import annotations
 
 import logging
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import replace
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ksmctl.collectors.procfs import ProcFs
-from ksmctl.collectors.vms.backends import GuestRam, parse_guest_ram
-from ksmctl.errors import ErrorSource, KsmctlError, Refused, StrEnum
+from ksmctl.collectors.vms.backends import parse_guest_ram
+from ksmctl.errors import ErrorSource, KsmctlError, Refused
 from ksmctl.guests.audit import Audit
 from ksmctl.guests.qmp import GuestError, Qmp
 from ksmctl.guests.runtime import ChangedBy, RuntimeChange, RuntimeChanges
-from ksmctl.kernel.writer import unmerge_margin
+from ksmctl.guests.setting import (MANAGED, GuestMerge, MergeReport, MergeSource, Facts, backend_ids, configured,
+                                   guard)
 from ksmctl.policy.vms import GuestIdentity, MergeMode, VmsSection, isolate, parse_metadata
 from ksmctl.readings import KsmState, MemInfo, VmReading
 from ksmctl.units import format_bytes
 
 log = logging.getLogger("ksmctl.guests")
-
-
-class MergeSource(StrEnum):
-    """Where a guest's merge setting comes from (the `source` label of ksmctl_vm_merge)."""
-
-    DOMAIN_XML = "domain_xml"      # <memoryBacking><nosharepages/>
-    QEMU_CMDLINE = "qemu_cmdline"  # -machine mem-merge=, -object memory-backend-*,merge=, or QEMU's default
-    RUNTIME = "runtime"            # `ksmctl merge on|off`
-    POLICY = "policy"              # a vms rule or the vms default
-    ISOLATION = "isolation"        # trust-domain isolation (isolation: per_domain)
-
-
-MANAGED = (MergeSource.RUNTIME, MergeSource.POLICY, MergeSource.ISOLATION)
-
-
-@dataclass(frozen=True)
-class GuestMerge:
-    """One guest's merge control this tick."""
-
-    uuid: str
-    name: str
-    pid: Optional[int]
-    setting: MergeMode
-    source: MergeSource
-    why: str = ""                       # the rule, the command, the XML element
-    backends: Tuple[str, ...] = ()      # RAM backend ids (QEMU command line; confirmed by qom-list when managed)
-    controllable: bool = False
-    not_controllable: str = ""          # why not
-    merging_pages: Optional[int] = None
-    cost_bytes: int = 0                 # what denying it unmerges now (deny, still merging)
-    pending: str = ""                   # why the setting is not in effect yet (guard, QMP error)
-    violation: str = ""                 # why it breaks its deny (audit)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"uuid": self.uuid, "name": self.name, "pid": self.pid, "merge": self.setting.value,
-                "source": str(self.source), "why": self.why, "backends": list(self.backends),
-                "controllable": self.controllable, "not_controllable": self.not_controllable,
-                "merging_pages": self.merging_pages, "cost_bytes": self.cost_bytes, "pending": self.pending,
-                "violation": self.violation}
-
-
-@dataclass(frozen=True)
-class MergeReport:
-    guests: Tuple[GuestMerge, ...] = ()
-    violations_total: int = 0
-    stop_ksm: str = ""                  # why isolation stops KSM (on_mixed: stop_ksm)
-    errors: Tuple[Tuple[ErrorSource, str], ...] = ()
-
-    @property
-    def denied(self) -> int:
-        return sum(1 for g in self.guests if g.setting is MergeMode.deny and not g.pending)
-
-    @property
-    def controllable(self) -> int:
-        return sum(1 for g in self.guests if g.controllable)
-
-    @property
-    def denied_cost_bytes(self) -> int:
-        """What unmerging the guests denied this tick cost (or would, where deferred)."""
-        return sum(g.cost_bytes for g in self.guests)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return {"guests": [g.to_dict() for g in self.guests], "violations_total": self.violations_total,
-                "stop_ksm": self.stop_ksm, "denied": self.denied, "controllable": self.controllable,
-                "denied_cost_bytes": self.denied_cost_bytes}
-
-
-@dataclass
-class _Facts:
-    """What is read once per QEMU process: libvirt's view and the command line's."""
-
-    pid: Optional[int]
-    identity: GuestIdentity
-    nosharepages: bool
-    ram: Optional[GuestRam]
-    dom: Any = None
-    confirmed: Optional[Tuple[str, ...]] = None  # backend ids qom-list confirmed
-    qom_types: Dict[str, str] = field(default_factory=dict)
-
-
-def configured(f: _Facts) -> Tuple[MergeMode, MergeSource, str]:
-    """The setting the guest was started with."""
-    if f.nosharepages:
-        return MergeMode.deny, MergeSource.DOMAIN_XML, "<nosharepages/>"
-    ram = f.ram
-    if ram is not None and ram.mem_merge is False:
-        return MergeMode.deny, MergeSource.QEMU_CMDLINE, "mem-merge=off"
-    if ram is not None and ram.ram_backends and all(b.merge is False for b in ram.ram_backends):
-        return MergeMode.deny, MergeSource.QEMU_CMDLINE, "merge=off"
-    return MergeMode.allow, MergeSource.QEMU_CMDLINE, "QEMU default (mem-merge=on)"
-
-
-def backend_ids(ram: Optional[GuestRam]) -> Tuple[Tuple[str, ...], str]:
-    """(RAM backend ids, "") or ((), why the guest's RAM has no switch at run time)."""
-    if ram is None:
-        return (), "its QEMU command line could not be read"
-    ids = tuple(b.id for b in ram.ram_backends if b.id)
-    if ids:
-        return ids, ""
-    if ram.mem_path:
-        return (), "its RAM comes from -mem-path, not a memory backend object"
-    return (), "its RAM has no memory backend object (-machine memory-backend=); QEMU older than 5.0 or -m only"
-
-
-def guard(cost: int, meminfo: Optional[MemInfo], already: int = 0) -> Optional[str]:
-    """Why unmerging `cost` bytes (after `already` approved) is refused, or None."""
-    if cost <= 0:
-        return None
-    if meminfo is None:
-        return "cannot read MemAvailable to check that the host absorbs unmerging %s" % format_bytes(cost)
-    margin = unmerge_margin(meminfo)
-    if already + cost + margin <= meminfo.available:
-        return None
-    return ("unmerging would allocate up to %s (its ksm_merging_pages) and keep a margin of %s, but MemAvailable "
-            "is %s%s" % (format_bytes(cost), format_bytes(margin), format_bytes(meminfo.available),
-                         " (%s already taken by other guests this tick)" % format_bytes(already) if already else ""))
 
 
 class GuestController:
@@ -156,13 +38,13 @@ class GuestController:
         self.proc = proc
         self.runtime = runtime
         self.audit = Audit()
-        self._facts: Dict[str, _Facts] = {}
+        self._facts: Dict[str, Facts] = {}
         self._applied: Dict[str, int] = {}      # uuid -> pid ksmctl set a deny on (drift = violation)
         self._said: Dict[str, str] = {}          # uuid -> last pending message logged
         self._full_scans: Optional[int] = None   # this tick's ksmd full_scans (the audit's grace)
 
     # ---- facts -----------------------------------------------------------------------
-    def facts(self, vm: VmReading) -> _Facts:
+    def facts(self, vm: VmReading) -> Facts:
         f = self._facts.get(vm.uuid)
         if f is not None and f.pid == vm.pid:
             return f
@@ -174,12 +56,12 @@ class GuestController:
         ident = GuestIdentity(uuid=vm.uuid.lower(), name=vm.name, title=root.findtext("title") or "",
                               description=root.findtext("description") or "", metadata=parse_metadata(root))
         argv = self.proc.cmdline(vm.pid) if vm.pid is not None else None
-        f = _Facts(pid=vm.pid, identity=ident, ram=parse_guest_ram(argv) if argv else None, dom=dom,
+        f = Facts(pid=vm.pid, identity=ident, ram=parse_guest_ram(argv) if argv else None, dom=dom,
                    nosharepages=root.find("./memoryBacking/nosharepages") is not None)
         self._facts[vm.uuid] = f
         return f
 
-    def confirm(self, f: _Facts) -> Tuple[Tuple[str, ...], str]:
+    def confirm(self, f: Facts) -> Tuple[Tuple[str, ...], str]:
         """Backend ids the command line names that qom-list /objects shows (QMP, once per process)."""
         ids, why = backend_ids(f.ram)
         if not ids:
@@ -229,7 +111,7 @@ class GuestController:
             return MergeReport(violations_total=self.audit.violations_total)
         errors: List[Tuple[ErrorSource, str]] = []
         running = [v for v in vms if v.pid is not None]
-        facts: Dict[str, _Facts] = {}
+        facts: Dict[str, Facts] = {}
         for vm in running:
             try:
                 facts[vm.uuid] = self.facts(vm)
@@ -267,7 +149,7 @@ class GuestController:
             out.append(g)
         return MergeReport(tuple(out), self.audit.violations_total, stop, tuple(errors))
 
-    def _live_changes(self, facts: Dict[str, _Facts]) -> Dict[str, RuntimeChange]:
+    def _live_changes(self, facts: Dict[str, Facts]) -> Dict[str, RuntimeChange]:
         """Runtime entries of processes still running; entries of restarted QEMUs dropped."""
         entries = self.runtime.load()
         stale = [u for u, c in entries.items() if u in facts and facts[u].pid != c.pid]
@@ -280,7 +162,7 @@ class GuestController:
         return {u: c for u, c in entries.items() if u in facts}
 
     @staticmethod
-    def _wanted(f: _Facts, change: Optional[RuntimeChange],
+    def _wanted(f: Facts, change: Optional[RuntimeChange],
                 section: Optional[VmsSection]) -> Tuple[MergeMode, MergeSource, str]:
         if change is not None and change.by is ChangedBy.CLI:
             return (MergeMode.allow if change.merge else MergeMode.deny), MergeSource.RUNTIME, change.why
@@ -289,7 +171,7 @@ class GuestController:
             return rule, MergeSource.POLICY, which
         return configured(f)
 
-    def _enforce(self, vm: VmReading, f: _Facts, want: Tuple[MergeMode, MergeSource, str],
+    def _enforce(self, vm: VmReading, f: Facts, want: Tuple[MergeMode, MergeSource, str],
                  entry: Optional[RuntimeChange], meminfo: Optional[MemInfo], page_size: int, approved: int,
                  errors: List[Tuple[ErrorSource, str]]) -> Tuple[GuestMerge, int]:
         setting, source, why = want
@@ -358,7 +240,7 @@ class GuestController:
             entries.pop(uuid, None)
 
     # ---- acting -----------------------------------------------------------------------
-    def set(self, f: _Facts, value: bool, current: Dict[str, Optional[bool]]) -> None:
+    def set(self, f: Facts, value: bool, current: Dict[str, Optional[bool]]) -> None:
         for b, v in current.items():
             if v is not value:
                 self.qmp.set_merge(f.dom, b, value)
