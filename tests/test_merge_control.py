@@ -277,3 +277,15 @@ def test_merging_pages_count_only_after_ksmd_has_rescanned(env):
         assert not by_name(r)["db1"].violation and r.violations_total == 0
     r = ctl.tick(guests((0, 6000, 0)), PLENTY, sec, scans(13))
     assert by_name(r)["db1"].violation == "ksm_stat shows 6000 merging pages" and r.violations_total == 1
+
+
+def test_plan_reports_cost_and_guard_verdict_without_qmp(env):
+    ctl, qmp, _ = env
+    sec = section("  rules:\n    - {match: {metadata: {tenant: 'a'}}, merge: deny}\n  default: allow\n")
+    r = by_name(ctl.plan(guests((30000, 6000, 0)), LOW, sec))
+    assert qmp.sets == []
+    assert r["web1"].setting is MergeMode.deny and r["web1"].cost_bytes == 30000 * 4096
+    assert r["web1"].pending.startswith("would defer: unmerging would allocate up to 117.2 MiB")
+    assert r["db1"].setting is MergeMode.allow and r["db1"].cost_bytes == 0
+    r = by_name(ctl.plan(guests((30000, 6000, 0)), PLENTY, sec))
+    assert r["web1"].pending == "" and r["web1"].cost_bytes == 30000 * 4096

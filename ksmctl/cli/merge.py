@@ -8,7 +8,7 @@ restarts or `ksmctl merge` changes it again.
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Any, List, Optional, Tuple
 
 import click
 
@@ -84,3 +84,29 @@ def _command(value: bool) -> click.Command:
 
 merge.add_command(_command(False))
 merge.add_command(_command(True))
+
+
+def explain_merge(c: CliContext, section: Any, r: Any) -> Optional[List[str]]:
+    """`policy explain`'s lines for the vms section: each guest's wanted setting, what
+    denying it would unmerge, and the guard's verdict (no QMP). None without a section."""
+    if section is None:
+        return None
+    if r.vm_source is None or str(r.vm_source) != "libvirt" or r.vms is None:
+        return ["vms: per-VM merge control needs libvirt; per-VM data came from %s" % (r.vm_source or "nowhere")]
+    from ksmctl.guests.control import GuestController
+    from ksmctl.guests.qmp import Qmp
+    from ksmctl.guests.runtime import RuntimeChanges
+    from ksmctl.units import format_bytes
+    qmp = Qmp(c.config.libvirt_uri)
+    try:
+        report = GuestController(qmp, c.procfs(), RuntimeChanges(c.config.state_dir)).plan(
+            r.vms, r.meminfo, section, r.ksm)
+    finally:
+        qmp.close()
+    lines = ["  %s: merge %s (%s%s)%s%s" % (
+        g.name, g.setting.value, g.source, ": " + g.why if g.why else "",
+        ", unmerges up to %s" % format_bytes(g.cost_bytes) if g.cost_bytes else "",
+        "; " + g.pending if g.pending else "") for g in report.guests]
+    if report.stop_ksm:
+        lines.append("  isolation: " + report.stop_ksm)
+    return lines + ["  error: %s" % m for _, m in report.errors]

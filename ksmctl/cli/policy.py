@@ -11,6 +11,7 @@ from ksmctl.policy.decide import EngineState, decide, evaluate, signals
 from ksmctl.policy.loader import json_schema, load_policy, resolve_policy_path, shipped_policy_names
 
 from .context import CliContext, pass_cli
+from .merge import explain_merge
 
 
 @click.group()
@@ -82,10 +83,14 @@ def policy_explain(c: CliContext, file: Optional[str], as_json: bool) -> None:
     current = dict(r.ksm.values)
     current["advisor_mode"] = r.ksm.advisor_mode
     changes = {k: {"now": current.get(k), "target": v} for k, v in decision.targets.items() if current.get(k) != v}
+    vms = explain_merge(c, lp.policy.vms, r)
     if as_json:
-        click.echo(json.dumps({"policy": lp.policy.name, "path": lp.path, "run_rule": decision.run_rule,
-                               "scan_rule": decision.scan_rule, "reasons": list(decision.reasons),
-                               "targets": decision.targets, "conditions": conds, "changes": changes}, indent=2))
+        out = {"policy": lp.policy.name, "path": lp.path, "run_rule": decision.run_rule,
+               "scan_rule": decision.scan_rule, "reasons": list(decision.reasons),
+               "targets": decision.targets, "conditions": conds, "changes": changes}
+        if vms is not None:
+            out["vms"] = vms
+        click.echo(json.dumps(out, indent=2))
         return
     click.echo("Policy %s (%s, sha256 %s)" % (lp.policy.name, lp.path, lp.short_hash))
     click.echo("Decision: %s / %s" % (decision.run_rule, decision.scan_rule))
@@ -98,6 +103,10 @@ def policy_explain(c: CliContext, file: Optional[str], as_json: bool) -> None:
         click.echo("Would change: " + ", ".join("%s %s -> %s" % (k, v["now"], v["target"]) for k, v in changes.items()))
     else:
         click.echo("Would change: nothing")
+    if vms is not None:
+        click.echo("Guests (vms section):")
+        for line in vms:
+            click.echo(line)
     click.echo("(explained from a fresh start: a running daemon's history, e.g. a stepped pages_to_scan, "
                "can make it decide differently%s)" % ("; the daemon is running" if daemon else ""))
 

@@ -125,18 +125,7 @@ class GuestController:
         except KsmctlError as e:  # a broken runtime file: policy still applies, the file is left alone
             errors.append((ErrorSource.OTHER, e.message))
             changes = {}
-        wanted = {u: self._wanted(f, changes.get(u), section) for u, f in facts.items()}
-        stop = ""
-        if section is not None:
-            allowed = [facts[u].identity for u, w in wanted.items() if w[0] is MergeMode.allow]
-            deny, stopping, why = isolate(section, allowed)
-            stop = why if stopping else ""
-            for u in deny:
-                wanted[u] = (MergeMode.deny, MergeSource.ISOLATION, why)
-            if why and (deny or stopping):
-                log.log(logging.WARNING if self._said.get("isolation") != why else logging.DEBUG, "isolation: %s%s",
-                        why, "; denied: " + ", ".join(sorted(facts[u].identity.name for u in deny)) if deny else "")
-                self._said["isolation"] = why
+        wanted, stop = self._wanted_all(facts, changes, section)
         out: List[GuestMerge] = []
         approved = 0
         for vm in running:
@@ -148,6 +137,55 @@ class GuestController:
             approved += cost
             out.append(g)
         return MergeReport(tuple(out), self.audit.violations_total, stop, tuple(errors))
+
+    def _wanted_all(self, facts: Dict[str, Facts], changes: Dict[str, RuntimeChange],
+                    section: Optional[VmsSection]) -> Tuple[Dict[str, Tuple[MergeMode, MergeSource, str]], str]:
+        """Every guest's wanted setting, isolation included; and why KSM must stop ("": it need not)."""
+        wanted = {u: self._wanted(f, changes.get(u), section) for u, f in facts.items()}
+        if section is None:
+            return wanted, ""
+        allowed = [facts[u].identity for u, w in wanted.items() if w[0] is MergeMode.allow]
+        deny, stopping, why = isolate(section, allowed)
+        for u in deny:
+            wanted[u] = (MergeMode.deny, MergeSource.ISOLATION, why)
+        if why and self._said.get("isolation") != why:
+            log.warning("isolation: %s%s", why,
+                        "; denied: " + ", ".join(sorted(facts[u].identity.name for u in deny)) if deny else "")
+        self._said["isolation"] = why
+        return wanted, why if stopping else ""
+
+    def plan(self, vms: Sequence[VmReading], meminfo: Optional[MemInfo], section: Optional[VmsSection],
+             ksm: Optional[KsmState] = None) -> MergeReport:
+        """What tick() would do now, for `policy explain`: each guest's wanted setting, what
+        denying it costs and the guard's verdict (in `pending`); no QMP, nothing changed."""
+        page_size = ksm.page_size if ksm is not None else 4096
+        facts, errors = {}, []
+        for vm in vms:
+            if vm.pid is not None:
+                try:
+                    facts[vm.uuid] = self.facts(vm)
+                except KsmctlError as e:
+                    errors.append((ErrorSource.LIBVIRT, e.message))
+        entries = {u: c for u, c in self.runtime.load().items() if u in facts and facts[u].pid == c.pid}
+        wanted, stop = self._wanted_all(facts, entries, section)
+        out, approved = [], 0
+        for vm in vms:
+            f = facts.get(vm.uuid)
+            if f is None:
+                continue
+            setting, source, why = wanted[vm.uuid]
+            c = entries.get(vm.uuid)
+            runs_allowed = c.merge if c is not None else configured(f)[0] is MergeMode.allow
+            ids, not_ctl = backend_ids(f.ram)
+            merging = vm.ksm.merging_pages if vm.ksm is not None else None
+            g = GuestMerge(vm.uuid, vm.name, vm.pid, setting, source, why, ids, bool(ids), not_ctl, merging)
+            if setting is MergeMode.deny and runs_allowed and source in MANAGED:
+                cost = (merging or 0) * page_size
+                refusal = guard(cost, meminfo, approved) if ids else "not controllable: " + not_ctl
+                approved += cost if refusal is None else 0
+                g = replace(g, cost_bytes=cost, pending="would defer: " + refusal if refusal else "")
+            out.append(g)
+        return MergeReport(tuple(out), stop_ksm=stop, errors=tuple(errors))
 
     def _live_changes(self, facts: Dict[str, Facts]) -> Dict[str, RuntimeChange]:
         """Runtime entries of processes still running; entries of restarted QEMUs dropped."""
