@@ -289,3 +289,44 @@ def test_plan_reports_cost_and_guard_verdict_without_qmp(env):
     assert r["db1"].setting is MergeMode.allow and r["db1"].cost_bytes == 0
     r = by_name(ctl.plan(guests((30000, 6000, 0)), PLENTY, sec))
     assert r["web1"].pending == "" and r["web1"].cost_bytes == 30000 * 4096
+
+
+class FakeVms:
+    """Stands in for the VM collector: the guests of the fixture, as libvirt would list them."""
+
+    def __init__(self, vms) -> None:
+        self.vms, self.errors, self.source = vms, [], "libvirt"
+
+    def collect(self):
+        return tuple(self.vms)
+
+
+def test_daemon_applies_the_policy_each_tick_and_isolation_can_stop_ksm(env):
+    from ksmctl.collectors.host import HostCollector
+    from ksmctl.config import Config
+    from ksmctl.export.metrics import MetricsCollector, render_text
+    from ksmctl.kernel.sysfs import KsmSysfs
+    from ksmctl.kernel.writer import KsmWriter
+    from ksmctl.policy.loader import LoadedPolicy
+    from ksmctl.service.daemon import Daemon
+    from tests.fixtures import make_sys
+    ctl, qmp, tmp = env
+    sys_root = make_sys(tmp / "sys", {"run": "1"})
+    text = ("name: iso\ninterval: 3600\nrun: {mode: always}\nvms:\n  trust_domain: tenant\n"
+            "  isolation: per_domain\n  on_mixed: stop_ksm\n")
+    lp = LoadedPolicy(parse_policy(text, "iso.yaml"), "iso.yaml", "0" * 64)
+    collector = HostCollector(KsmSysfs(str(sys_root)), ctl.proc, vms=FakeVms(guests()))  # type: ignore[arg-type]
+    d = Daemon(Config(state_file=str(tmp / "state.json"), restore_on_exit=False), lp, collector,
+               KsmWriter(collector.sysfs))
+    d.guests = ctl
+    metrics = MetricsCollector()
+    d.observers.append(metrics.observe)
+    rec = d.tick()
+    assert rec.decision.targets["run"] == 0 and "KSM stopped" in rec.decision.reason
+    assert (sys_root / "kernel/mm/ksm/run").read_text() == "0\n"
+    state = json.loads((tmp / "state.json").read_text())
+    assert {g["name"]: g["source"] for g in state["merge"]["guests"]} == {
+        "web1": "qemu_cmdline", "db1": "qemu_cmdline", "old1": "qemu_cmdline"}
+    out = render_text(metrics).decode()
+    assert "ksmctl_merge_violations_total 0.0" in out and "ksmctl_guests_merge_controllable 2.0" in out
+    assert 'ksmctl_vm_merge_allowed{domain="db1",source="qemu_cmdline"' in out
