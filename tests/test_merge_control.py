@@ -330,3 +330,18 @@ def test_daemon_applies_the_policy_each_tick_and_isolation_can_stop_ksm(env):
     out = render_text(metrics).decode()
     assert "ksmctl_merge_violations_total 0.0" in out and "ksmctl_guests_merge_controllable 2.0" in out
     assert 'ksmctl_vm_merge_allowed{domain="db1",source="qemu_cmdline"' in out
+
+
+def test_metadata_set_on_a_running_guest_is_seen_within_the_refresh(env):
+    ctl, qmp, _ = env
+    now = [1000.0]
+    ctl.clock = lambda: now[0]
+    sec = section("  rules:\n    - {match: {metadata: {class: secure}}, merge: deny}\n")
+    ctl.tick(guests(), PLENTY, sec)
+    assert qmp.sets == []
+    qmp.doms[U2].xml = qmp.doms[U2].xml.replace("tenant='b'", "tenant='b' class='secure'")  # virsh metadata
+    ctl.tick(guests(), PLENTY, sec)
+    assert qmp.sets == []  # not re-read yet
+    now[0] += 61
+    ctl.tick(guests(), PLENTY, sec)
+    assert qmp.sets == [("db1", "pc.ram", False)]

@@ -10,9 +10,10 @@ The data (sources, reports) and the unmerge guard are setting.py's.
 from __future__ import annotations
 
 import logging
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ksmctl.collectors.procfs import ProcFs
 from ksmctl.collectors.vms.backends import parse_guest_ram
@@ -28,12 +29,17 @@ from ksmctl.units import format_bytes
 
 log = logging.getLogger("ksmctl.guests")
 
+# `virsh metadata` and `virsh desc` change a running guest's XML: re-read it this often.
+XML_REFRESH = 60.0
+
 
 class GuestController:
     """Applies wanted merge settings to running guests; the daemon's and the CLI's."""
 
-    def __init__(self, qmp: Qmp, proc: ProcFs, runtime: RuntimeChanges, dry_run: bool = False) -> None:
+    def __init__(self, qmp: Qmp, proc: ProcFs, runtime: RuntimeChanges, dry_run: bool = False,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.dry_run = dry_run  # decide and report, change no guest
+        self.clock = clock
         self.qmp = qmp
         self.proc = proc
         self.runtime = runtime
@@ -47,19 +53,27 @@ class GuestController:
     def facts(self, vm: VmReading) -> Facts:
         f = self._facts.get(vm.uuid)
         if f is not None and f.pid == vm.pid:
+            if self.clock() - f.xml_read >= XML_REFRESH:
+                f.identity, f.nosharepages = self._identity(vm, f.dom)
+                f.xml_read = self.clock()
             return f
         dom = self.qmp.lookup(vm.uuid)
+        ident, nosharepages = self._identity(vm, dom)
+        argv = self.proc.cmdline(vm.pid) if vm.pid is not None else None
+        f = Facts(pid=vm.pid, identity=ident, ram=parse_guest_ram(argv) if argv else None, dom=dom,
+                  nosharepages=nosharepages, xml_read=self.clock())
+        self._facts[vm.uuid] = f
+        return f
+
+    def _identity(self, vm: VmReading, dom: object) -> Tuple[GuestIdentity, bool]:
+        """What selectors look at, and <nosharepages/>, from the domain XML."""
         try:
             root = ET.fromstring(self.qmp.xml(dom))
         except ET.ParseError as e:
             raise GuestError("%s: libvirt returned XML that does not parse: %s" % (vm.name, e)) from None
         ident = GuestIdentity(uuid=vm.uuid.lower(), name=vm.name, title=root.findtext("title") or "",
                               description=root.findtext("description") or "", metadata=parse_metadata(root))
-        argv = self.proc.cmdline(vm.pid) if vm.pid is not None else None
-        f = Facts(pid=vm.pid, identity=ident, ram=parse_guest_ram(argv) if argv else None, dom=dom,
-                   nosharepages=root.find("./memoryBacking/nosharepages") is not None)
-        self._facts[vm.uuid] = f
-        return f
+        return ident, root.find("./memoryBacking/nosharepages") is not None
 
     def confirm(self, f: Facts) -> Tuple[Tuple[str, ...], str]:
         """Backend ids the command line names that qom-list /objects shows (QMP, once per process)."""

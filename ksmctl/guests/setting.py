@@ -7,7 +7,7 @@ unless MemAvailable absorbs that plus the margin `ksmctl unmerge` keeps.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from ksmctl.collectors.vms.backends import GuestRam
@@ -85,7 +85,8 @@ class MergeReport:
 
 @dataclass
 class Facts:
-    """What is read once per QEMU process: libvirt's view and the command line's."""
+    """What is read once per QEMU process (the command line, the backends qom-list shows)
+    and what is re-read now and then (the XML: metadata can change while a guest runs)."""
 
     pid: Optional[int]
     identity: GuestIdentity
@@ -93,7 +94,7 @@ class Facts:
     ram: Optional[GuestRam]
     dom: Any = None
     confirmed: Optional[Tuple[str, ...]] = None  # backend ids qom-list confirmed
-    qom_types: Dict[str, str] = field(default_factory=dict)
+    xml_read: float = 0.0                        # monotonic time the XML was read
 
 
 def configured(f: Facts) -> Tuple[MergeMode, MergeSource, str]:
