@@ -345,3 +345,11 @@ def test_metadata_set_on_a_running_guest_is_seen_within_the_refresh(env):
     now[0] += 61
     ctl.tick(guests(), PLENTY, sec)
     assert qmp.sets == [("db1", "pc.ram", False)]
+
+
+def test_guests_found_in_proc_during_a_libvirt_outage_are_left_alone(env):
+    from dataclasses import replace
+    from ksmctl.readings import VmSource
+    ctl, qmp, _ = env
+    r = ctl.tick([replace(v, source=VmSource.PROC) for v in guests()], PLENTY, section("  default: deny\n"))
+    assert r.guests == () and r.errors == () and qmp.sets == []

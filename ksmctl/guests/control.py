@@ -24,7 +24,7 @@ from ksmctl.guests.runtime import ChangedBy, RuntimeChange, RuntimeChanges
 from ksmctl.guests.setting import (MANAGED, GuestMerge, MergeReport, MergeSource, Facts, backend_ids, configured,
                                    guard)
 from ksmctl.policy.vms import GuestIdentity, MergeMode, VmsSection, isolate, parse_metadata
-from ksmctl.readings import KsmState, MemInfo, VmReading
+from ksmctl.readings import KsmState, MemInfo, VmReading, VmSource
 from ksmctl.units import format_bytes
 
 log = logging.getLogger("ksmctl.guests")
@@ -124,7 +124,8 @@ class GuestController:
         if vms is None:
             return MergeReport(violations_total=self.audit.violations_total)
         errors: List[Tuple[ErrorSource, str]] = []
-        running = [v for v in vms if v.pid is not None]
+        # Guests found in /proc while libvirt is down cannot be acted on; the outage is the collector's error.
+        running = [v for v in vms if v.pid is not None and v.source is VmSource.LIBVIRT]
         facts: Dict[str, Facts] = {}
         for vm in running:
             try:
