@@ -51,7 +51,8 @@ def test_live_table(host):
     r = invoke(host)
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
-    assert lines[0].split() == ["NAME", "UUID", "STATE", "MEMORY", "MERGING", "SAVED", "SHARE", "EXCLUDED"]
+    assert lines[0].split() == ["NAME", "UUID", "STATE", "MEMORY", "MERGING", "SAVED", "SHARE", "EXCLUDED", "MERGE"]
+    assert [l.split()[-1] for l in lines[1:4]] == ["allow:qemu_cmdline"] * 3  # each guest's setting and source
     # Default sort: most saved first (vm0002 has the most merging pages).
     assert [l.split()[0] for l in lines[1:4]] == ["vm0002", "vm0001", "vm0000"]
     assert "source: libvirt" in lines[-1] and "3 VMs" in lines[-1]

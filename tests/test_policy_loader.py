@@ -51,7 +51,7 @@ INVALID = [
      "p.yaml:3: run: on_stop: background needs a background: {pages_to_scan, sleep_millisecs}"),
     ("Name: x\n", "p.yaml:1: top level: required key 'name' is missing\n"
                   "p.yaml:1: top level: unknown key 'Name'; allowed here: description, interval, kernel, name, ownership, "
-                  "run, scan"),
+                  "run, scan, vms"),
     ("name: x\nrun: {mode: sometimes}\n",
      "p.yaml:2: run.mode: 'sometimes' is not allowed: Input should be 'conditional', 'always' or 'off'"),
     # Cross-field consistency and the kernel's ranges (issue #11).

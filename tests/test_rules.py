@@ -13,7 +13,8 @@ from .support import need_tool
 
 RULES = Path(__file__).resolve().parent.parent / "prometheus"
 ALERTS = {"KsmdCpuOverBudget", "KsmOffUnderMemoryPressure", "KsmGeneralProfitNegative", "KsmctlDown",
-          "KsmctlTicksStale", "KsmctlErrorsRising", "KsmctlFightingAnotherWriter", "KsmctlWriteRefused"}
+          "KsmctlTicksStale", "KsmctlErrorsRising", "KsmctlFightingAnotherWriter", "KsmctlWriteRefused",
+          "KsmctlMergeViolation"}
 RUNBOOKS = RULES.parent / "docs" / "runbooks.md"
 RUNBOOK_PREFIX = "file:///usr/share/doc/ksmctl/runbooks.md#"
 

@@ -14,6 +14,7 @@ from .daemon import daemon
 from .doctor import doctor
 from .estimate import estimate
 from .knobs import set_cmd, unmerge
+from .merge import merge
 from .policy import policy
 from .service import install, uninstall
 from .status import status
@@ -37,7 +38,7 @@ def cli(ctx: click.Context, config_path: Optional[str], sys_root: str, proc_root
 
 
 
-for _command in (status, set_cmd, unmerge, policy, daemon, doctor, vms, estimate, install, uninstall):
+for _command in (status, set_cmd, unmerge, policy, daemon, doctor, vms, merge, estimate, install, uninstall):
     cli.add_command(_command)
 
 

@@ -15,6 +15,7 @@ from ksmctl.doctor.findings import Finding
 from ksmctl.doctor.host import HostFacts, as_dict, host_findings
 from ksmctl.doctor.report import EXIT_PROBLEM, exit_code, render, to_json
 from ksmctl.doctor.vm import VmFacts, vm_findings
+from ksmctl.guests.findings import merge_findings
 from ksmctl.errors import KsmctlError, UsageError
 from ksmctl.kernel.knobs import BY_NAME
 from ksmctl.kernel.sysfs import KsmSysfs
@@ -159,6 +160,7 @@ def diagnose(c: CliContext, wanted: Sequence[str], cpu_window: float) -> Tuple[D
                         memory=vm.balloon_maximum, page_size=ksm.page_size if ksm else 4096,
                         ksm_running=bool(ksm and ksm.running))
         findings += vm_findings(facts)
+    findings += merge_findings(daemon, vms)
     return as_dict(host), findings, vms
 
 

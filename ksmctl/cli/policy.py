@@ -13,6 +13,7 @@ from ksmctl.policy.signals import evaluate, signals
 from ksmctl.policy.loader import json_schema, load_policy, resolve_policy_path, shipped_policy_names
 
 from .context import CliContext, pass_cli
+from .merge import explain_merge
 
 
 @click.group()
@@ -86,11 +87,15 @@ def policy_explain(c: CliContext, file: Optional[str], as_json: bool) -> None:
     changes = {k: {"now": current.get(k), "target": v} for k, v in decision.targets.items()
                if current.get(k) != v and k not in r.ksm.unsupported}
     settings = explain_settings(decision.targets, r.ksm, r.meminfo)
+    vms = explain_merge(c, lp.policy.vms, r)
     if as_json:
-        click.echo(json.dumps({"policy": lp.policy.name, "path": lp.path, "run_rule": decision.run_rule,
-                               "scan_rule": decision.scan_rule, "reasons": list(decision.reasons),
-                               "targets": decision.targets.to_dict(), "conditions": conds, "changes": changes,
-                               "kernel_settings": settings}, indent=2))
+        out = {"policy": lp.policy.name, "path": lp.path, "run_rule": decision.run_rule,
+               "scan_rule": decision.scan_rule, "reasons": list(decision.reasons),
+               "targets": decision.targets.to_dict(), "conditions": conds, "changes": changes,
+               "kernel_settings": settings}
+        if vms is not None:
+            out["vms"] = vms
+        click.echo(json.dumps(out, indent=2))
         return
     click.echo("Policy %s (%s, sha256 %s)" % (lp.policy.name, lp.path, lp.short_hash))
     click.echo("Decision: %s / %s" % (decision.run_rule, decision.scan_rule))
@@ -105,6 +110,10 @@ def policy_explain(c: CliContext, file: Optional[str], as_json: bool) -> None:
         click.echo("Would change: nothing")
     for name, what in settings.items():
         click.echo("  %s: %s" % (name, what))
+    if vms is not None:
+        click.echo("Guests (vms section):")
+        for line in vms:
+            click.echo(line)
     click.echo("(explained from a fresh start: a running daemon's history, e.g. a stepped pages_to_scan, "
                "can make it decide differently%s)" % ("; the daemon is running" if daemon else ""))
 

@@ -68,10 +68,43 @@ def collect_live(uri: Optional[str], proc_root: str, sys_root: str,
     return vms, ksm, source
 
 
-def rows(vms: List[VmReading], ksm: Optional[KsmState]) -> List[Dict[str, Any]]:
+def merge_live(uri: Optional[str], proc_root: str, state_dir: str, vms: List[VmReading]) -> Dict[str, Dict[str, Any]]:
+    """Each guest's merge setting without a daemon ({} when libvirt cannot tell)."""
+    if not uri:
+        return {}
+    from ksmctl.collectors.procfs import ProcFs
+    from ksmctl.guests.control import GuestController
+    from ksmctl.guests.qmp import Qmp
+    from ksmctl.guests.runtime import RuntimeChanges
+    qmp = Qmp(uri)
+    try:
+        report = GuestController(qmp, ProcFs(proc_root), RuntimeChanges(state_dir)).view(vms)
+    except KsmctlError:
+        return {}
+    finally:
+        qmp.close()
+    return {g.uuid: g.to_dict() for g in report.guests}
+
+
+def merge_from_daemon(state: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    merge = state.get("merge")
+    guests = merge.get("guests") if isinstance(merge, dict) else None
+    return {g["uuid"]: g for g in guests if isinstance(g, dict) and "uuid" in g} if isinstance(guests, list) else {}
+
+
+def merge_cell(m: Optional[Dict[str, Any]]) -> str:
+    """deny:policy, allow:qemu_cmdline; ! a violation, ? not in effect yet (pending)."""
+    if not m:
+        return "-"
+    return "%s:%s%s%s" % (m.get("merge"), m.get("source"), "!" if m.get("violation") else "",
+                          "?" if m.get("pending") else "")
+
+
+def rows(vms: List[VmReading], ksm: Optional[KsmState],
+         merge: Optional[Dict[str, Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
     from ksmctl.collectors.vms import vm_savings
     savings = vm_savings(vms, ksm)
-    out = []
+    out: List[Dict[str, Any]] = []
     for vm in vms:
         s = savings.get(vm.uuid, {})
         saved = s.get("saved_bytes")
@@ -85,6 +118,8 @@ def rows(vms: List[VmReading], ksm: Optional[KsmState]) -> List[Dict[str, Any]]:
             "saved_bytes": int(saved) if saved is not None else None,
             "share": s.get("share"), "excluded": vm.excluded,
         })
+        if merge:
+            out[-1]["merge"] = merge.get(vm.uuid)
     return out
 
 
@@ -104,11 +139,13 @@ def _fmt(row: Dict[str, Any]) -> List[str]:
     return [row["name"], row["uuid"], row["state"], opt(row["memory_bytes"], format_bytes),
             opt(row["merging_pages"], str),
             "excluded" if row["excluded"] and not row["saved_bytes"] else opt(row["saved_bytes"], format_bytes),
-            opt(row["share"], lambda s: "%.1f%%" % (100 * s)), "yes" if row["excluded"] else "no"]
+            opt(row["share"], lambda s: "%.1f%%" % (100 * s)), "yes" if row["excluded"] else "no"] + \
+        ([merge_cell(row["merge"])] if "merge" in row else [])
 
 
 def render_table(table: List[Dict[str, Any]], host_saved: Optional[int], source: str) -> str:
-    head = ["NAME", "UUID", "STATE", "MEMORY", "MERGING", "SAVED", "SHARE", "EXCLUDED"]
+    head = ["NAME", "UUID", "STATE", "MEMORY", "MERGING", "SAVED", "SHARE", "EXCLUDED"] + \
+        (["MERGE"] if table and "merge" in table[0] else [])
     body = [_fmt(r) for r in table]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     right = {3, 4, 5, 6}
@@ -154,14 +191,18 @@ def vms(ctx: click.Context, sort_key: str, reverse: bool, as_json: bool, state_f
     run_root = config.run_root if config is not None else "/run"
 
     got = None
+    merge: Dict[str, Dict[str, Any]] = {}
     if not live:
         state = find_state(state_file)
         if state is not None:
             got = from_daemon(state)
+            merge = merge_from_daemon(state) if got is not None else {}
     if got is None:
         got = collect_live(uri, c.proc_root, c.sys_root, run_root)
+        if got[2] == VmSource.LIBVIRT:
+            merge = merge_live(uri, c.proc_root, config.state_dir if config is not None else "/var/lib/ksmctl", got[0])
     vm_list, ksm, source = got
-    table = rows(vm_list, ksm)
+    table = rows(vm_list, ksm, merge)
     table.sort(key=_sort_key(sort_key), reverse=(sort_key in _NUMERIC) != reverse)
     if sort_key in _NUMERIC and not reverse:
         # reverse=True also flipped "unknown last": put unknowns back at the end.

@@ -53,6 +53,9 @@ class Reason(str, enum.Enum):
     MERGING = "merging"
     NOT_MERGED_YET = "not_merged_yet"
     POTENTIAL = "potential"
+    # VM: per-VM merge control (ksmctl/guests)
+    MERGE_VIOLATION = "merge_violation"   # denied merging, yet sharing pages
+    MERGE_PENDING = "merge_pending"       # a wanted deny/allow not in effect (guard, not controllable)
 
 
 VM_UNMERGEABLE = frozenset({Reason.NOSHAREPAGES, Reason.MEM_MERGE_OFF, Reason.NOT_MERGEABLE,

@@ -30,6 +30,7 @@ from prometheus_client.utils import floatToGoString
 
 from ksmctl import __version__
 from ksmctl.errors import ErrorSource
+from ksmctl.guests.metrics import merge_families
 from ksmctl.policy.decide import RUN_RULES, SCAN_RULES
 from ksmctl.kernel import knobs
 from ksmctl.kernel.knobs import Kind, MetricType
@@ -134,6 +135,7 @@ class MetricsCollector(Collector):
             ("host", lambda: self._host(rec.readings) if rec is not None and rec.readings else []),
             ("targets", lambda: self._targets(rec)),
             ("vms", lambda: self._vms(rec.readings) if rec is not None and rec.readings else []),
+            ("merge", lambda: merge_families(rec.merge, self.per_vm) if rec is not None and rec.merge else []),
         )
         failed = 0
         out: List[Metric] = []

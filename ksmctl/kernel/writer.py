@@ -69,6 +69,11 @@ def validate_value(name: str, value: object, state: Optional[KsmState] = None) -
     return number
 
 
+def unmerge_margin(meminfo: MemInfo) -> int:
+    """What MemAvailable must keep after an unmerge (host-wide or one guest's)."""
+    return max(int(meminfo.total * UNMERGE_MARGIN_FRACTION), UNMERGE_MARGIN_MIN)
+
+
 def unmerge_need(state: KsmState, meminfo: MemInfo) -> Tuple[int, int]:
     """(bytes unmerging would allocate, bytes of safety margin). Refused when a counter
     it adds up cannot be read: a missing count must not read as "nothing is merged"."""
@@ -77,9 +82,7 @@ def unmerge_need(state: KsmState, meminfo: MemInfo) -> Tuple[int, int]:
             continue
         why = state.unreadable.get(name, "%s is not available" % name)
         raise Refused("refusing to unmerge: cannot tell how much memory it would allocate (%s)" % why)
-    need = state.saved_bytes
-    margin = max(int(meminfo.total * UNMERGE_MARGIN_FRACTION), UNMERGE_MARGIN_MIN)
-    return need, margin
+    return state.saved_bytes, unmerge_margin(meminfo)
 
 
 def unmerge_refusal(state: KsmState, meminfo: MemInfo) -> Optional[str]:

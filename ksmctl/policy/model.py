@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ksmctl.kernel.knobs import BY_NAME
 from ksmctl.policy.rules import Comparison, OnExternalChange, OnStop, RunMode, Strategy
+from ksmctl.policy.vms import VmsSection
 from ksmctl.units import parse_duration, parse_size
 
 
@@ -322,6 +323,7 @@ class Policy(Model):
     scan: ScanSection = ScanSection()
     ownership: Ownership = Ownership()
     kernel: KernelSettings = KernelSettings()
+    vms: Optional[VmsSection] = None  # per-VM merge control (ksmctl/policy/vms.py)
 
     @field_validator("interval", mode="before")
     @classmethod

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ksmctl import __version__
@@ -20,6 +20,7 @@ from ksmctl.collectors.host import CollectionFailed, HostCollector
 from ksmctl.config import Config, keep_restart_keys, restart_keys_changed
 from ksmctl.errors import ErrorSource, KsmctlError, PermissionDenied
 from ksmctl.kernel import knobs
+from ksmctl.kernel.knobs import Targets
 from ksmctl.kernel.ownership import KnobOwnership, OnExternalChange
 from ksmctl.kernel.transition import UnmergedOnlyChanges
 from ksmctl.kernel.writer import Change, KsmWriter
@@ -49,6 +50,7 @@ class TickRecord:
     duration: float = 0.0
     ok: bool = False
     wall: float = 0.0
+    merge: Any = None  # ksmctl.guests.control.MergeReport when per-VM merge control runs
 
 
 class NullNotifier:
@@ -110,6 +112,7 @@ class Daemon:
         self._unsupported_reported: set = set()
         self.trace: Optional[TraceWriter] = None
         self.on_shutdown: List[Callable[[], None]] = []  # e.g. stop the exporter's server
+        self.guests: Any = None  # ksmctl.guests.control.GuestController (per-VM merge control), if wired
         self._setup_trace()
 
     # -- one tick -------------------------------------------------------------------------
@@ -128,6 +131,12 @@ class Daemon:
         rec.errors.extend(readings.errors)
         before = self.engine
         decision, self.engine = decide(self.loaded.policy, readings, before)
+        if self.guests is not None:
+            rec.merge = self.guests.tick(readings.vms, readings.meminfo, self.loaded.policy.vms, readings.ksm)
+            rec.errors.extend(rec.merge.errors)
+            if rec.merge.stop_ksm:
+                decision = replace(decision, targets=Targets({**decision.targets, "run": 0}),
+                                   reasons=decision.reasons + (rec.merge.stop_ksm,))
         rec.decision = decision
         on_change = OnExternalChange(self.loaded.policy.ownership.on_external_change)
         plan = self.ownership.plan(decision.targets, readings.ksm, on_change)
@@ -203,7 +212,7 @@ class Daemon:
 
     def state_dict(self, rec: TickRecord) -> Dict[str, Any]:
         p = self.loaded
-        return {
+        out = {
             "version": __version__, "pid": os.getpid(), "started": self.started, "updated": rec.wall,
             "ticks": self.ticks, "dry_run": self.writer.dry_run,
             "policy": {"name": p.policy.name, "path": p.path, "sha256": p.sha256,
@@ -219,6 +228,9 @@ class Daemon:
             "status": status_line(rec),
             "exporter": {"listen": self.config.exporter.listen if self.config.exporter.enabled else None},
         }
+        if rec.merge is not None:
+            out["merge"] = rec.merge.to_dict()
+        return out
 
     def _write_state(self, rec: TickRecord) -> None:
         try:
@@ -350,6 +362,9 @@ class Daemon:
                 log.error("could not restore KSM settings: %s", e.message)
             finally:
                 self.ownership.restored()
+        if self.guests is not None and self.config.restore_on_exit and self.last is not None \
+                and self.last.readings is not None and self.last.readings.vms is not None:
+            self.guests.restore(self.last.readings.meminfo, self.last.readings.vms, self.last.readings.ksm.page_size)
         for fn in self.on_shutdown:
             try:
                 fn()

@@ -48,6 +48,8 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
     if once:
         d.config = config.model_copy(update={"restore_on_exit": False})
     vms.on_change(d.request_tick)
+    if config.libvirt:
+        d.guests = make_guest_controller(config, procfs, dry_run)
     if not dry_run:
         d.on_shutdown.append(lambda: marker.sync(sysfs))
     if config.estimate.enabled and not once:
@@ -67,6 +69,14 @@ def make_vm_collector(config: Config, procfs: ProcFs) -> VmCollector:
     """Per-VM readings from libvirt (unless config.libvirt is off), else QEMU in /proc."""
     return VmCollector(uri=config.libvirt_uri if config.libvirt else None, proc=procfs,
                        run_root=config.run_root)
+
+
+def make_guest_controller(config: Config, procfs: ProcFs, dry_run: bool = False) -> Any:
+    """Per-VM merge control (policy vms section, `ksmctl merge` changes, the audit)."""
+    from ksmctl.guests.control import GuestController
+    from ksmctl.guests.qmp import Qmp
+    from ksmctl.guests.runtime import RuntimeChanges
+    return GuestController(Qmp(config.libvirt_uri), procfs, RuntimeChanges(config.state_dir), dry_run=dry_run)
 
 
 class AdvisorMarker:
