@@ -208,7 +208,7 @@ def test_served_metrics_have_process_metrics_the_textfile_does_not(tmp_path):
                      "process_start_time_seconds"):
             assert "\n%s " % name in body, name
         start = float(body.split("\nprocess_start_time_seconds ")[1].split()[0])
-        assert abs(start - d.state()["started"]) < 5
+        assert abs(start - wait_for(d.state, 10, "the state file")["started"]) < 5
         wait_for(out.exists, 10, "the textfile")
         assert "ksmctl_build_info" in out.read_text() and "process_" not in out.read_text()
 
