@@ -203,3 +203,9 @@ def test_estimator_panels_say_why_they_are_empty():
     for p in _panels():
         if any("estimate" in t["expr"] or "merge_potential" in t["expr"] for t in p["targets"]):
             assert "estimate.enabled" in p["fieldConfig"]["defaults"].get("noValue", ""), p["title"]
+
+
+def test_merge_control_panels_say_why_they_are_empty():
+    for p in _panels():
+        if any("merge_violation" in t["expr"] or "guests_merge" in t["expr"] for t in p["targets"]):
+            assert "vms section" in p["fieldConfig"]["defaults"].get("noValue", ""), p["title"]

@@ -226,3 +226,32 @@ def test_docs_list_exactly_the_reasons():
     text = (Path(__file__).resolve().parent.parent / "docs" / "doctor.md").read_text()
     documented = set(__import__("re").findall(r"^\| `(\w+)` \| (?:host|VM) \|", text, __import__("re").M))
     assert documented == {r.value for r in Reason}
+
+
+def test_the_daemon_exports_why_guests_cannot_merge(tmp_path):
+    """ksmctl_vm_unmergeable{domain,uuid,reason}: the doctor's reasons for each guest, from
+    its QEMU command line (parsed once per process) and ksm_stat, every tick."""
+    from ksmctl.collectors.host import HostCollector
+    from ksmctl.collectors.procfs import ProcFs
+    from ksmctl.collectors.vms import VmCollector
+    from ksmctl.config import Config
+    from ksmctl.export.metrics import MetricsCollector, render_text
+    from ksmctl.kernel.sysfs import KsmSysfs
+    from ksmctl.kernel.writer import KsmWriter
+    from ksmctl.policy.loader import LoadedPolicy, parse_policy
+    from ksmctl.service.daemon import Daemon
+    sys_root = make_sys(tmp_path / "sys")
+    proc = ProcFs(str(make_proc(tmp_path / "proc", processes=GUESTS)))
+    collector = HostCollector(KsmSysfs(str(sys_root)), proc, vms=VmCollector(uri=None, proc=proc, events=False))
+    metrics = MetricsCollector()
+    lp = LoadedPolicy(parse_policy("name: x\nrun: {mode: always}\n", "x.yaml"), "x.yaml", "3" * 64)
+    d = Daemon(Config(state_file=str(tmp_path / "state.json")), lp, collector, KsmWriter(collector.sysfs, dry_run=True),
+               observers=[metrics.observe])
+    d.tick()
+    lines = [l for l in render_text(metrics).decode().splitlines() if l.startswith("ksmctl_vm_unmergeable{")]
+    got = {(l.split('domain="')[1].split('"')[0], l.split('reason="')[1].split('"')[0]) for l in lines}
+    assert got == {("noshare", "mem_merge_off"), ("huge", "hugetlbfs"), ("vhost", "shared_memory")}, lines
+    assert all(l.endswith(" 1.0") for l in lines)
+    metrics_off = MetricsCollector(per_vm=False)
+    metrics_off.observe(d.last)
+    assert "ksmctl_vm_unmergeable" not in render_text(metrics_off).decode()

@@ -93,9 +93,11 @@ def stack(tmp_path):
         with ksm_exclusive():
             # Stand-in guests: argv[0] qemu-system-x86_64, the rest parsed as QEMU options.
             guests = []
-            for i in (1, 2):
+            # The third opts out of merging on its command line (mem-merge=off): the doctor
+            # table's series. It still madvises itself, so it merges like the others.
+            for i, extra in ((1, []), (2, []), (3, ["-machine", "pc,mem-merge=off"])):
                 g = subprocess.Popen(["qemu-system-x86_64", "-c", GUEST, "-name", "guest=e2e-vm%d,debug-threads=on" % i,
-                                      "-uuid", str(uuid.uuid4()), "-m", "128"], executable=sys.executable,
+                                      "-uuid", str(uuid.uuid4()), "-m", "128"] + extra, executable=sys.executable,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                 procs.append(g)
                 guests.append(g)
@@ -159,7 +161,14 @@ def test_dashboard_and_rules_against_real_prometheus(stack):
 
     # Dashboard: every query returns data at "All".
     missing = []
+    # Merge control's series exist only while it runs, which needs libvirt guests (not
+    # here): those panels say so in their noValue text, and their queries must evaluate.
+    merge_control = {e for w, e in dashboard_exprs() if "merge_violation" in e or "guests_merge" in e
+                     or "merge_denied" in e}
     for where, expr in dashboard_exprs():
+        if expr in merge_control:
+            p.query(substitute(expr))
+            continue
         exprs = [expr] if where.startswith("panel") else operands(expr)
         if where.startswith("annotation"):
             p.query(substitute(expr))  # the full condition must at least evaluate
@@ -169,6 +178,8 @@ def test_dashboard_and_rules_against_real_prometheus(stack):
     # Rules: recording rules return data, and Prometheus has recorded them; alerts: every operand.
     for name, expr, is_alert in rule_exprs():
         p.query(expr)
+        if "ksmctl_merge_violations_total" in expr:
+            continue   # merge control: see above
         for e in operands(expr) if is_alert else [expr]:
             if not p.query(e):
                 missing.append((name, e))

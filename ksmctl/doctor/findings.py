@@ -7,6 +7,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from ksmctl.errors import StrEnum
+
 
 class Severity(enum.IntEnum):
     OK = 0
@@ -19,7 +21,7 @@ class Severity(enum.IntEnum):
         return self.name.lower()
 
 
-class Reason(str, enum.Enum):
+class Reason(StrEnum):
     """Why. Host reasons describe the kernel's KSM; VM reasons why a guest's memory
     merges or not. VM_UNMERGEABLE lists those that keep a guest out of KSM entirely."""
 
@@ -58,8 +60,10 @@ class Reason(str, enum.Enum):
     MERGE_PENDING = "merge_pending"       # a wanted deny/allow not in effect (guard, not controllable)
 
 
+# A private file backend still merges what the guest writes (copy-on-write pages are
+# anonymous): it is a caveat, not a reason it cannot merge.
 VM_UNMERGEABLE = frozenset({Reason.NOSHAREPAGES, Reason.MEM_MERGE_OFF, Reason.NOT_MERGEABLE,
-                            Reason.HUGETLBFS, Reason.SHARED_MEMORY, Reason.FILE_BACKED})
+                            Reason.HUGETLBFS, Reason.SHARED_MEMORY})
 
 
 @dataclass(frozen=True)

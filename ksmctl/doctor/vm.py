@@ -3,7 +3,7 @@ was read); if it can, what it merges now and what holds it back."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ksmctl.collectors.memlayout import Mapping, guest_ram
 from ksmctl.collectors.vms.backends import GuestRam
@@ -53,23 +53,22 @@ def vm_findings(f: VmFacts) -> List[Finding]:
             "remove <nosharepages/> from the domain XML and restart the guest")
     if ram is not None:
         machine_off = ram.mem_merge is False
-        off = [b for b in ram.ram_backends if b.merge is False]
+        off = ram.merge_off
         if machine_off or off:
             evid = ([ev("-machine mem-merge", "off", cmd)] if machine_off else []) + \
                    [ev("-object %s merge" % b.id, "off", cmd) for b in off]
             add(Reason.MEM_MERGE_OFF, Severity.INFO if f.nosharepages else Severity.WARNING,
                 "QEMU does not mark its RAM mergeable (mem-merge=off / merge=off)", evid,
                 "libvirt sets this for <nosharepages/>; otherwise remove mem-merge=off from the QEMU options")
-        huge = [b for b in ram.ram_backends if b.on_hugetlbfs] + \
-               ([] if ram.mem_path is None or "huge" not in ram.mem_path else [None])
-        if huge or any(m.hugetlb for m in ram_maps):
+        huge = ram.hugetlb
+        if huge or ram.legacy_hugetlb or any(m.hugetlb for m in ram_maps):
             evid = [ev("-object %s" % b.id, "%s mem-path=%s hugetlb=%s" % (b.qom_type, b.mem_path, b.hugetlb), cmd)
-                    for b in huge if b is not None]
+                    for b in huge] + ([ev("-mem-path", ram.mem_path, cmd)] if ram.legacy_hugetlb else [])
             evid += [ev("VmFlags of %s" % (m.path or hex(m.start)), " ".join(m.flags), maps_src)
                      for m in ram_maps if m.hugetlb]
             add(Reason.HUGETLBFS, Severity.WARNING, "its RAM is on hugetlbfs: KSM never merges hugetlb pages",
                 evid, "remove <hugepages/> from <memoryBacking> (trade: the guest's TLB efficiency)")
-        shared = [b for b in ram.ram_backends if b.share]
+        shared = ram.shared
         if shared or any(m.shared and not m.hugetlb for m in ram_maps):
             evid = [ev("-object %s share" % b.id, "on (%s)" % b.qom_type, cmd) for b in shared]
             evid += [ev("VmFlags of %s" % (m.path or hex(m.start)), " ".join(m.flags), maps_src)
@@ -78,8 +77,7 @@ def vm_findings(f: VmFacts) -> List[Finding]:
                 "its RAM is a shared mapping (share=on, e.g. memfd for vhost-user or virtiofs): KSM merges "
                 "only private anonymous pages", evid,
                 "use <access mode='private'/> in <memoryBacking> if no vhost-user/virtiofs device needs shared RAM")
-        files = [b for b in ram.ram_backends if b.qom_type == "memory-backend-file" and not b.on_hugetlbfs
-                 and not b.share]
+        files = ram.private_files
         if files:
             add(Reason.FILE_BACKED, Severity.INFO,
                 "its RAM is a private file mapping: only pages the guest has written (copied from the file) "
@@ -130,3 +128,24 @@ def vm_findings(f: VmFacts) -> List[Finding]:
 
 def unmergeable_reasons(findings: Sequence[Finding]) -> List[Reason]:
     return sorted({x.reason for x in findings if x.reason in VM_UNMERGEABLE}, key=lambda r: r.value)
+
+
+def config_reasons(vm: VmReading, ram: Optional[GuestRam]) -> Tuple[Reason, ...]:
+    """Why a guest's memory cannot merge, from what is cheap to know every tick: its QEMU
+    command line (parsed once per process), the collector's opt-out verdict and its
+    ksm_stat. `ksmctl doctor` adds the mappings' evidence (smaps) on demand."""
+    found = set()
+    if ram is not None:
+        if ram.mem_merge is False or ram.merge_off:
+            found.add(Reason.MEM_MERGE_OFF)
+        if ram.hugetlb or ram.legacy_hugetlb:
+            found.add(Reason.HUGETLBFS)
+        if ram.shared:
+            found.add(Reason.SHARED_MEMORY)
+        if ram.private_files:
+            found.add(Reason.FILE_BACKED)
+    if vm.excluded and Reason.MEM_MERGE_OFF not in found:
+        found.add(Reason.NOSHAREPAGES)   # the collector's verdict, from the domain XML
+    if vm.ksm is not None and vm.ksm.mergeable is False and not found & VM_UNMERGEABLE:
+        found.add(Reason.NOT_MERGEABLE)
+    return tuple(sorted(found & VM_UNMERGEABLE, key=lambda r: r.value))

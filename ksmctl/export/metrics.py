@@ -21,7 +21,7 @@ import logging
 import math
 import platform
 import threading
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
                                     InfoMetricFamily, Metric)
@@ -135,6 +135,7 @@ class MetricsCollector(Collector):
             ("host", lambda: self._host(rec.readings) if rec is not None and rec.readings else []),
             ("targets", lambda: self._targets(rec)),
             ("vms", lambda: self._vms(rec.readings) if rec is not None and rec.readings else []),
+            ("unmergeable", lambda: self._unmergeable(rec)),
             ("merge", lambda: merge_families(rec.merge, self.per_vm) if rec is not None and rec.merge else []),
         )
         failed = 0
@@ -316,6 +317,19 @@ class MetricsCollector(Collector):
                                              "as %s)." % (knob.name, knob.metric),
                                              value=_num(value) / knob.scale))  # type: ignore[arg-type]
         return out
+
+    def _unmergeable(self, rec: Any) -> List[Metric]:
+        """Why a guest's memory cannot merge (doctor's reasons; docs/doctor.md): one sample per
+        guest and reason, bounded by the Reason enum."""
+        if not self.per_vm or rec is None or rec.readings is None or not rec.readings.vms:
+            return []
+        f = GaugeMetricFamily("ksmctl_vm_unmergeable", "1 for each reason a guest's memory cannot merge "
+                              "(nosharepages, mem_merge_off, hugetlbfs, shared_memory, not_mergeable).",
+                              labels=["domain", "uuid", "reason"])
+        for vm in rec.readings.vms:
+            for reason in getattr(rec, "unmergeable", {}).get(vm.uuid, ()):
+                f.add_metric([vm.name, vm.uuid, reason.value], 1.0)
+        return [f] if f.samples else []
 
     def _vms(self, r: Readings) -> List[Metric]:
         if r.vms is None:

@@ -17,7 +17,10 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ksmctl import __version__
 from ksmctl.collectors.host import CollectionFailed, HostCollector
+from ksmctl.collectors.vms.backends import GuestRamCache
 from ksmctl.config import Config, keep_restart_keys, restart_keys_changed
+from ksmctl.doctor.findings import Reason
+from ksmctl.doctor.vm import config_reasons
 from ksmctl.errors import ErrorSource, KsmctlError, PermissionDenied
 from ksmctl.kernel import knobs
 from ksmctl.kernel.knobs import Targets
@@ -46,6 +49,7 @@ class TickRecord:
     would_change: List[Change] = field(default_factory=list)  # dry run: what it would have written
     failed_writes: List[str] = field(default_factory=list)    # knobs the kernel refused this tick
     dry_run: bool = False
+    unmergeable: Dict[str, Tuple[Reason, ...]] = field(default_factory=dict)  # uuid -> why it cannot merge
     errors: List[Tuple[ErrorSource, str]] = field(default_factory=list)  # (source, message)
     duration: float = 0.0
     ok: bool = False
@@ -110,6 +114,7 @@ class Daemon:
         self._written: List[Change] = []  # this tick's writes, as they happen
         self.transition = UnmergedOnlyChanges(writer, wrote=self._wrote)  # max_page_sharing, merge_across_nodes
         self._unsupported_reported: set = set()
+        self.guest_ram = GuestRamCache(collector.procfs.cmdline)  # why guests cannot merge, per process
         self.trace: Optional[TraceWriter] = None
         self.on_shutdown: List[Callable[[], None]] = []  # e.g. stop the exporter's server
         self.guests: Any = None  # ksmctl.guests.control.GuestController (per-VM merge control), if wired
@@ -129,6 +134,10 @@ class Daemon:
             return self._finish(rec, t0)
         rec.readings = readings
         rec.errors.extend(readings.errors)
+        if readings.vms:
+            rams = self.guest_ram.current([(v.uuid, v.pid) for v in readings.vms if v.pid is not None])
+            rec.unmergeable = {v.uuid: config_reasons(v, rams.get((v.uuid, v.pid)) if v.pid is not None else None)
+                               for v in readings.vms}
         before = self.engine
         decision, self.engine = decide(self.loaded.policy, readings, before)
         if self.guests is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from .qemu import _opts, is_qemu_binary
 
@@ -47,6 +47,47 @@ class GuestRam:
         """The backends that hold guest RAM: the machine's own, and any other memory
         backend (NUMA nodes, DIMMs)."""
         return tuple(b for b in self.backends if b.qom_type.startswith("memory-backend"))
+
+    @property
+    def merge_off(self) -> Tuple[Backend, ...]:
+        return tuple(b for b in self.ram_backends if b.merge is False)
+
+    @property
+    def hugetlb(self) -> Tuple[Backend, ...]:
+        return tuple(b for b in self.ram_backends if b.on_hugetlbfs)
+
+    @property
+    def legacy_hugetlb(self) -> bool:
+        return self.mem_path is not None and "huge" in self.mem_path
+
+    @property
+    def shared(self) -> Tuple[Backend, ...]:
+        return tuple(b for b in self.ram_backends if b.share)
+
+    @property
+    def private_files(self) -> Tuple[Backend, ...]:
+        return tuple(b for b in self.ram_backends
+                     if b.qom_type == "memory-backend-file" and not b.on_hugetlbfs and not b.share)
+
+
+class GuestRamCache:
+    """Each running guest's GuestRam, parsed once per QEMU process (the command line of a
+    running process does not change), for the daemon's per-tick view."""
+
+    def __init__(self, cmdline: Callable[[int], Optional[Sequence[str]]]) -> None:
+        self._cmdline = cmdline
+        self._known: Dict[Tuple[str, int], Optional[GuestRam]] = {}
+
+    def current(self, guests: Sequence[Tuple[str, int]]) -> Dict[Tuple[str, int], Optional[GuestRam]]:
+        """(uuid, pid) -> GuestRam for these guests; forgets every other."""
+        out = {}
+        for key in guests:
+            if key not in self._known:
+                argv = self._cmdline(key[1])
+                self._known[key] = parse_guest_ram(argv) if argv else None
+            out[key] = self._known[key]
+        self._known = dict(out)
+        return out
 
 
 def _flag(v: Any) -> Optional[bool]:
