@@ -175,3 +175,27 @@ def test_policy_explain_shows_the_unmerge_and_its_guard(tmp_path):
         assert "max_page_sharing: 256 -> 512 needs nothing merged: would unmerge 9.8 MiB first" in r.output
         assert r.output.rstrip().count(verdict) >= 1 and "smart_scan: not supported by this kernel" in r.output
         assert "smart_scan None" not in r.output   # not a change this kernel can make
+
+
+@pytest.mark.kernel
+def test_real_kernel_refusal_when_the_host_cannot_absorb(tmp_path):
+    """Merged pages on the real kernel, MemAvailable low only through the injected /proc
+    root: the daemon refuses, writes neither run=2 nor the knob, and does not retry."""
+    need_root()
+    sysfs = KsmSysfs()
+    low = make_proc(tmp_path / "proc", meminfo=MEMINFO.replace("MemAvailable:   21000000 kB",
+                                                                "MemAvailable:       1000 kB"))
+    with ksm_exclusive() as saved, Holder(pages=3000, distinct=6):
+        original = int(saved["max_page_sharing"])
+        if (KSM / "advisor_mode").exists():
+            (KSM / "advisor_mode").write_text("none")
+        (KSM / "pages_to_scan").write_text("5000")
+        (KSM / "sleep_millisecs").write_text("10")
+        (KSM / "run").write_text("1")
+        wait_for(lambda: (sysfs.read().get("pages_shared") or 0) > 0, 60, "the holder's pages to merge")
+        d, _ = _daemon(tmp_path, "max_page_sharing: %d" % (original + 1), sys_root="/sys", proc_root=str(low))
+        for _ in range(3):
+            d.tick()
+            state = sysfs.read()
+            assert state.get("run") == 1 and state.get("max_page_sharing") == original
+        assert d.transition.phase.value == "refused" and "refusing to unmerge" in d.transition.message
