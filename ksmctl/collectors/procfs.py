@@ -4,8 +4,9 @@ The VM collectors, the coexistence check and the estimator all read processes he
 from __future__ import annotations
 
 import os
+import resource
 from pathlib import Path
-from typing import Container, Dict, Iterator, NamedTuple, Optional, Tuple, Union
+from typing import Container, Dict, Hashable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 from ksmctl.errors import ReadError
 from ksmctl.readings import KsmStat, MemInfo, Psi
@@ -150,6 +151,137 @@ def _read(path: str, identify: bool) -> Optional[Tuple[bytes, Tuple[int, int]]]:
         os.close(fd)
 
 
+def _pread_all(fd: int) -> bytes:
+    data = os.pread(fd, 16384, 0)
+    if len(data) < 16384:
+        return data
+    chunks = [data]
+    while True:
+        chunk = os.pread(fd, 65536, sum(len(c) for c in chunks))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def default_kept_files() -> int:
+    """How many per-process files the collectors may keep open: the exporter may take half
+    of RLIMIT_NOFILE (export/http.py connection_limit), 64 more stay for libvirt, logs and
+    one-off reads. 448 under the shipped unit's LimitNOFILE=1024."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 16
+    return max(0, soft // 2 - 64)
+
+
+class FileBudget:
+    """The number of files all KeptFiles of one ProcFs may still keep open."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.free = capacity
+
+
+Ident = Hashable  # what says "the same process as last time": see KeptFiles.read
+
+
+class KeptFiles:
+    """Per-process /proc files kept open from tick to tick: one pread instead of open,
+    fstat, read and close, for every guest every tick.
+
+    An open /proc/<pid>/ file stays bound to the process it was opened for: once that
+    process has exited, reading it fails (ESRCH), even when a new process has the pid.
+    So while a kept file reads, it is the process it was when opened, and its identity
+    (a serial number per open) proves it. Fixture trees hold regular files, which stay
+    readable when removed: there a link count of 0 counts as the process gone.
+    Beyond the budget, files are opened per read with their (inode, ctime) as identity
+    (read_proc_identified). The owner releases a pid it stops tracking: an exited
+    process's file is otherwise kept until read."""
+
+    def __init__(self, root: str, budget: FileBudget, check_links: bool) -> None:
+        self._root = root
+        self._budget = budget
+        self._check_links = check_links
+        self._fds: Dict[Tuple[int, str], Tuple[int, int]] = {}  # (pid, name) -> (fd, serial)
+        self._by_pid: Dict[int, List[str]] = {}
+        self._serial = 0
+
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def read(self, pid: int, name: str) -> Optional[Tuple[bytes, Ident]]:
+        """The file's bytes and the identity of the process they are from; None when the
+        process is gone or hides the file."""
+        key = (pid, name)
+        kept = self._fds.get(key)
+        if kept is not None:
+            data = self._pread(kept[0])
+            if data is not None:
+                return data, (-1, kept[1])
+            self._close(key)
+        path = "%s/%d/%s" % (self._root, pid, name)
+        if self._budget.free <= 0:
+            return read_proc_identified(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        data = self._pread(fd)
+        if data is None:
+            os.close(fd)
+            return None
+        self._serial += 1
+        self._fds[key] = (fd, self._serial)
+        self._by_pid.setdefault(pid, []).append(name)
+        self._budget.free -= 1
+        return data, (-1, self._serial)
+
+    def read_bytes(self, pid: int, name: str) -> Optional[bytes]:
+        got = self.read(pid, name)
+        return None if got is None else got[0]
+
+    def _pread(self, fd: int) -> Optional[bytes]:
+        try:
+            data = _pread_all(fd)
+            if self._check_links and os.fstat(fd).st_nlink == 0:
+                return None
+            return data
+        except OSError:
+            return None
+
+    def _close(self, key: Tuple[int, str]) -> None:
+        fd, _ = self._fds.pop(key)
+        names = self._by_pid.get(key[0], [])
+        if key[1] in names:
+            names.remove(key[1])
+        if not names:
+            self._by_pid.pop(key[0], None)
+        self._budget.free += 1
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def release(self, pid: int) -> None:
+        for name in list(self._by_pid.get(pid, ())):
+            self._close((pid, name))
+
+    def pids(self) -> Tuple[int, ...]:
+        return tuple(self._by_pid)
+
+    def close(self) -> None:
+        for key in list(self._fds):
+            self._close(key)
+
+
+def _is_procfs(root: str) -> bool:
+    """A real procfs of our own pid namespace ('self' names us). Anything else (fixture
+    trees, a foreign namespace's /proc) gets the link-count check of KeptFiles."""
+    try:
+        return os.readlink(os.path.join(root, "self")) == str(os.getpid())
+    except OSError:
+        return False
+
+
 _MERGEABLE_MARKS = (b"ksm_mergeable: yes", b"ksm_merge_any: yes")
 
 
@@ -180,9 +312,11 @@ class ProcFs:
     Per-process reads return None when the process is gone (or hides the file from us):
     processes exit between the listing and the read all the time, that is no error."""
 
-    def __init__(self, proc_root: str = "/proc") -> None:
+    def __init__(self, proc_root: str = "/proc", kept_files: Optional[int] = None) -> None:
         self.root = Path(proc_root)
         self._root = str(self.root)  # per-process paths are formatted, not joined: hot path
+        self._budget = FileBudget(default_kept_files() if kept_files is None else kept_files)
+        self._is_procfs: Optional[bool] = None
         self._ksmd_pid: Optional[int] = None
         self.clock_ticks = os.sysconf("SC_CLK_TCK")
         self.page_size = os.sysconf("SC_PAGE_SIZE")
@@ -277,9 +411,19 @@ class ProcFs:
         raw = self.ksm_stat_bytes(pid)
         return None if raw is None else parse_ksm_stat(raw.decode("ascii", "replace"))
 
+    def kept_files(self) -> KeptFiles:
+        """A new set of kept-open per-process files, for one collector (it releases the
+        pids it stops tracking); all of a ProcFs's share one budget."""
+        if self._is_procfs is None:
+            self._is_procfs = _is_procfs(self._root)
+        return KeptFiles(self._root, self._budget, check_links=not self._is_procfs)
+
     def rss_bytes(self, pid: int) -> Optional[int]:
         """Resident memory from /proc/<pid>/statm; None when gone or garbled."""
-        raw = self._pid_bytes(pid, "statm")
+        return self.statm_rss(self._pid_bytes(pid, "statm"))
+
+    def statm_rss(self, raw: Optional[bytes]) -> Optional[int]:
+        """Resident bytes from statm's text (its second field, in pages); None when garbled."""
         try:
             return int(raw.split()[1]) * self.page_size if raw is not None else None
         except (ValueError, IndexError):
