@@ -171,3 +171,45 @@ def test_libvirt_releases_files_of_guests_that_stop(host3):
     assert len(c._files) == 4 and 1001 not in c._files.pids()
     c.close()
     assert len(c._files) == 0
+
+
+# ---- per-VM metric lines, cached per reading --------------------------------------------------
+def _tick(vms, page: int = 4096):
+    from ksmctl.readings import KsmState, Readings
+    from ksmctl.service.daemon import TickRecord
+    from tests.test_metrics_golden import _policy
+    ksm = KsmState(values={"pages_sharing": 10, "pages_shared": 2}, page_size=page)
+    return TickRecord(policy=_policy(), readings=Readings(monotonic=1.0, wall=2.0, ksm=ksm, vms=tuple(vms)),
+                      ok=True, wall=2.0)
+
+
+def _vm(name: str, merging: int, **kw):
+    from ksmctl.readings import KsmStat, VmReading
+    return VmReading(uuid="uuid-" + name, name=name, pid=1, rss=1 << 20,
+                     ksm=KsmStat(merging_pages=merging, zero_pages=1, process_profit=merging * 10), **kw)
+
+
+def test_vm_metric_lines_follow_each_new_reading():
+    from prometheus_client import CollectorRegistry, generate_latest
+    from ksmctl.export.metrics import MetricsCollector, render_text
+
+    reg = CollectorRegistry(auto_describe=False)
+    m = MetricsCollector(reg, build={"version": "t", "python": "3"})
+
+    def scrape(vms, page=4096) -> str:
+        m.observe(_tick(vms, page))
+        text = render_text(reg).decode()
+        assert text == generate_latest(reg).decode()  # cached lines = what prometheus_client writes
+        return text
+
+    a, b = _vm("a", 5), _vm("b", 7)
+    first = scrape([a, b])
+    assert 'ksmctl_vm_merging_pages{domain="b",uuid="uuid-b"} 7.0' in first
+    b2, c = _vm("b", 70), _vm("c\"q", 3, excluded=True)
+    second = scrape([a, b2, c])
+    assert 'ksmctl_vm_merging_pages{domain="b",uuid="uuid-b"} 70.0' in second and "} 7.0\n" not in second
+    assert 'ksmctl_vm_excluded{domain="c\\"q",uuid="uuid-c\\"q"} 1.0' in second
+    third = scrape([b2], page=65536)  # a and c gone; a new page size changes every saving
+    assert 'domain="a"' not in third and 'uuid-c' not in third
+    from prometheus_client.utils import floatToGoString
+    assert 'ksmctl_vm_memory_saved_bytes{domain="b",uuid="uuid-b"} %s\n' % floatToGoString(71 * 65536) in third
