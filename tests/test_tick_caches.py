@@ -213,3 +213,26 @@ def test_vm_metric_lines_follow_each_new_reading():
     assert 'domain="a"' not in third and 'uuid-c' not in third
     from prometheus_client.utils import floatToGoString
     assert 'ksmctl_vm_memory_saved_bytes{domain="b",uuid="uuid-b"} %s\n' % floatToGoString(71 * 65536) in third
+
+
+# ---- state file rows, encoded once per reading ------------------------------------------------
+def test_state_file_rows_are_the_bytes_of_the_whole_document(tmp_path):
+    """StateFile.write(doc, vms) splices cached rows; the file must be exactly what
+    json.dumps writes for the whole document, tick after tick, as guests change."""
+    import dataclasses
+    import json
+    from ksmctl.readings import KsmState, Readings
+    from ksmctl.service.state import STATE_FORMAT, StateFile, parse_state
+
+    path = tmp_path / "state.json"
+    sf = StateFile(str(path)).acquire()
+    a, b = _vm("a", 5), _vm("b\"\\q", 7)
+    for vms in ([a, b], [a, _vm("b\"\\q", 8), _vm("new", 1, excluded=True)], [a], []):
+        r = Readings(monotonic=1.0, wall=2.0, ksm=KsmState(values={"run": 1}), vms=tuple(vms))
+        doc = {"pid": os.getpid(), "updated": 3.0, "readings": dataclasses.replace(r, vms=None).to_dict()}
+        sf.write(doc, r.vms)
+        whole = {"format": STATE_FORMAT, "pid": os.getpid(), "updated": 3.0, "readings": r.to_dict(vm_table=True)}
+        text = path.read_text()
+        assert text == json.dumps(whole, separators=(",", ":"), default=str)
+        assert parse_state(text, str(path))["readings"]["vms"]["rows"] == json.loads(text)["readings"]["vms"]["rows"]
+    sf.release()
