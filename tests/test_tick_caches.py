@@ -209,6 +209,9 @@ def test_vm_metric_lines_follow_each_new_reading():
     second = scrape([a, b2, c])
     assert 'ksmctl_vm_merging_pages{domain="b",uuid="uuid-b"} 70.0' in second and "} 7.0\n" not in second
     assert 'ksmctl_vm_excluded{domain="c\\"q",uuid="uuid-c\\"q"} 1.0' in second
+    import dataclasses
+    renamed = scrape([a, dataclasses.replace(b2, name="renamed"), c])  # same uuid, new name: new labels
+    assert 'ksmctl_vm_rss_bytes{domain="renamed",uuid="uuid-b"}' in renamed and 'domain="b"' not in renamed
     third = scrape([b2], page=65536)  # a and c gone; a new page size changes every saving
     assert 'domain="a"' not in third and 'uuid-c' not in third
     from prometheus_client.utils import floatToGoString
@@ -227,7 +230,8 @@ def test_state_file_rows_are_the_bytes_of_the_whole_document(tmp_path):
     path = tmp_path / "state.json"
     sf = StateFile(str(path)).acquire()
     a, b = _vm("a", 5), _vm("b\"\\q", 7)
-    for vms in ([a, b], [a, _vm("b\"\\q", 8), _vm("new", 1, excluded=True)], [a], []):
+    for vms in ([a, b], [a, _vm("b\"\\q", 8), _vm("new", 1, excluded=True)], [a],
+                [dataclasses.replace(a, rss=5)], [dataclasses.replace(a, rss=5, ksm=None)], []):
         r = Readings(monotonic=1.0, wall=2.0, ksm=KsmState(values={"run": 1}), vms=tuple(vms))
         doc = {"pid": os.getpid(), "updated": 3.0, "readings": dataclasses.replace(r, vms=None).to_dict()}
         sf.write(doc, r.vms)
@@ -236,3 +240,14 @@ def test_state_file_rows_are_the_bytes_of_the_whole_document(tmp_path):
         assert text == json.dumps(whole, separators=(",", ":"), default=str)
         assert parse_state(text, str(path))["readings"]["vms"]["rows"] == json.loads(text)["readings"]["vms"]["rows"]
     sf.release()
+
+
+def test_libvirt_sees_a_changed_domain_state_at_the_next_tick(host3):
+    from ksmctl.readings import VmState
+    c = lv_collector(host3)
+    first = by_name(c.collect())["vm0002"]
+    assert first.state is VmState.RUNNING
+    c._conn.lookupByName("vm0002").suspend()
+    now = by_name(c.collect())
+    assert now["vm0002"].state is VmState.PAUSED and now["vm0002"] is not first
+    assert now["vm0002"].ksm is first.ksm  # unchanged ksm_stat: parsed once

@@ -52,11 +52,42 @@ def vm_values(vm: VmReading, page: int) -> Tuple[Optional[float], ...]:
             1.0 if vm.excluded else 0.0)
 
 
-def vm_sample_lines(vm: VmReading, page: int) -> Tuple[str, ...]:
-    """The lines render_text writes for vm_values (labels sorted by name, as it sorts)."""
-    labels = 'domain="%s",uuid="%s"' % (escape_label(vm.name), escape_label(vm.uuid))
-    return tuple("" if v is None else "%s{%s} %s\n" % (name, labels, floatToGoString(v))
-                 for (name, _doc), v in zip(VM_FAMILIES, vm_values(vm, page)))
+def vm_labels(vm: VmReading) -> str:
+    """The label pairs render_text writes for a VM (sorted by name, as it sorts)."""
+    return 'domain="%s",uuid="%s"' % (escape_label(vm.name), escape_label(vm.uuid))
+
+
+def vm_sample_lines(vm: VmReading, page: int, values: Optional[Tuple[Optional[float], ...]] = None,
+                    before: Optional["_Entry"] = None) -> Tuple[str, ...]:
+    """The lines render_text writes for vm_values; a line whose value is what it was in
+    `before` (the same guest's last lines) is taken from there."""
+    values = vm_values(vm, page) if values is None else values
+    labels = vm_labels(vm) if before is None else before.labels
+    out = []
+    for i, ((name, _doc), v) in enumerate(zip(VM_FAMILIES, values)):
+        if v is None:
+            out.append("")
+        elif before is not None and before.values[i] == v:
+            out.append(before.lines[i])
+        else:
+            out.append("%s{%s} %s\n" % (name, labels, floatToGoString(v)))
+    return tuple(out)
+
+
+class _Entry:
+    """One VM's reading, values, labels and lines, as last rendered."""
+
+    __slots__ = ("vm", "values", "labels", "lines")
+    vm: VmReading
+    values: Tuple[Optional[float], ...]
+    labels: str
+    lines: Tuple[str, ...]
+
+    def __init__(self, vm: VmReading, page: int, before: Optional["_Entry"]) -> None:
+        self.vm = vm
+        self.values = vm_values(vm, page)
+        self.labels = vm_labels(vm) if before is None else before.labels
+        self.lines = vm_sample_lines(vm, page, self.values, before)
 
 
 class RenderedVmFamily(GaugeMetricFamily):
@@ -91,23 +122,26 @@ class RenderedVmFamily(GaugeMetricFamily):
 
 
 class VmLines:
-    """Each VM's sample lines, cached per VmReading object; holds only the last render's
-    VMs (an exited guest's lines go with it)."""
+    """Each VM's sample lines, cached per VmReading object; when a guest's reading is new,
+    the lines of its figures that kept their value are reused (while KSM merges, only
+    the ksm_stat figures move). Holds only the last render's VMs (an exited guest's lines
+    go with it)."""
 
     def __init__(self) -> None:
-        self._cache: Dict[int, Tuple[VmReading, Tuple[str, ...]]] = {}  # id(vm) -> (vm, lines)
+        self._cache: Dict[str, _Entry] = {}  # uuid -> entry
         self._page = 0
 
     def families(self, vms: Sequence[VmReading], page: int) -> List[Metric]:
         old = self._cache if self._page == page else {}
-        new: Dict[int, Tuple[VmReading, Tuple[str, ...]]] = {}
+        new: Dict[str, _Entry] = {}
         lines = []
         for vm in vms:
-            hit = old.get(id(vm))
-            if hit is None or hit[0] is not vm:  # the entry holds vm, so its id is not reused meanwhile
-                hit = (vm, vm_sample_lines(vm, page))
-            new[id(vm)] = hit
-            lines.append(hit[1])
+            hit = old.get(vm.uuid)
+            if hit is None or hit.vm is not vm:
+                same_guest = hit is not None and hit.vm.name == vm.name
+                hit = _Entry(vm, page, hit if same_guest else None)
+            new[vm.uuid] = hit
+            lines.append(hit.lines)
         self._cache, self._page = new, page  # whole replacements: a scrape thread may render too
         out: List[Metric] = []
         for i, (name, doc) in enumerate(VM_FAMILIES):

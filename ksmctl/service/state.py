@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ksmctl.errors import Refused, UsageError
 from ksmctl.fsutil import atomic_write, read_input
-from ksmctl.readings import KSM_FIELDS, VM_FIELDS, VmReading, vm_dicts, vm_row
+from ksmctl.readings import KSM_FIELDS, VM_FIELDS, VmReading, ksm_cell, vm_dicts, vm_head
 
 STATE_FORMAT = "ksmctl-state"
 MAX_STATE_BYTES = 64 * 1024 * 1024  # ~100x the file of a 500-VM host
@@ -191,23 +191,27 @@ def _dumps(value: Any) -> str:
 class VmRows:
     """readings.vms in the state file (readings.vms_table's form), encoded row by row and
     each row once per VmReading object: the collectors hand out the same object while a
-    guest's figures are unchanged. The same bytes json.dumps writes for vms_table; holds
-    only the last write's VMs."""
+    guest's figures are unchanged. When a guest's reading is new but only its ksm cell
+    changed (KSM merging), the rest of its row is reused. The same bytes json.dumps writes
+    for vms_table; holds only the last write's VMs."""
 
     def __init__(self) -> None:
         self._head = '{"fields":%s,"ksm_fields":%s,"rows":[' % (_dumps(list(VM_FIELDS) + ["ksm"]),
                                                                  _dumps(list(KSM_FIELDS)))
-        self._cache: Dict[int, Tuple[VmReading, str]] = {}  # id(vm) -> (vm, its row)
+        # uuid -> (vm, its VM_FIELDS cells, their JSON without the closing bracket, the row)
+        self._cache: Dict[str, Tuple[VmReading, Tuple[Any, ...], str, str]] = {}
 
     def encode(self, vms: Sequence[VmReading]) -> str:
         old, new = self._cache, {}
         rows = []
         for vm in vms:
-            hit = old.get(id(vm))
-            if hit is None or hit[0] is not vm:  # the entry holds vm, so its id is not reused meanwhile
-                hit = (vm, _dumps(vm_row(vm)))
-            new[id(vm)] = hit
-            rows.append(hit[1])
+            hit = old.get(vm.uuid)
+            if hit is None or hit[0] is not vm:
+                cells = vm_head(vm)
+                prefix = hit[2] if hit is not None and hit[1] == cells else _dumps(list(cells))[:-1]
+                hit = (vm, cells, prefix, "%s,%s]" % (prefix, _dumps(ksm_cell(vm.ksm))))
+            new[vm.uuid] = hit
+            rows.append(hit[3])
         self._cache = new
         return self._head + ",".join(rows) + "]}"
 

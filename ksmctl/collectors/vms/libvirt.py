@@ -13,12 +13,12 @@ import logging
 import threading
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ksmctl.errors import ErrorSource
-from ksmctl.readings import KsmStat, VmReading, VmSource, VmState
+from ksmctl.readings import VmReading, VmSource, VmState
 from ksmctl.collectors.procfs import Ident, ProcFs, split_cmdline
 from ksmctl.collectors.vms.binding import (LibvirtUnavailable, error_code, libvirt_message, quiet_errors,
                                            start_event_loop)
@@ -52,6 +52,8 @@ class _Known(Derived):
     argv_raw: Optional[bytes] = None  # the verified command line, so a tick only compares
     args: Optional[QemuArgs] = None
     ident: Optional[Ident] = None  # the identity of its ksm_stat when verified (KeptFiles.read)
+    params: Optional[Dict[str, Any]] = None  # the last getAllDomainStats record, and its fields
+    fields: Dict[str, Any] = field(default_factory=dict)
 
 
 def _kib(params: Dict[str, Any], key: str) -> Optional[int]:
@@ -59,17 +61,16 @@ def _kib(params: Dict[str, Any], key: str) -> Optional[int]:
     return int(v) * 1024 if v is not None else None
 
 
-def _reading(uuid: str, name: str, pid: Optional[int], params: Dict[str, Any], ksm: Optional[KsmStat],
-             rss: Optional[int], excluded: bool) -> VmReading:
-    return VmReading(
-        uuid=uuid, name=name, state=STATES.get(params.get("state.state", -1), VmState.UNKNOWN),
-        pid=pid, source=VmSource.LIBVIRT, balloon_current=_kib(params, "balloon.current"),
-        balloon_maximum=_kib(params, "balloon.maximum"), rss=_kib(params, "balloon.rss") if rss is None else rss,
+def _params_fields(params: Dict[str, Any]) -> Dict[str, Any]:
+    """The VmReading fields getAllDomainStats gives (balloon.rss is the caller's: it falls
+    back to statm)."""
+    return dict(
+        state=STATES.get(params.get("state.state", -1), VmState.UNKNOWN),
+        balloon_current=_kib(params, "balloon.current"), balloon_maximum=_kib(params, "balloon.maximum"),
         guest_available=_kib(params, "balloon.available"), guest_usable=_kib(params, "balloon.usable"),
         guest_unused=_kib(params, "balloon.unused"), guest_swap_in=_kib(params, "balloon.swap_in"),
         guest_swap_out=_kib(params, "balloon.swap_out"),
-        guest_major_faults=int(params["balloon.major_fault"]) if "balloon.major_fault" in params else None,
-        ksm=ksm, excluded=excluded)
+        guest_major_faults=int(params["balloon.major_fault"]) if "balloon.major_fault" in params else None)
 
 
 def nosharepages(xml: str) -> bool:
@@ -316,12 +317,14 @@ class LibvirtCollector:
         excluded_xml = self._xml_excluded(dom, uuid, name, pid, known)
         excluded = bool(excluded_xml) or bool(args is not None and args.mem_merge_off)
         ksm = known.ksm_stat(raw) if pid is not None else None
-        rss = None
-        if pid is not None and "balloon.rss" not in params:
+        if params != known.params:  # a new dict each tick; equal values, same fields
+            known.params, known.fields = params, _params_fields(params)
+        fields = known.fields
+        rss = _kib(params, "balloon.rss")
+        if pid is not None and rss is None:
             rss = self.proc.statm_rss(self._files.read_bytes(pid, "statm"))
-        # libvirt hands out a new params dict each tick: equal values, same reading.
-        return known.reading_for((name, pid, ksm, rss, excluded, params), lambda: _reading(
-            uuid, name, pid, params, ksm, rss, excluded))
+        return known.reading_for((name, pid, ksm, rss, excluded, fields), lambda: VmReading(
+            uuid=uuid, name=name, pid=pid, source=VmSource.LIBVIRT, rss=rss, ksm=ksm, excluded=excluded, **fields))
 
     def _check_pid(self, pid: int, uuid: str, name: str,
                    known: Optional[_Known] = None) -> Tuple[Optional[QemuArgs], str]:
