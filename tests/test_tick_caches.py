@@ -251,3 +251,16 @@ def test_libvirt_sees_a_changed_domain_state_at_the_next_tick(host3):
     now = by_name(c.collect())
     assert now["vm0002"].state is VmState.PAUSED and now["vm0002"] is not first
     assert now["vm0002"].ksm is first.ksm  # unchanged ksm_stat: parsed once
+
+
+@pytest.mark.parametrize("kept", [1000, 0])
+def test_same_guest_restarted_under_its_pid_shows_the_new_process(tmp_path, kept):
+    """The same command line in a new /proc/<pid>: every figure is the new process's,
+    statm too (it is read without its own identity check, after ksm_stat's)."""
+    proc_root, s = scanner_host(tmp_path, kept)
+    s.collect()
+    shutil.rmtree(proc_root / "101")
+    proctree.add_process(proc_root, 101, proctree.qemu_argv("g0", "00000000-0000-4000-8000-000000000000"),
+                         merging=9, rss_pages=1234)
+    v = by_name(s.collect())["g0"]
+    assert (v.pid, v.ksm.merging_pages, v.rss) == (101, 9, 1234 * PAGE)

@@ -217,7 +217,8 @@ class QemuProcScanner:
 
     def _reading(self, pid: int, entry: _Proc, ksm_raw: Optional[bytes]) -> Optional[VmReading]:
         ksm = entry.ksm_stat(ksm_raw)
-        rss = self.proc.statm_rss(self._files.read_bytes(pid, "statm"))
+        # Read right after ksm_stat proved the pid is this process (unless it has none).
+        rss = self.proc.statm_rss(self._files.read_bytes(pid, "statm", verify=entry.ident is None))
         if ksm is None and rss is None:
             return None  # exited between the listing and now
         args = entry.args
