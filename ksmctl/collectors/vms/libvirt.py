@@ -323,7 +323,7 @@ class LibvirtCollector:
         rss = _kib(params, "balloon.rss")
         if pid is not None and rss is None:
             # Read right after ksm_stat proved the pid is this guest's (unless it has none).
-            rss = self.proc.statm_rss(self._files.read_bytes(pid, "statm", verify=known.ident is None))
+            rss = known.rss_from(self._files.read_bytes(pid, "statm", verify=known.ident is None), self.proc)
         return known.reading_for((name, pid, ksm, rss, excluded, fields), lambda: VmReading(
             uuid=uuid, name=name, pid=pid, source=VmSource.LIBVIRT, rss=rss, ksm=ksm, excluded=excluded, **fields))
 

@@ -146,6 +146,15 @@ class Derived:
     reading_key: object = None
     reading: Optional[VmReading] = None
 
+    statm_raw: Optional[bytes] = None
+    rss: Optional[int] = None
+
+    def rss_from(self, raw: Optional[bytes], proc: ProcFs) -> Optional[int]:
+        """statm's resident bytes, parsed only when statm's bytes change."""
+        if raw != self.statm_raw:
+            self.statm_raw, self.rss = raw, proc.statm_rss(raw)
+        return self.rss
+
     def ksm_stat(self, raw: Optional[bytes]) -> Optional[KsmStat]:
         if raw is None:
             return None
@@ -218,7 +227,7 @@ class QemuProcScanner:
     def _reading(self, pid: int, entry: _Proc, ksm_raw: Optional[bytes]) -> Optional[VmReading]:
         ksm = entry.ksm_stat(ksm_raw)
         # Read right after ksm_stat proved the pid is this process (unless it has none).
-        rss = self.proc.statm_rss(self._files.read_bytes(pid, "statm", verify=entry.ident is None))
+        rss = entry.rss_from(self._files.read_bytes(pid, "statm", verify=entry.ident is None), self.proc)
         if ksm is None and rss is None:
             return None  # exited between the listing and now
         args = entry.args
