@@ -143,7 +143,8 @@ def run(n: int, scrapes: int) -> List[str]:
     def line(name, xs):
         p50 = statistics.median(xs)
         p95 = _p95(xs)
-        print("%-42s p50 %7.2f ms  p95 %7.2f ms  (%.2fx of the %g ms target at p95)" % (name, p50, p95, p95 / TARGET_MS, TARGET_MS))
+        print("%-42s p50 %7.2f ms  p95 %7.2f ms  (%.2fx of the %g ms target at p95)"
+              % (name, p50, p95, p95 / TARGET_MS, TARGET_MS))
     print("ksmctl exporter, %d VMs, %d series, %d bytes per scrape (text format)"
           % (n, body.count(b"\n") - body.count(b"\n#"), size))
     line("prometheus_client generate_latest", gen)
@@ -159,7 +160,8 @@ def run(n: int, scrapes: int) -> List[str]:
         return "HOLDS " if ok else "MISSED"
     return ["- %s scrape (HTTP GET /metrics) p95 %.1f ms (p50 %.1f), target <= %.0f ms %s" % (
                 verdict(_p95(scrape) <= TARGET_MS), _p95(scrape), statistics.median(scrape), TARGET_MS, what),
-            "- %s exporter adds %.1f MB resident, target < %.0f MB %s" % (verdict(added < TARGET_MB), added, TARGET_MB, what),
+            "- %s exporter adds %.1f MB resident, target < %.0f MB %s"
+            % (verdict(added < TARGET_MB), added, TARGET_MB, what),
             "  (info) render per tick, in the daemon's thread: p50 %.1f ms with unchanged VM readings, %.1f ms "
             "with every VM's readings new %s" % (statistics.median(observe), statistics.median(changed), what)]
 

@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 from typing import Container, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
-from ksmctl.collectors.pidfiles import (FileBudget, Ident, KeptFiles, default_kept_files, is_procfs,  # noqa: F401
-                                        read_proc_bytes, read_proc_identified)
+from ksmctl.collectors.pidfiles import (FileBudget, KeptFiles, default_kept_files, is_procfs, read_proc_bytes,
+                                        read_proc_identified)
 from ksmctl.errors import ReadError
 from ksmctl.readings import KsmStat, MemInfo, Psi
 

@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ksmctl.errors import ErrorSource
 from ksmctl.readings import VmReading, VmSource, VmState
-from ksmctl.collectors.procfs import Ident, ProcFs, split_cmdline
+from ksmctl.collectors.pidfiles import Ident
+from ksmctl.collectors.procfs import ProcFs, split_cmdline
 from ksmctl.collectors.vms.binding import (LibvirtUnavailable, error_code, libvirt_message, quiet_errors,
                                            start_event_loop)
 from ksmctl.collectors.vms.qemu import Derived, QemuArgs, QemuProcScanner, parse_qemu_cmdline

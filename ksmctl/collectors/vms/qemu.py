@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ksmctl.readings import KsmStat, VmReading, VmSource, VmState
-from ksmctl.collectors.procfs import Ident, ProcFs, parse_ksm_stat, split_cmdline
+from ksmctl.collectors.pidfiles import Ident
+from ksmctl.collectors.procfs import ProcFs, parse_ksm_stat, split_cmdline
 
 _SUFFIXES = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
