@@ -264,3 +264,18 @@ def test_same_guest_restarted_under_its_pid_shows_the_new_process(tmp_path, kept
                          merging=9, rss_pages=1234)
     v = by_name(s.collect())["g0"]
     assert (v.pid, v.ksm.merging_pages, v.rss) == (101, 9, 1234 * PAGE)
+
+
+def test_fallback_scanner_gives_back_its_files_when_libvirt_returns(host3):
+    from tests.test_vms_collector import FakeClock, Libvirt
+    uri, proc_root, run_root, _ = host3
+    clock = FakeClock()
+    lv = Libvirt(fail_open=True)
+    c = LibvirtCollector(uri, proc=ProcFs(str(proc_root), kept_files=1000), run_root=str(run_root),
+                         events=False, libvirt_module=lv, clock=clock, backoff_initial=1.0)
+    c.collect()
+    assert c.source == "proc" and len(c._scanner._files) == 6
+    lv.fail_open = False
+    clock.now += 1.0
+    c.collect()
+    assert c.source == "libvirt" and len(c._scanner._files) == 0 and len(c._files) == 6

@@ -258,6 +258,7 @@ class LibvirtCollector:
             return
         self.source = source
         if source is VmSource.LIBVIRT:
+            self._scanner.close()  # its kept files are the fallback's, not needed meanwhile
             log.info("per-VM data from libvirt at %s", self.uri)
         elif self._no_module is not None:
             log.info("per-VM data from /proc (QEMU processes): %s", self._no_module)
