@@ -221,8 +221,22 @@ def vms_table(vms: Sequence[VmReading]) -> Dict[str, Any]:
     """VMs as {"fields", "ksm_fields", "rows"}: a row per VM instead of a dict repeats no
     key, so the state file at 500 VMs is 2.5x smaller and 3x faster to encode."""
     return {"fields": list(VM_FIELDS) + ["ksm"], "ksm_fields": list(KSM_FIELDS),
-            "rows": [[*_vm_values(v), list(_ksm_values(v.ksm)) if v.ksm is not None else None]
-                     for v in vms]}
+            "rows": [vm_row(v) for v in vms]}
+
+
+def vm_row(v: VmReading) -> List[Any]:
+    """One VM's row of vms_table: its VM_FIELDS, then its ksm cell."""
+    return [*vm_head(v), ksm_cell(v.ksm)]
+
+
+def vm_head(v: VmReading) -> Tuple[Any, ...]:
+    """The cells of vm_row before the ksm cell."""
+    return _vm_values(v)  # type: ignore[no-any-return]
+
+
+def ksm_cell(k: Optional[KsmStat]) -> Optional[List[Any]]:
+    """The last cell of vm_row: KSM_FIELDS' values, or None."""
+    return list(_ksm_values(k)) if k is not None else None
 
 
 def vm_dicts(value: Any) -> Optional[List[Dict[str, Any]]]:

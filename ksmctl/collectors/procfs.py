@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Container, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
+from ksmctl.collectors.pidfiles import (FileBudget, KeptFiles, default_kept_files, is_procfs, read_proc_bytes,
+                                        read_proc_identified)
 from ksmctl.errors import ReadError
 from ksmctl.readings import KsmStat, MemInfo, Psi
 
@@ -107,49 +109,6 @@ def split_cmdline(raw: bytes) -> Tuple[str, ...]:
     return tuple(a.decode("utf-8", "replace") for a in raw.split(b"\0") if a)
 
 
-def read_proc_bytes(path: str) -> Optional[bytes]:
-    """A /proc file's bytes, or None when the process is gone. Plain os calls on str
-    paths: this runs for every process every tick, where pathlib's overhead shows."""
-    got = _read(path, False)
-    return None if got is None else got[0]
-
-
-def read_proc_identified(path: str) -> Optional[Tuple[bytes, Tuple[int, int]]]:
-    """A /proc file's bytes and the identity (inode, ctime) of the file read.
-
-    /proc/<pid>/ files get their inode when first looked up and keep it while the dentry
-    is cached; a new process that reuses the pid gets new inodes. So an unchanged identity
-    proves the pid still names the process verified earlier, at the price of one fstat
-    instead of re-reading its command line. (A changed one only means: verify again.)
-    """
-    return _read(path, True)
-
-
-def _read(path: str, identify: bool) -> Optional[Tuple[bytes, Tuple[int, int]]]:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        ident = (0, 0)
-        if identify:
-            st = os.fstat(fd)
-            ident = (st.st_ino, st.st_ctime_ns)
-        data = os.read(fd, 16384)
-        if len(data) < 16384:   # procfs hands a file out whole when it fits, as regular files do
-            return data, ident
-        chunks = [data]
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return b"".join(chunks), ident
-            chunks.append(chunk)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
 _MERGEABLE_MARKS = (b"ksm_mergeable: yes", b"ksm_merge_any: yes")
 
 
@@ -180,9 +139,11 @@ class ProcFs:
     Per-process reads return None when the process is gone (or hides the file from us):
     processes exit between the listing and the read all the time, that is no error."""
 
-    def __init__(self, proc_root: str = "/proc") -> None:
+    def __init__(self, proc_root: str = "/proc", kept_files: Optional[int] = None) -> None:
         self.root = Path(proc_root)
         self._root = str(self.root)  # per-process paths are formatted, not joined: hot path
+        self._budget = FileBudget(default_kept_files() if kept_files is None else kept_files)
+        self._is_procfs: Optional[bool] = None
         self._ksmd_pid: Optional[int] = None
         self.clock_ticks = os.sysconf("SC_CLK_TCK")
         self.page_size = os.sysconf("SC_PAGE_SIZE")
@@ -277,9 +238,19 @@ class ProcFs:
         raw = self.ksm_stat_bytes(pid)
         return None if raw is None else parse_ksm_stat(raw.decode("ascii", "replace"))
 
+    def kept_files(self) -> KeptFiles:
+        """A new set of kept-open per-process files, for one collector (it releases the
+        pids it stops tracking); all of a ProcFs's share one budget."""
+        if self._is_procfs is None:
+            self._is_procfs = is_procfs(self._root)
+        return KeptFiles(self._root, self._budget, check_links=not self._is_procfs)
+
     def rss_bytes(self, pid: int) -> Optional[int]:
         """Resident memory from /proc/<pid>/statm; None when gone or garbled."""
-        raw = self._pid_bytes(pid, "statm")
+        return self.statm_rss(self._pid_bytes(pid, "statm"))
+
+    def statm_rss(self, raw: Optional[bytes]) -> Optional[int]:
+        """Resident bytes from statm's text (its second field, in pages); None when garbled."""
         try:
             return int(raw.split()[1]) * self.page_size if raw is not None else None
         except (ValueError, IndexError):

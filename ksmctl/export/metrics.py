@@ -30,6 +30,7 @@ from prometheus_client.utils import floatToGoString
 
 from ksmctl import __version__
 from ksmctl.errors import ErrorSource
+from ksmctl.export.vm_families import VmLines, escape_label
 from ksmctl.guests.metrics import merge_families
 from ksmctl.policy.decide import RUN_RULES, SCAN_RULES
 from ksmctl.kernel import knobs
@@ -82,6 +83,7 @@ class MetricsCollector(Collector):
         self._last_ok: Optional[float] = None
         self._last_tick: Optional[float] = None
         self.generation = 0  # bumped whenever anything a scrape shows changed
+        self._vm_lines = VmLines()
         if registry is not None:
             registry.register(self)
 
@@ -347,45 +349,7 @@ class MetricsCollector(Collector):
             out.append(src)
         if not self.per_vm:
             return out
-        labels = ["domain", "uuid"]
-        merging = GaugeMetricFamily("ksmctl_vm_merging_pages", "Guest pages backed by a KSM page "
-                                    "(ksm_merging_pages of its QEMU process).", labels=labels)
-        saved = GaugeMetricFamily("ksmctl_vm_memory_saved_bytes", "Guest memory backed by KSM: (merging "
-                                  "+ zero pages) x page size of its QEMU process.", labels=labels)
-        profit = GaugeMetricFamily("ksmctl_vm_ksm_profit_bytes", "Kernel's ksm_process_profit of the "
-                                   "guest's QEMU process (saving minus metadata).", labels=labels)
-        cur = GaugeMetricFamily("ksmctl_vm_memory_current_bytes", "Guest memory now (balloon current).",
-                                labels=labels)
-        mx = GaugeMetricFamily("ksmctl_vm_memory_maximum_bytes", "Guest memory maximum (balloon maximum, "
-                               "or -m of the QEMU command line).", labels=labels)
-        rss = GaugeMetricFamily("ksmctl_vm_rss_bytes", "Resident memory of the guest's QEMU process.",
-                                labels=labels)
-        excl = GaugeMetricFamily("ksmctl_vm_excluded", "1 when the guest opted out of merging "
-                                 "(nosharepages, mem-merge=off).", labels=labels)
-        for vm in vms:
-            lv = [vm.name, vm.uuid]
-            k = vm.ksm
-            if k is not None and k.merging_pages is not None:
-                merging.add_metric(lv, float(k.merging_pages))
-                saved.add_metric(lv, float((k.merging_pages + (k.zero_pages or 0)) * page))
-            if k is not None and k.process_profit is not None:
-                profit.add_metric(lv, float(k.process_profit))
-            if vm.balloon_current is not None:
-                cur.add_metric(lv, float(vm.balloon_current))
-            if vm.balloon_maximum is not None:
-                mx.add_metric(lv, float(vm.balloon_maximum))
-            if vm.rss is not None:
-                rss.add_metric(lv, float(vm.rss))
-            excl.add_metric(lv, 1.0 if vm.excluded else 0.0)
-        out += [f for f in (merging, saved, profit, cur, mx, rss, excl) if f.samples]
-        return out
-
-
-def _escape_label(v: str) -> str:
-    if "\\" in v or "\n" in v or '"' in v:
-        v = v.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-    return v
-
+        return out + self._vm_lines.families(vms, page)
 
 def render_text(collector: Collector) -> bytes:
     """The text exposition format (what prometheus_client's generate_latest writes, byte for
@@ -408,11 +372,15 @@ def render_text(collector: Collector) -> bytes:
             mtype = "untyped"
         out.append("# HELP %s %s\n# TYPE %s %s\n" % (
             mname, metric.documentation.replace("\\", r"\\").replace("\n", r"\n"), mname, mtype))
+        rendered = getattr(metric, "rendered", None)
+        if rendered is not None:  # per-VM families: lines cached per VM reading
+            out.append(rendered)
+            continue
         for s in metric.samples:
             if s.name == metric.name + "_created":
                 continue  # never produced here; generate_latest would move them to their own family
             if s.labels:
-                lab = ",".join('%s="%s"' % (k, _escape_label(v)) for k, v in sorted(s.labels.items()))
+                lab = ",".join('%s="%s"' % (k, escape_label(v)) for k, v in sorted(s.labels.items()))
                 line = "%s{%s} %s" % (s.name, lab, fmt(s.value))
             else:
                 line = "%s %s" % (s.name, fmt(s.value))

@@ -6,6 +6,7 @@ one stays); SIGTERM/SIGINT stop, restoring the knobs found at start when configu
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -219,8 +220,13 @@ class Daemon:
         self.notifier.watchdog()
         return rec
 
-    def state_dict(self, rec: TickRecord) -> Dict[str, Any]:
+    def state_dict(self, rec: TickRecord, vms: bool = True) -> Dict[str, Any]:
+        """The state file's document; vms=False leaves readings.vms None (the state file
+        writes the VMs itself, row by row, see StateFile.write)."""
         p = self.loaded
+        readings = rec.readings
+        if readings is not None and not vms:
+            readings = dataclasses.replace(readings, vms=None)
         out = {
             "version": __version__, "pid": os.getpid(), "started": self.started, "updated": rec.wall,
             "ticks": self.ticks, "dry_run": self.writer.dry_run,
@@ -233,7 +239,7 @@ class Daemon:
             "unsupported_targets": sorted(self._unsupported_reported),
             "external_changes": rec.external,
             "errors": [list(e) for e in rec.errors],
-            "readings": rec.readings.to_dict(vm_table=True) if rec.readings else None,
+            "readings": readings.to_dict(vm_table=True) if readings else None,
             "status": status_line(rec),
             "exporter": {"listen": self.config.exporter.listen if self.config.exporter.enabled else None},
         }
@@ -243,7 +249,7 @@ class Daemon:
 
     def _write_state(self, rec: TickRecord) -> None:
         try:
-            self.state_file.write(self.state_dict(rec))
+            self.state_file.write(self.state_dict(rec, vms=False), rec.readings.vms if rec.readings else None)
         except OSError as e:
             log.error("cannot write state file %s: %s", self.state_file.path, e.strerror or e)
 

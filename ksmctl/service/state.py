@@ -14,15 +14,16 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import stat
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple, Union
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ksmctl.errors import Refused, UsageError
 from ksmctl.fsutil import atomic_write, read_input
-from ksmctl.readings import vm_dicts
+from ksmctl.readings import KSM_FIELDS, VM_FIELDS, VmReading, ksm_cell, vm_dicts, vm_head
 
 STATE_FORMAT = "ksmctl-state"
 MAX_STATE_BYTES = 64 * 1024 * 1024  # ~100x the file of a 500-VM host
@@ -183,6 +184,38 @@ def find_state(path: str) -> Optional[Dict[str, Any]]:
 
 
 # -- writing: one daemon, and only over its own file ---------------------------------------
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+class VmRows:
+    """readings.vms in the state file (readings.vms_table's form), encoded row by row and
+    each row once per VmReading object: the collectors hand out the same object while a
+    guest's figures are unchanged. When a guest's reading is new but only its ksm cell
+    changed (KSM merging), the rest of its row is reused. The same bytes json.dumps writes
+    for vms_table; holds only the last write's VMs."""
+
+    def __init__(self) -> None:
+        self._head = '{"fields":%s,"ksm_fields":%s,"rows":[' % (_dumps(list(VM_FIELDS) + ["ksm"]),
+                                                                 _dumps(list(KSM_FIELDS)))
+        # uuid -> (vm, its VM_FIELDS cells, their JSON without the closing bracket, the row)
+        self._cache: Dict[str, Tuple[VmReading, Tuple[Any, ...], str, str]] = {}
+
+    def encode(self, vms: Sequence[VmReading]) -> str:
+        old, new = self._cache, {}
+        rows = []
+        for vm in vms:
+            hit = old.get(vm.uuid)
+            if hit is None or hit[0] is not vm:
+                cells = vm_head(vm)
+                prefix = hit[2] if hit is not None and hit[1] == cells else _dumps(list(cells))[:-1]
+                hit = (vm, cells, prefix, "%s,%s]" % (prefix, _dumps(ksm_cell(vm.ksm))))
+            new[vm.uuid] = hit
+            rows.append(hit[3])
+        self._cache = new
+        return self._head + ",".join(rows) + "]}"
+
+
 class StateFile:
     """The state file one daemon writes. acquire() takes the lock (Refused, exit 4, when
     another daemon holds it) and refuses a file at the path that ksmctl did not write."""
@@ -192,6 +225,8 @@ class StateFile:
         self.lock_path = path + ".lock"
         self._lock_fd: Optional[int] = None
         self._written: Optional[Tuple[int, int]] = None  # (st_dev, st_ino) of our last write
+        self._rows = VmRows()
+        self._slot = "ksmctl-vm-rows-" + secrets.token_hex(16)  # where write() splices them in
 
     def acquire(self) -> "StateFile":
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -251,13 +286,20 @@ class StateFile:
             return False
         return isinstance(data, dict) and (data.get("format") == STATE_FORMAT or _LEGACY_KEYS <= set(data))
 
-    def write(self, state: Dict[str, Any]) -> None:
-        """OSError (EEXIST) when the file there now is not ksmctl's: the daemon logs it."""
+    def write(self, state: Dict[str, Any], vms: Optional[Sequence[VmReading]] = None) -> None:
+        """OSError (EEXIST) when the file there now is not ksmctl's: the daemon logs it.
+        vms: state["readings"]["vms"] as VmReadings, written in vms_table's form (VmRows)."""
         if not self._ours():
             raise OSError(errno.EEXIST, "it exists and was not written by ksmctl (left alone)", self.path)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         doc = {"format": STATE_FORMAT, **state}
-        atomic_write(self.path, json.dumps(doc, separators=(",", ":"), default=str).encode())
+        readings = doc.get("readings")
+        if vms is None or not isinstance(readings, dict):
+            text = _dumps(doc)
+        else:
+            doc["readings"] = dict(readings, vms=self._slot)
+            text = _dumps(doc).replace('"%s"' % self._slot, self._rows.encode(vms), 1)
+        atomic_write(self.path, text.encode())
         st = os.stat(self.path)
         self._written = (st.st_dev, st.st_ino)
 

@@ -13,16 +13,17 @@ import logging
 import threading
 import time
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ksmctl.errors import ErrorSource
 from ksmctl.readings import VmReading, VmSource, VmState
-from ksmctl.collectors.procfs import ProcFs, parse_ksm_stat, split_cmdline
+from ksmctl.collectors.pidfiles import Ident
+from ksmctl.collectors.procfs import ProcFs, split_cmdline
 from ksmctl.collectors.vms.binding import (LibvirtUnavailable, error_code, libvirt_message, quiet_errors,
                                            start_event_loop)
-from ksmctl.collectors.vms.qemu import QemuArgs, QemuProcScanner, parse_qemu_cmdline
+from ksmctl.collectors.vms.qemu import Derived, QemuArgs, QemuProcScanner, parse_qemu_cmdline
 
 log = logging.getLogger("ksmctl.vms")
 
@@ -41,8 +42,9 @@ class _Vanished(Exception):
 
 
 @dataclass
-class _Known:
-    """What is cached per domain UUID between ticks."""
+class _Known(Derived):
+    """What is cached per domain UUID between ticks (and, from Derived, the parsed
+    ksm_stat and the last VmReading)."""
 
     pid: Optional[int] = None
     xml_pid: Optional[int] = -1  # the pid the XML verdict was taken for (-1: none yet)
@@ -50,7 +52,26 @@ class _Known:
     had_pid: bool = False
     argv_raw: Optional[bytes] = None  # the verified command line, so a tick only compares
     args: Optional[QemuArgs] = None
-    ident: Optional[Tuple[int, int]] = None  # its ksm_stat's (inode, ctime) when verified
+    ident: Optional[Ident] = None  # the identity of its ksm_stat when verified (KeptFiles.read)
+    params: Optional[Dict[str, Any]] = None  # the last getAllDomainStats record, and its fields
+    fields: Dict[str, Any] = field(default_factory=dict)
+
+
+def _kib(params: Dict[str, Any], key: str) -> Optional[int]:
+    v = params.get(key)
+    return int(v) * 1024 if v is not None else None
+
+
+def _params_fields(params: Dict[str, Any]) -> Dict[str, Any]:
+    """The VmReading fields getAllDomainStats gives (balloon.rss is the caller's: it falls
+    back to statm)."""
+    return dict(
+        state=STATES.get(params.get("state.state", -1), VmState.UNKNOWN),
+        balloon_current=_kib(params, "balloon.current"), balloon_maximum=_kib(params, "balloon.maximum"),
+        guest_available=_kib(params, "balloon.available"), guest_usable=_kib(params, "balloon.usable"),
+        guest_unused=_kib(params, "balloon.unused"), guest_swap_in=_kib(params, "balloon.swap_in"),
+        guest_swap_out=_kib(params, "balloon.swap_out"),
+        guest_major_faults=int(params["balloon.major_fault"]) if "balloon.major_fault" in params else None)
 
 
 def nosharepages(xml: str) -> bool:
@@ -96,6 +117,7 @@ class LibvirtCollector:
         self._stale: Set[str] = set()
         self._lock = threading.Lock()
         self._scanner = QemuProcScanner(self.proc)
+        self._files = self.proc.kept_files()
         self._reported: Set[Tuple[str, str]] = set()
 
     # ---- connection ------------------------------------------------------------------
@@ -203,6 +225,14 @@ class LibvirtCollector:
 
     def close(self) -> None:
         self._disconnect()
+        self._scanner.close()
+        for uuid in list(self._known):
+            self._forget(uuid)
+
+    def _forget(self, uuid: str) -> None:
+        known = self._known.pop(uuid, None)
+        if known is not None and known.pid is not None:
+            self._files.release(known.pid)
 
     # ---- collecting ------------------------------------------------------------------
     def collect(self) -> Tuple[VmReading, ...]:
@@ -228,6 +258,7 @@ class LibvirtCollector:
             return
         self.source = source
         if source is VmSource.LIBVIRT:
+            self._scanner.close()  # its kept files are the fallback's, not needed meanwhile
             log.info("per-VM data from libvirt at %s", self.uri)
         elif self._no_module is not None:
             log.info("per-VM data from /proc (QEMU processes): %s", self._no_module)
@@ -247,7 +278,7 @@ class LibvirtCollector:
         with self._lock:
             stale, self._stale = self._stale, set()
         for uuid in stale:
-            self._known.pop(uuid, None)
+            self._forget(uuid)
         out = []
         seen = set()
         for dom, params in records or ():
@@ -259,7 +290,7 @@ class LibvirtCollector:
                 out.append(reading)
                 seen.add(reading.uuid)
         for uuid in [u for u in self._known if u not in seen]:
-            del self._known[uuid]  # keeps the cache bounded by the running domains
+            self._forget(uuid)  # keeps the cache (and kept files) bounded by the running domains
         return tuple(out)
 
     def _note(self, source: ErrorSource, key: str, message: str) -> None:
@@ -287,26 +318,16 @@ class LibvirtCollector:
         pid, args, raw = self._pid(uuid, name, known)
         excluded_xml = self._xml_excluded(dom, uuid, name, pid, known)
         excluded = bool(excluded_xml) or bool(args is not None and args.mem_merge_off)
-
-        def kib(key: str) -> Optional[int]:
-            v = params.get(key)
-            return int(v) * 1024 if v is not None else None
-
-        rss = kib("balloon.rss")
-        ksm = None
-        if pid is not None:
-            ksm = parse_ksm_stat(raw.decode("ascii", "replace")) if raw is not None else None
-            if rss is None:
-                rss = self.proc.rss_bytes(pid)
-        return VmReading(
-            uuid=uuid, name=name, state=STATES.get(params.get("state.state", -1), VmState.UNKNOWN),
-            pid=pid, source=VmSource.LIBVIRT, balloon_current=kib("balloon.current"),
-            balloon_maximum=kib("balloon.maximum"), rss=rss,
-            guest_available=kib("balloon.available"), guest_usable=kib("balloon.usable"),
-            guest_unused=kib("balloon.unused"), guest_swap_in=kib("balloon.swap_in"),
-            guest_swap_out=kib("balloon.swap_out"),
-            guest_major_faults=int(params["balloon.major_fault"]) if "balloon.major_fault" in params else None,
-            ksm=ksm, excluded=excluded)
+        ksm = known.ksm_stat(raw) if pid is not None else None
+        if params != known.params:  # a new dict each tick; equal values, same fields
+            known.params, known.fields = params, _params_fields(params)
+        fields = known.fields
+        rss = _kib(params, "balloon.rss")
+        if pid is not None and rss is None:
+            # Read right after ksm_stat proved the pid is this guest's (unless it has none).
+            rss = known.rss_from(self._files.read_bytes(pid, "statm", verify=known.ident is None), self.proc)
+        return known.reading_for((name, pid, ksm, rss, excluded, fields), lambda: VmReading(
+            uuid=uuid, name=name, pid=pid, source=VmSource.LIBVIRT, rss=rss, ksm=ksm, excluded=excluded, **fields))
 
     def _check_pid(self, pid: int, uuid: str, name: str,
                    known: Optional[_Known] = None) -> Tuple[Optional[QemuArgs], str]:
@@ -329,14 +350,15 @@ class LibvirtCollector:
              known: _Known) -> Tuple[Optional[int], Optional[QemuArgs], Optional[bytes]]:
         """The guest's QEMU pid, verified against /proc/<pid>/cmdline, and its ksm_stat
         bytes; (None, None, None) if unknown. Once verified, a tick only checks that the
-        ksm_stat it reads is still that process's (read_proc_identified)."""
+        ksm_stat it reads is still that process's (KeptFiles.read)."""
         if known.pid is not None:
-            got = self.proc.ksm_stat_identified(known.pid)
+            got = self._files.read(known.pid, "ksm_stat")
             if got is not None and known.ident is not None and got[1] == known.ident:
                 return known.pid, known.args, got[0]
             args, _ = self._check_pid(known.pid, uuid, name, known)
             if args is not None:
                 return known.pid, args, self._identify(known, known.pid)
+            self._files.release(known.pid)
             known.pid = known.argv_raw = known.args = known.ident = None
         path = self.pid_dir / (name + ".pid")
         try:
@@ -363,7 +385,7 @@ class LibvirtCollector:
 
     def _identify(self, known: _Known, pid: int) -> Optional[bytes]:
         """Read the just-verified process's ksm_stat and remember which file it was."""
-        got = self.proc.ksm_stat_identified(pid)
+        got = self._files.read(pid, "ksm_stat")
         known.ident = got[1] if got is not None else None
         return got[0] if got is not None else None
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from ksmctl.readings import VmReading, VmSource, VmState
-from ksmctl.collectors.procfs import ProcFs
+from ksmctl.readings import KsmStat, VmReading, VmSource, VmState
+from ksmctl.collectors.pidfiles import Ident
+from ksmctl.collectors.procfs import ProcFs, parse_ksm_stat, split_cmdline
 
 _SUFFIXES = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -135,36 +136,109 @@ def proc_identity(args: QemuArgs, pid: int) -> Tuple[str, str]:
     return uuid, args.name or "qemu-%d" % pid
 
 
+class Derived:
+    """What a tick derives from one guest's raw figures, kept for the next: ksm_stat is
+    parsed only when its bytes differ, and the VmReading is rebuilt only when one of its
+    inputs does. An unchanged guest then yields the very same VmReading object, which the
+    metrics and the state file cache their rendering by (a new figure is a new object)."""
+
+    ksm_raw: Optional[bytes] = None
+    ksm: Optional[KsmStat] = None
+    reading_key: object = None
+    reading: Optional[VmReading] = None
+
+    statm_raw: Optional[bytes] = None
+    rss: Optional[int] = None
+
+    def rss_from(self, raw: Optional[bytes], proc: ProcFs) -> Optional[int]:
+        """statm's resident bytes, parsed only when statm's bytes change."""
+        if raw != self.statm_raw:
+            self.statm_raw, self.rss = raw, proc.statm_rss(raw)
+        return self.rss
+
+    def ksm_stat(self, raw: Optional[bytes]) -> Optional[KsmStat]:
+        if raw is None:
+            return None
+        if raw != self.ksm_raw or self.ksm is None:
+            self.ksm_raw, self.ksm = raw, parse_ksm_stat(raw.decode("ascii", "replace"))
+        return self.ksm
+
+    def reading_for(self, key: object, build: Callable[[], VmReading]) -> VmReading:
+        if self.reading is None or key != self.reading_key:
+            self.reading_key, self.reading = key, build()
+        return self.reading
+
+
+class _Proc(Derived):
+    """A QEMU process the scanner found: its command line as read, as parsed, and the
+    identity of its ksm_stat (while that holds, the command line is not read again)."""
+
+    def __init__(self, argv_raw: bytes, args: QemuArgs) -> None:
+        self.argv_raw = argv_raw
+        self.args = args
+        self.ident: Optional[Ident] = None
+
+
+def _argv0_is_qemu(raw: bytes) -> bool:
+    return is_qemu_binary(raw.split(b"\0", 1)[0].decode("utf-8", "replace"))
+
+
 class QemuProcScanner:
-    """Every QEMU process under `proc` as a VmReading(source=PROC)."""
+    """Every QEMU process under `proc` as a VmReading(source=PROC).
+
+    Per tick: the pid list; for a known QEMU process, one read of its kept-open ksm_stat
+    (and statm), which also proves the pid is still that process; for every other
+    process, its command line (a process may exec QEMU any time: never cached as "not
+    QEMU"). A command line is parsed again only when its bytes change."""
 
     def __init__(self, proc: ProcFs) -> None:
         self.proc = proc
-
-    def find(self) -> Iterable[Tuple[int, QemuArgs]]:
-        for pid in self.proc.pids():
-            argv = self.proc.cmdline(pid)
-            if not argv:
-                continue  # kernel thread, or gone since the listing
-            args = parse_qemu_cmdline(argv)
-            if args is not None:
-                yield pid, args
-
-    def reading(self, pid: int, args: QemuArgs) -> Optional[VmReading]:
-        ksm = self.proc.ksm_stat(pid)
-        rss = self.proc.rss_bytes(pid)
-        if ksm is None and rss is None:
-            return None  # exited between the listing and now
-        uuid, name = proc_identity(args, pid)
-        return VmReading(uuid=uuid, name=name, state=VmState.RUNNING, pid=pid, source=VmSource.PROC,
-                         balloon_maximum=args.memory, rss=rss, ksm=ksm,
-                         excluded=args.mem_merge_off)
+        self._files = proc.kept_files()
+        self._known: Dict[int, _Proc] = {}
 
     def collect(self) -> Tuple[VmReading, ...]:
-        out = []
-        for pid, args in self.find():
-            r = self.reading(pid, args)
+        out: List[VmReading] = []
+        known, self._known = self._known, {}
+        for pid in self.proc.pids():
+            entry = known.pop(pid, None)
+            got = self._files.read(pid, "ksm_stat") if entry is not None else None
+            if entry is None or got is None or got[1] != entry.ident:
+                raw = self.proc.cmdline_bytes(pid)
+                if not raw or not _argv0_is_qemu(raw):
+                    if entry is not None:
+                        self._files.release(pid)
+                    continue  # kernel thread, gone since the listing, or not QEMU
+                if entry is None or entry.argv_raw != raw:
+                    args = parse_qemu_cmdline(split_cmdline(raw))
+                    if args is None:
+                        continue
+                    entry = _Proc(raw, args)
+                if got is None:
+                    got = self._files.read(pid, "ksm_stat")
+                entry.ident = got[1] if got is not None else None
+            r = self._reading(pid, entry, got[0] if got is not None else None)
             if r is not None:
+                self._known[pid] = entry
                 out.append(r)
+        for pid in known:  # exited, or no longer QEMU
+            self._files.release(pid)
         out.sort(key=lambda r: (r.name, r.uuid))
         return tuple(out)
+
+    def _reading(self, pid: int, entry: _Proc, ksm_raw: Optional[bytes]) -> Optional[VmReading]:
+        ksm = entry.ksm_stat(ksm_raw)
+        # Read right after ksm_stat proved the pid is this process (unless it has none).
+        rss = entry.rss_from(self._files.read_bytes(pid, "statm", verify=entry.ident is None), self.proc)
+        if ksm is None and rss is None:
+            return None  # exited between the listing and now
+        args = entry.args
+
+        def build() -> VmReading:
+            uuid, name = proc_identity(args, pid)
+            return VmReading(uuid=uuid, name=name, state=VmState.RUNNING, pid=pid, source=VmSource.PROC,
+                             balloon_maximum=args.memory, rss=rss, ksm=ksm, excluded=args.mem_merge_off)
+        return entry.reading_for((ksm, rss), build)
+
+    def close(self) -> None:
+        self._files.close()
+        self._known.clear()
