@@ -22,12 +22,14 @@ from .ksm_writer import KNOBS, KsmWriter, unmerge_need, validate_value
 from .policy.decide import EngineState, decide, evaluate, signals
 from .policy.loader import json_schema, load_policy, resolve_policy_path, shipped_policy_names
 from .readings import Readings
+from .logsetup import configure_logging
 from .service import make_vm_collector
 from .state import read_state
 from .units import format_bytes
 from .cli_estimate import estimate  # noqa: E402  (commands kept in their own modules)
 from .cli_service import install, uninstall
 from .cli_vms import vms
+from .cli_compat import start as compat_start, stop as compat_stop
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -379,8 +381,7 @@ def daemon(c: CliContext, policy_name: Optional[str], dry_run: bool, force: bool
     knobs when restore_on_exit is set)."""
     from .service import build_daemon
     config = c.config
-    logging.basicConfig(level=getattr(logging, (log_level or config.log_level).upper()),
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(log_level or config.log_level)
     d = build_daemon(config, c.config_path, policy_name, dry_run=dry_run, force=force, once=once)
     d.install_signal_handlers()
     d.run(max_ticks=1 if once else None)
@@ -390,6 +391,8 @@ cli.add_command(vms)
 cli.add_command(estimate)
 cli.add_command(install)
 cli.add_command(uninstall)
+cli.add_command(compat_start)
+cli.add_command(compat_stop)
 
 
 def main() -> None:

@@ -117,6 +117,8 @@ def render_table(r: EstimateResult) -> str:
 
 def _run(vms: Sequence[str], pids: Sequence[int], rate: Optional[float], as_json: bool,
          no_progress: bool, proc_root: str, sys_root: str) -> int:
+    from .extras import require
+    require("estimate", "ksmctl estimate")
     from .estimate import Estimator, resolve_targets
     err = sys.stderr
     bar: Optional[ProgressLine] = None

@@ -250,6 +250,9 @@ class Exporter:
         self.registry = registry or CollectorRegistry(auto_describe=False)
         self.metrics = metrics or MetricsCollector(self.registry, per_vm=config.per_vm)
         self.web = web_config or (load_web_config(config.web_config) if config.web_config else WebConfig())
+        if self.web.basic_auth_users:
+            from .extras import require
+            require("auth", "basic_auth_users in %s" % (config.web_config or "the web config"))
         self.auth = BasicAuth(self.web.basic_auth_users) if self.web.basic_auth_users else None
         self.tls = ssl_context(self.web, config.web_config or "web config") if self.web.tls_server_config else None
         self.server: Optional[_Server] = None

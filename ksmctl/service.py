@@ -16,6 +16,7 @@ from .daemon import Daemon
 from .errors import KsmctlError, PermissionDenied
 from .estimate_schedule import PeriodicEstimate
 from .exporter import build_exporter
+from .extras import require as require_extra
 from .ksm_writer import KsmWriter
 from .policy.loader import load_policy
 from .sdnotify import Notifier
@@ -49,6 +50,7 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
     if not dry_run:
         d.on_shutdown.append(lambda: marker.sync(sysfs))
     if config.estimate.enabled and not once:
+        require_extra("estimate", "estimate.enabled (the periodic estimate)")
         periodic = PeriodicEstimate(config.estimate, config.proc_root, config.sys_root,
                                     publish=lambda s: setattr(collector, "estimate", s),
                                     on_error=lambda m: collector.report_error("estimate", m))
