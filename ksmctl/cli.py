@@ -22,7 +22,7 @@ from .ksm_writer import KNOBS, KsmWriter, unmerge_need, validate_value
 from .policy.decide import EngineState, decide, evaluate, signals
 from .policy.loader import json_schema, load_policy, resolve_policy_path, shipped_policy_names
 from .readings import Readings
-from .logsetup import configure_logging
+from .logsetup import configure_logging, error_text
 from .service import make_vm_collector
 from .state import read_state
 from .units import format_bytes
@@ -85,7 +85,7 @@ class KsmctlGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KsmctlError as e:
-            click.echo("ksmctl: " + e.message, err=True)
+            click.echo(error_text("ksmctl: " + e.message), err=True)
             ctx.exit(e.exit_code)
 
 

@@ -46,6 +46,14 @@ def stderr_is_journal(stream: TextIO = sys.stderr, env: Optional[dict] = None) -
         return False
 
 
+def error_text(text: str, stream: TextIO = sys.stderr) -> str:
+    """An error message for stderr: at priority err (3) when stderr is the journal, so a
+    refused start is an error in the journal too, not an info line."""
+    if not stderr_is_journal(stream):
+        return text
+    return "\n".join("<3>" + line for line in text.splitlines())
+
+
 def configure_logging(level: str, stream: TextIO = sys.stderr) -> None:
     """As logging.basicConfig: a no-op when the root logger already has handlers."""
     handler = logging.StreamHandler(stream)

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from ksmctl import install as inst
 from ksmctl.cli import cli
-from ksmctl.logsetup import JournalFormatter, configure_logging, stderr_is_journal
+from ksmctl.logsetup import JournalFormatter, configure_logging, error_text, stderr_is_journal
 from tests.fixtures import make_proc, make_sys
 
 REPO = Path(__file__).resolve().parent.parent
@@ -208,6 +208,13 @@ def test_prefix_only_when_stderr_is_the_journal_stream(tmp_path):
         assert stderr_is_journal(stream, {"JOURNAL_STREAM": "%d:%d" % (st.st_dev, st.st_ino)})
         assert not stderr_is_journal(stream, {"JOURNAL_STREAM": "%d:%d" % (st.st_dev, st.st_ino + 1)})
         assert not stderr_is_journal(stream, {})
+        env = {"JOURNAL_STREAM": "%d:%d" % (st.st_dev, st.st_ino)}
+        os.environ.update(env)
+        try:
+            assert error_text("ksmctl: refused\n  - ksmtuned", stream) == "<3>ksmctl: refused\n<3>  - ksmtuned"
+        finally:
+            del os.environ["JOURNAL_STREAM"]
+        assert error_text("ksmctl: refused", stream) == "ksmctl: refused"
     buf = io.StringIO()
     root = logging.getLogger()
     saved = root.handlers[:]

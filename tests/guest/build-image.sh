@@ -17,11 +17,11 @@ MIRROR=${KSMCTL_GUEST_MIRROR:-http://deb.debian.org/debian}
 # Everything the guest runs, installed now: it has no network at test time.
 #  systemd, udev, dbus    the init under test, its device manager, systemctl/analyze's bus
 #  linux-image-amd64      the guest's own kernel (KSM built in) and its initramfs
-#  python3, python3-libvirt   what the ksmctl package depends on / recommends
+#  python3, python3-yaml, python3-libvirt   what the ksmctl package depends on / recommends
 #  ksmtuned               the Debian package ksmctl replaces (coexistence scenario)
 #  procps, passwd         pgrep/ps; useradd for the unprivileged-user scenario
 PACKAGES="systemd systemd-sysv udev dbus linux-image-amd64 initramfs-tools zstd kmod
-  python3 python3-libvirt ksmtuned procps passwd"
+  python3 python3-yaml python3-libvirt ksmtuned procps passwd"
 
 mkdir -p "$CACHE"
 KEY=$( { cat "$0" "$HERE/agent.py" "$HERE/ksmlab-agent.service"; echo "$PACKAGES $SUITE $MIRROR"; \
