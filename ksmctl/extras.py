@@ -25,8 +25,12 @@ def require(extra: str, what: str) -> None:
     for module in EXTRAS[extra]:
         try:
             importlib.import_module(module)
-        except ImportError:
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise UsageError("%s: %s is installed but cannot be imported: %s" % (what, module, e))
             missing.append(module)
+        except ImportError as e:   # installed, but it would not load (e.g. a sandbox denies it)
+            raise UsageError("%s: %s is installed but cannot be imported: %s" % (what, module, e))
     if missing:
         raise UsageError("%s needs %s, which %s not installed: pip install 'ksmctl[%s]' "
                          "(the Debian package includes it)"

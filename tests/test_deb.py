@@ -139,3 +139,13 @@ def test_venv_carries_every_python_dependency(unpacked):
     assert not list(site.rglob("__pycache__"))   # compiled by postinst, not shipped
     cfg = (unpacked / VENV / "pyvenv.cfg").read_text()
     assert "include-system-site-packages = true" in cfg
+
+
+def test_venv_imports_as_installed(unpacked):
+    """Every module the daemon, the estimator and basic auth need loads from the packaged
+    files themselves (a stripped numpy.libs once made numpy fail to import)."""
+    p = subprocess.run(["/usr/bin/python3", str(REPO / "packaging/check-venv.py"),
+                        str(unpacked / VENV)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       universal_newlines=True, timeout=120)
+    assert p.returncode == 0, p.stdout
+    assert "venv ok" in p.stdout

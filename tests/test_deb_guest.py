@@ -119,6 +119,14 @@ def messages(entries: List[Dict], pattern: str, daemon_only: bool = True) -> Lis
             and (not daemon_only or e.get("SYSLOG_IDENTIFIER") == "ksmctl")]
 
 
+def ctl(g: Guest, *verb: str, timeout: float = 150) -> None:
+    """systemctl VERB... that must succeed; on failure the unit's journal says why."""
+    r = g.run(["systemctl"] + list(verb), timeout=timeout)
+    if r.rc != 0:
+        logs = g.run(["journalctl", "-u", UNIT, "-n", "40", "--no-pager"]).out
+        raise AssertionError("systemctl %s exited %d: %s\n%s" % (" ".join(verb), r.rc, r.err, logs))
+
+
 def wait_active(g: Guest, timeout: float = 90) -> Dict[str, str]:
     return wait_for(lambda: (lambda s: s if (s["ActiveState"], s["SubState"]) == ("active", "running") else None)(
         show(g, "ActiveState", "SubState", "MainPID", "StatusText", "NRestarts")), timeout,
@@ -133,14 +141,15 @@ LAB_POLICY = (REPO / "policies/aggressive.yaml").read_text().replace("name: aggr
     .replace("interval: 5s", "interval: 2s")
 
 
-def configure(g: Guest, extra: str = "") -> None:
-    """The scenarios' config: the lab policy (always on), no libvirt in this guest."""
+def configure(g: Guest, estimate: bool = False) -> None:
+    """The scenarios' config, edited in place as an operator would: the lab policy (always
+    on), no libvirt in this guest, the periodic estimate on or off."""
     text = g.read_file("/etc/ksmctl/config.yaml")
     text = re.sub(r"(?m)^policy: .*$", "policy: lab", text)
     text = re.sub(r"(?m)^libvirt: .*$", "libvirt: false", text)
-    text = re.sub(r"(?ms)^# -- scenario --\n.*", "", text)
-    if extra:
-        text += "# -- scenario --\n" + extra
+    text = re.sub(r"(?m)^(estimate:\n  enabled: )\w+$", r"\g<1>" + ("true" if estimate else "false"), text)
+    text = re.sub(r"(?m)^(  rate_mib_s: )\d+$", r"\g<1>" + ("512" if estimate else "64"), text)
+    assert ("estimate:\n  enabled: true" in text) == estimate, text
     g.write_file("/etc/ksmctl/config.yaml", text, mode="0640")
 
 
@@ -186,13 +195,13 @@ def show_other(g: Guest, unit: str) -> Dict[str, str]:
 
 def test_start_reaches_running_after_ready_and_writes_ksm(guest):
     g = guest
-    g.sh("systemctl stop ksmctl")
+    ctl(g, "stop", UNIT)
     g.write_file("/etc/ksmctl/policies/lab.yaml", LAB_POLICY)
     configure(g)
     set_knobs(g, run=0, pages_to_scan=123, sleep_millisecs=45)
     c = cursor(g)
     t0 = time.monotonic()
-    g.run(["systemctl", "start", UNIT], check=True, timeout=150)
+    ctl(g, "start", UNIT)
     TIMINGS["systemctl_start_s"] = time.monotonic() - t0
     # `systemctl start` of a Type=notify unit returns once READY=1 came: already running,
     # with the first tick's STATUS= and its writes in the guest's real sysfs, done under
@@ -218,7 +227,7 @@ def test_start_reaches_running_after_ready_and_writes_ksm(guest):
 def test_journal_gets_one_line_per_change_with_priority(guest):
     g = guest
     c = cursor(g)
-    g.sh("systemctl restart ksmctl", timeout=150)
+    ctl(g, "restart", UNIT)
     wait_active(g)
     entries = journal(g, c)
     # The first tick after a restart (knobs as the last daemon restored them) changes run
@@ -274,7 +283,8 @@ def test_reload_keeps_old_policy_on_error_and_switches_on_good_one(guest):
 def test_watchdog_kills_and_restarts_a_stuck_daemon(guest):
     g = guest
     g.write_file(DROPIN_DIR + "/watchdog.conf", "[Service]\nWatchdogSec=6s\n")
-    g.sh("systemctl daemon-reload && systemctl restart ksmctl", timeout=150)
+    ctl(g, "daemon-reload")
+    ctl(g, "restart", UNIT)
     s0 = wait_active(g)
     pid = s0["MainPID"]
     c = cursor(g)
@@ -296,12 +306,12 @@ def test_watchdog_kills_and_restarts_a_stuck_daemon(guest):
 
 def test_stop_restores_knobs_and_compat_start_stop(guest):
     g = guest
-    g.sh("systemctl stop ksmctl", timeout=90)
+    ctl(g, "stop", UNIT)
     set_knobs(g, run=0, pages_to_scan=123, sleep_millisecs=45)
-    g.run(["systemctl", "start", UNIT], check=True, timeout=150)
+    ctl(g, "start", UNIT)
     assert knobs(g, "run")["run"] == 1
     c = cursor(g)
-    g.run(["systemctl", "stop", UNIT], check=True, timeout=90)
+    ctl(g, "stop", UNIT)
     assert knobs(g, "run", "pages_to_scan", "sleep_millisecs") == {"run": 0, "pages_to_scan": 123,
                                                                    "sleep_millisecs": 45}
     assert messages(journal(g, c), r"restored run 1 -> 0")
@@ -334,7 +344,7 @@ def test_refusal_exits_4_without_restart_loop(guest):
             time.sleep(1)
     finally:
         g.run("systemctl stop other-writer; rm -f /usr/local/sbin/ksmtuned; systemctl reset-failed ksmctl")
-    g.run(["systemctl", "start", UNIT], check=True, timeout=150)
+    ctl(g, "start", UNIT)
     wait_active(g)
 
 
@@ -378,10 +388,10 @@ def test_estimate_dropin_scans_a_guest_process(guest):
     try:
         wait_for(lambda: "ready" in g.run(["journalctl", "-u", "mergeable", "--no-pager", "-o", "cat"]).out,
                  60, "the mergeable process")
-        configure(g, "estimate:\n  enabled: true\n  rate_mib_s: 512\n")
+        configure(g, estimate=True)
         # Without the drop-in the unit's bounding set lacks the capabilities: the scan fails, says so.
         c = cursor(g)
-        g.sh("systemctl restart ksmctl", timeout=150)
+        ctl(g, "restart", UNIT)
         failed = wait_for(lambda: messages(journal(g, c), r"periodic estimate failed"), 120,
                           "the estimate failing without the drop-in")
         assert failed[0]["PRIORITY"] == "3"
@@ -390,7 +400,8 @@ def test_estimate_dropin_scans_a_guest_process(guest):
                            (REPO / "docs/estimate.md").read_text()).group(1)
         g.write_file(DROPIN_DIR + "/estimate.conf", dropin + "\n")
         c = cursor(g)
-        g.sh("systemctl daemon-reload && systemctl restart ksmctl", timeout=150)
+        ctl(g, "daemon-reload")
+        ctl(g, "restart", UNIT)
         done = wait_for(lambda: messages(journal(g, c), r"estimate: \d+ processes, achievable \d+ MiB"),
                         180, "a finished estimate")
         m = re.search(r"estimate: (\d+) processes, achievable (\d+) MiB", done[0]["MESSAGE"])
@@ -425,9 +436,9 @@ def test_upgrade_keeps_edited_config_and_restarts(guest):
 
 def test_remove_keeps_config_purge_removes_it(guest):
     g = guest
-    g.sh("systemctl stop ksmctl", timeout=90)
+    ctl(g, "stop", UNIT)
     set_knobs(g, run=0, pages_to_scan=321, sleep_millisecs=54)
-    g.run(["systemctl", "start", UNIT], check=True, timeout=150)
+    ctl(g, "start", UNIT)
     assert knobs(g, "run")["run"] == 1
     edited = g.read_file("/etc/ksmctl/config.yaml")
     r = g.run("dpkg -r ksmctl </dev/null 2>&1", timeout=300)
