@@ -86,6 +86,7 @@ def test_installs_what_the_issue_lists(unpacked):
     for p in inst.shipped_policies():
         assert (r / "etc/ksmctl/policies" / p.name).read_bytes() == p.read_bytes()
     assert (r / "etc/ksmctl/config.yaml").read_bytes() == (REPO / "config.example.yaml").read_bytes()
+    assert (r / "etc/ksmctl/config.yaml").stat().st_mode & 0o777 == 0o640
     # the project's licence: in copyright, and as LICENSE with the installed distribution
     assert "License: Apache-2.0" in (r / "usr/share/doc/ksmctl/copyright").read_text()
     lic = list(r.glob(VENV + "/lib/python3*/site-packages/ksmctl-*.dist-info/licenses/LICENSE"))

@@ -74,7 +74,7 @@ class Guest:
             "-m", str(self.memory_mb), "-no-reboot",
             "-kernel", str(img / "vmlinuz"), "-initrd", str(img / "initrd.img"),
             "-append", "root=/dev/vda rw console=ttyS0 panic=-1 quiet loglevel=4",
-            "-drive", "file=%s,format=raw,if=virtio,snapshot=on" % (img / "disk.img"),
+            "-drive", "file=%s,format=raw,if=virtio,snapshot=on,cache=unsafe" % (img / "disk.img"),
             "-serial", "file:%s" % self.console,
             "-device", "virtio-serial-pci",
             "-chardev", "socket,id=agent,path=%s,server=on,wait=off" % self.sock_path,
