@@ -3,7 +3,6 @@ passed to every command; errors become messages and documented exit codes."""
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from dataclasses import dataclass

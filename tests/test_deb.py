@@ -3,7 +3,6 @@ and by what it contains. The package is installed and run under a real systemd i
 tests/test_deb_guest.py."""
 from __future__ import annotations
 
-import platform
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 
 from ksmctl import install as inst
 from tests.guest import debs
-from tests.support import need, need_tool
+from tests.support import need_tool
 
 REPO = Path(__file__).resolve().parent.parent
 VENV = "usr/lib/ksmctl/venv"

@@ -11,7 +11,6 @@ modified), with no network device at all. Two links to the host:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
