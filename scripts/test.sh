@@ -11,7 +11,11 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 APT_PACKAGES="python3-venv gcc pkg-config openssl cpio busybox-static qemu-system-x86 libvirt-daemon
-  libvirt-daemon-driver-qemu libvirt-clients libvirt-dev prometheus ksmtuned systemd"
+  libvirt-daemon-driver-qemu libvirt-clients libvirt-dev prometheus ksmtuned systemd
+  debhelper dh-virtualenv dpkg-dev python3-dev python3-pip python3-yaml ca-certificates lintian
+  mmdebstrap e2fsprogs git"
+# (second line: `make deb` and its lintian check; mmdebstrap + e2fsprogs build the
+# systemd guest image of tests/test_deb_guest.py, which QEMU boots)
 missing=""
 for p in $APT_PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -46,7 +50,7 @@ PY39=${PY39:-$(command -v python3.9 || true)}
 if [ -n "$PY39" ]; then
     echo "== Python 3.9: $PY39"
     [ -x .venv39/bin/python ] || "$PY39" -m venv .venv39
-    quiet_pip .venv39/bin/pip install -q --disable-pip-version-check -e . pytest pytest-timeout hypothesis
+    quiet_pip .venv39/bin/pip install -q --disable-pip-version-check -e '.[estimate]' pytest pytest-timeout hypothesis
     .venv39/bin/python -m pytest -q -p no:cacheprovider -m "not kernel and not lab" tests/test_policy_loader.py \
         tests/test_decide.py tests/test_collectors.py tests/test_config.py tests/test_replay.py \
         tests/test_estimate_count.py tests/test_estimate.py tests/test_doctor.py tests/test_reload.py \
@@ -55,6 +59,11 @@ elif [ "${CI:-}" = "true" ]; then
     echo "scripts/test.sh: no Python 3.9 interpreter found (pyenv) in CI" >&2
     exit 1
 fi
+
+# The systemd guest for the Debian package's tests: built once, cached under
+# /var/cache/ksmctl-lab keyed on its inputs (tests/guest/build-image.sh).
+echo "== systemd guest image"
+sh tests/guest/build-image.sh | tail -n1
 
 echo "== pytest (whole suite)"
 set +e

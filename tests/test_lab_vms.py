@@ -310,7 +310,7 @@ def test_daemon_survives_libvirtd_restart(lab: Lab, lab_guests, daemon_proc):
 
 
 def test_guest_reported_memory_and_signals(lab_guests):
-    from ksmctl.collectors.vms import vm_signals
+    from ksmctl.readings import vm_signals
     c = VmCollector(URI, events=False)
     try:
         vms = wait_for(lambda: (lambda v: v if all(v[g.uuid].guest_usable for g in lab_guests) else None)(

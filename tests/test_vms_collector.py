@@ -12,7 +12,8 @@ import pytest
 from ksmctl.collectors.vms.libvirt import LibvirtCollector, nosharepages
 from ksmctl.collectors.procfs import ProcFs
 from ksmctl.collectors.vms.qemu import QemuProcScanner, parse_qemu_cmdline
-from ksmctl.collectors.vms import VmCollector, vm_savings, vm_signals
+from ksmctl.collectors.vms import VmCollector, vm_savings
+from ksmctl.readings import vm_signals
 from ksmctl.errors import ErrorSource
 from ksmctl.readings import KsmStat, KsmState, MemInfo, VmReading, VmSource, VmState, vm_from_dict
 from tests.lab import proctree

@@ -9,6 +9,7 @@ import click
 from ksmctl import __version__
 from ksmctl.config import DEFAULT_CONFIG_PATH
 
+from .compat import start as compat_start, stop as compat_stop
 from .context import EXIT_CODES_HELP, CliContext, KsmctlGroup
 from .daemon import daemon
 from .doctor import doctor
@@ -38,7 +39,7 @@ def cli(ctx: click.Context, config_path: Optional[str], sys_root: str, proc_root
 
 
 
-for _command in (status, set_cmd, unmerge, policy, daemon, doctor, vms, merge, estimate, install, uninstall):
+for _command in (status, set_cmd, unmerge, policy, daemon, doctor, vms, merge, estimate, install, uninstall, compat_start, compat_stop):
     cli.add_command(_command)
 
 

@@ -12,6 +12,7 @@ from ksmctl.collectors.procfs import ProcFs
 from ksmctl.config import DEFAULT_STATE_FILE, Config, load_config
 from ksmctl.errors import KsmctlError
 from ksmctl.kernel.sysfs import KsmSysfs
+from ksmctl.logsetup import error_text
 from ksmctl.service.state import find_state
 from ksmctl.service.wiring import make_vm_collector
 
@@ -73,7 +74,7 @@ class KsmctlGroup(click.Group):
         try:
             return super().invoke(ctx)
         except KsmctlError as e:
-            click.echo("ksmctl: " + e.message, err=True)
+            click.echo(error_text("ksmctl: " + e.message), err=True)
             ctx.exit(e.exit_code)
 
 

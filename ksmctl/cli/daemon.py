@@ -1,11 +1,11 @@
 """`ksmctl daemon`: run the controller in the foreground (what the unit's ExecStart runs)."""
 from __future__ import annotations
 
-import logging
-import sys
 from typing import Optional
 
 import click
+
+from ksmctl.logsetup import configure_logging
 
 from .context import CliContext, pass_cli
 
@@ -25,8 +25,7 @@ def daemon(c: CliContext, policy_name: Optional[str], dry_run: bool, force: bool
     knobs when restore_on_exit is set)."""
     from ksmctl.service.wiring import build_daemon
     config = c.config
-    logging.basicConfig(level=getattr(logging, (log_level or config.log_level).upper()),
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    configure_logging(log_level or config.log_level)
     d = build_daemon(config, c.config_path, policy_name, dry_run=dry_run, force=force, once=once)
     d.install_signal_handlers()
     d.run(max_ticks=1 if once else None)

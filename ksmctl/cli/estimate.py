@@ -118,6 +118,8 @@ def render_table(r: EstimateResult) -> str:
 
 def _run(vms: Sequence[str], pids: Sequence[int], rate: Optional[float], as_json: bool,
          no_progress: bool, proc_root: str, sys_root: str) -> int:
+    from ksmctl.extras import require
+    require("estimate", "ksmctl estimate")
     from ksmctl.estimate.scan import Estimator   # numpy: only when the command runs, not for every CLI call
     err = sys.stderr
     bar: Optional[ProgressLine] = None

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ksmctl.extras import require
 from ksmctl.fsutil import read_input
 from ksmctl.errors import ConfigError
 from ksmctl.yamlload import YamlProblem, load_yaml, validate
@@ -147,6 +148,8 @@ def load_web_config(path: str) -> "ActiveWebConfig":
         wc = validate(WebConfig, {} if data is None else data, path, lines)
     except YamlProblem as e:
         raise ConfigError(str(e)) from None
+    if wc.basic_auth_users:
+        require("auth", "basic_auth_users in %s" % path)
     tls = wc.tls_server_config
     if tls is None:
         return ActiveWebConfig(wc, None)

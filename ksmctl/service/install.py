@@ -14,6 +14,8 @@ Layout under root (documented in docs/service.md):
   <prefix>/share/man/man8/ksmctl.8
   <prefix>/share/bash-completion/completions/ksmctl
   <prefix>/share/zsh/site-functions/_ksmctl
+  <prefix>/share/ksmctl/grafana/...       the dashboard and its provisioning files
+  <prefix>/share/ksmctl/prometheus/...    alert and recording rules (and their tests)
   var/lib/ksmctl/install-manifest.json
 """
 from __future__ import annotations
@@ -71,6 +73,24 @@ def shipped_policies() -> List[Path]:
         if found:
             return found
     return []
+
+
+# Shipped as they are under <prefix>/share/ksmctl/, by `ksmctl install` and by the Debian
+# package alike (debian/rules copies the same directories).
+SHARED_TREES = ("grafana", "prometheus")
+
+
+def shipped_tree(reldir: str) -> List[str]:
+    """Every file under a shipped directory (e.g. 'grafana'), as paths relative to the
+    data root, from the first root that has it."""
+    for root in data_roots():
+        d = root / reldir
+        if d.is_dir():
+            found = sorted(str(p.relative_to(root)) for p in d.rglob("*") if p.is_file())
+            if found:
+                return found
+    raise UsageError("shipped directory %s not found (looked in %s): is the package installed "
+                     "with its data files?" % (reldir, ", ".join(str(r) for r in data_roots())))
 
 
 def find_executable(exec_path: Optional[str] = None) -> str:
@@ -166,6 +186,9 @@ def plan(prefix: str = DEFAULT_PREFIX, exec_path: Optional[str] = None) -> Tuple
         Item(share + "/zsh/site-functions/_ksmctl",
              shipped_file("completions/ksmctl.zsh").read_bytes(), 0o644),
     ]
+    for tree in SHARED_TREES:
+        for rel in shipped_tree(tree):
+            items.append(Item(share + "/ksmctl/" + rel, shipped_file(rel).read_bytes(), 0o644))
     return items, exe
 
 

@@ -16,6 +16,7 @@ from ksmctl.service.daemon import Daemon
 from ksmctl.errors import ErrorSource, PermissionDenied
 from ksmctl.estimate.schedule import PeriodicEstimate
 from ksmctl.export.http import build_exporter
+from ksmctl.extras import require as require_extra
 from ksmctl.kernel.writer import KsmWriter
 from ksmctl.policy.loader import load_policy
 from ksmctl.service.sdnotify import Notifier
@@ -53,6 +54,7 @@ def build_daemon(config: Config, config_path: Optional[str] = None, policy_name:
     if not dry_run:
         d.on_shutdown.append(lambda: marker.sync(sysfs))
     if config.estimate.enabled and not once:
+        require_extra("estimate", "estimate.enabled (the periodic estimate)")
         periodic = PeriodicEstimate(config.estimate, config.proc_root, config.sys_root,
                                     publish=lambda s: setattr(collector, "estimate", s),
                                     on_error=lambda m: collector.report_error(ErrorSource.ESTIMATE, m))

@@ -12,7 +12,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ksmctl.errors import ErrorSource
-from ksmctl.readings import KsmState, VmReading, VmSource, vm_signals  # noqa: F401  (vm_signals: re-exported)
+from ksmctl.readings import KsmState, VmReading, VmSource
 from ksmctl.collectors.vms.libvirt import LibvirtCollector
 from ksmctl.collectors.procfs import ProcFs
 
