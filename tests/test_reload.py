@@ -230,3 +230,38 @@ def test_reload_of_any_bytes_keeps_or_switches_but_never_raises(tmp_path, raw):
     if not switched:
         assert d._pending_errors and d._pending_errors[-1][0] in (ErrorSource.POLICY, ErrorSource.CONFIG)
     assert {p.name: p.read_bytes() for p in (sys_root / "kernel/mm/ksm").iterdir()} == knobs
+
+
+@pytest.mark.timeout(90)
+def test_a_burst_of_sighups_never_deadlocks_the_loop(tmp_path):
+    """Signal handlers run between any two bytecodes of the main thread, handlers
+    included: with a threading.Event in the handler, a SIGHUP arriving while another
+    handler held the Event's lock recursed until the daemon died (the storm test above
+    caught it in CI; the nesting it needs is timing-dependent). The handlers now only set
+    a flag and write a byte to a pipe. Here: 2,000 SIGHUPs, then a stop, and the loop
+    (its interval an hour) must wake, reload and end at once, i.e. the pipe wakes it."""
+    import threading
+    d, _, _ = _daemon(tmp_path, config_loader=lambda: Config(state_file=str(tmp_path / "state.json")))
+    d.policy_loader = lambda name: d.loaded
+    old = {s: signal.getsignal(s) for s in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    d.install_signal_handlers()
+    reloads = []
+    real_reload = d.reload
+    d.reload = lambda: reloads.append(real_reload()) or True
+
+    def storm():
+        wait_for(lambda: d.ticks >= 1, 30, "the first tick")
+        for _ in range(2000):
+            os.kill(os.getpid(), signal.SIGHUP)
+        wait_for(lambda: reloads, 30, "a reload")
+        d.request_stop()
+
+    t = threading.Thread(target=storm, daemon=True)
+    t.start()
+    try:
+        d.run()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    t.join(30)
+    assert reloads and all(reloads) and not t.is_alive()

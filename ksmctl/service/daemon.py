@@ -10,8 +10,8 @@ import dataclasses
 import gc
 import logging
 import os
+import select
 import signal
-import threading
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -105,7 +105,12 @@ class Daemon:
         self.started = time.time()
         self.ticks = 0
         self.last: Optional[TickRecord] = None
-        self._wake = threading.Event()
+        # Woken by a byte on a pipe, not a threading.Event: signal handlers run between any
+        # two bytecodes of the main thread, and an Event's lock taken there again (a SIGHUP
+        # storm) deadlocks or recurses. A write to a non-blocking pipe is safe anywhere.
+        # Made by run(), closed by shutdown(); until then a poke only sets its flag.
+        self._wake_r: Optional[int] = None
+        self._wake_w: Optional[int] = None
         self._stop = False
         self._reload = False
         self._tick_now = False
@@ -300,18 +305,40 @@ class Daemon:
         return False
 
     # -- the loop ---------------------------------------------------------------------------
+    def _poke(self) -> None:
+        fd = self._wake_w
+        if fd is None:
+            return   # not running yet: run() looks at the flags before it first sleeps
+        try:
+            os.write(fd, b"\0")
+        except OSError:
+            pass   # the pipe is full (or closed at stop): the loop wakes anyway
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait up to `seconds` for a poke; True when poked (the pipe is then drained)."""
+        assert self._wake_r is not None, "run() made the pipe"
+        ready, _, _ = select.select([self._wake_r], [], [], max(0.0, seconds))
+        if not ready:
+            return False
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except OSError:
+            pass
+        return True
+
     def request_stop(self, *_: Any) -> None:
         self._stop = True
-        self._wake.set()
+        self._poke()
 
     def request_reload(self, *_: Any) -> None:
         self._reload = True
-        self._wake.set()
+        self._poke()
 
     def request_tick(self) -> None:
         """A VM started or stopped (libvirt event): tick now rather than at the interval."""
         self._tick_now = True
-        self._wake.set()
+        self._poke()
 
     def install_signal_handlers(self) -> None:
         """Take over from ksmctl.entry's early queue: a SIGHUP that came while starting
@@ -333,6 +360,7 @@ class Daemon:
     def run(self, max_ticks: Optional[int] = None) -> None:
         log.info("ksmctl %s: policy %s from %s (sha256 %s), every %gs%s", __version__, self.loaded.policy.name,
                  self.loaded.path, self.loaded.short_hash, self.interval, ", dry run" if self.writer.dry_run else "")
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             while not self._stop:
                 start = time.monotonic()
@@ -351,12 +379,14 @@ class Daemon:
                         break
                     # Long intervals still ping systemd's watchdog (every half WatchdogSec).
                     wd = self.notifier.watchdog_interval()
-                    if self._wake.wait(min(remaining, wd) if wd else remaining):
-                        self._wake.clear()
-                    elif wd:
+                    if not self._sleep(min(remaining, wd) if wd else remaining) and wd:
                         self.notifier.watchdog()
         finally:
             self.shutdown()
+            for fd in (self._wake_r, self._wake_w):
+                if fd is not None:
+                    os.close(fd)
+            self._wake_r = self._wake_w = None
 
     def shutdown(self) -> None:
         self.notifier.stopping()
