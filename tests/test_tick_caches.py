@@ -279,3 +279,26 @@ def test_fallback_scanner_gives_back_its_files_when_libvirt_returns(host3):
     clock.now += 1.0
     c.collect()
     assert c.source == "libvirt" and len(c._scanner._files) == 0 and len(c._files) == 6
+
+
+def test_a_zombie_guest_is_gone_although_its_kept_file_still_reads(tmp_path):
+    """A QEMU process whose parent (libvirtd) died is reparented; until reaped it is a
+    zombie, whose kept ksm_stat reads empty and whose cmdline is empty: it must drop out
+    of /proc discovery (found with a guest killed while libvirtd was down)."""
+    import subprocess
+    import sys
+    from ksmctl.collectors.procfs import ProcFs
+    from ksmctl.collectors.vms import VmCollector
+    code = "import time; time.sleep(60)"
+    p = subprocess.Popen(["qemu-system-x86_64", "-c", code, "-name", "guest=zombie-1", "-m", "64"],
+                         executable=sys.executable)
+    c = VmCollector(uri=None, proc=ProcFs(), events=False)
+    try:
+        assert any(v.pid == p.pid for v in c.collect())
+        p.kill()
+        from tests.support import wait_for
+        wait_for(lambda: open("/proc/%d/stat" % p.pid).read().split()[2] == "Z", 10, "the guest to be a zombie")
+        assert not any(v.pid == p.pid for v in c.collect())
+    finally:
+        c.close()
+        p.wait()

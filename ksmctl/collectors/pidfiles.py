@@ -149,7 +149,9 @@ class KeptFiles:
                 data = _pread_all(fd)
             if verify and self._check_links and os.fstat(fd).st_nlink == 0:
                 return None
-            return data
+            # The files kept (ksm_stat, statm) are never empty for a live process; a
+            # zombie's ksm_stat is (its mm is gone), and its cmdline too: not a guest.
+            return data or None
         except OSError:
             return None
 
