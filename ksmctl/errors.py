@@ -6,7 +6,7 @@ argument, a sysfs file, a libvirt error) becomes one of these, never a traceback
 from __future__ import annotations
 
 import enum
-from typing import Optional
+from typing import Any, Optional
 
 # Exit codes, documented in `ksmctl --help` and the README.
 EXIT_OK = 0
@@ -27,6 +27,15 @@ class StrEnum(str, enum.Enum):
     def __format__(self, spec: str) -> str:
         return format(str(self.value), spec)
 
+    @classmethod
+    def parse_or(cls, value: object, default: "Any") -> "Any":
+        """The member named by a recorded value (a trace or state file holds plain
+        strings), or default for one this version does not know."""
+        try:
+            return cls(value)
+        except ValueError:
+            return default
+
 
 class ErrorSource(StrEnum):
     """Where an error came from: the `source` label of ksmctl_errors_total, so bounded."""
@@ -43,11 +52,8 @@ class ErrorSource(StrEnum):
 
     @classmethod
     def parse(cls, name: object) -> "ErrorSource":
-        """A recorded source (a trace holds plain strings); unknown ones are OTHER."""
-        try:
-            return cls(name)
-        except ValueError:
-            return cls.OTHER
+        """A recorded source; unknown ones are OTHER."""
+        return cls.parse_or(name, cls.OTHER)
 
 
 class KsmctlError(Exception):

@@ -89,10 +89,7 @@ class VmState(StrEnum):
 
     @classmethod
     def parse(cls, name: object) -> "VmState":
-        try:
-            return cls(name)
-        except ValueError:
-            return cls.UNKNOWN
+        return cls.parse_or(name, cls.UNKNOWN)
 
 
 class VmSource(StrEnum):

@@ -128,6 +128,16 @@ def test_dry_run_says_what_it_would_do(tmp_path):
     assert st["phase"] == "would_unmerge" and "would unmerge" in st["message"]
 
 
+def _merge_fast(sysfs):
+    """Under ksm_exclusive, with a Holder running: ksmd at full speed until pages merge."""
+    if (KSM / "advisor_mode").exists():
+        (KSM / "advisor_mode").write_text("none")
+    (KSM / "pages_to_scan").write_text("5000")
+    (KSM / "sleep_millisecs").write_text("10")
+    (KSM / "run").write_text("1")
+    wait_for(lambda: (sysfs.read().get("pages_shared") or 0) > 0, 60, "the holder's pages to merge")
+
+
 @pytest.mark.kernel
 def test_real_kernel_max_page_sharing_change_with_merged_pages(tmp_path):
     """The real transition on this host: merged pages present, EBUSY if written directly;
@@ -137,12 +147,7 @@ def test_real_kernel_max_page_sharing_change_with_merged_pages(tmp_path):
     with ksm_exclusive() as saved, Holder(pages=3000, distinct=6):
         original = int(saved["max_page_sharing"])
         try:
-            if (KSM / "advisor_mode").exists():
-                (KSM / "advisor_mode").write_text("none")
-            (KSM / "pages_to_scan").write_text("5000")
-            (KSM / "sleep_millisecs").write_text("10")
-            (KSM / "run").write_text("1")
-            wait_for(lambda: (sysfs.read().get("pages_shared") or 0) > 0, 60, "the holder's pages to merge")
+            _merge_fast(sysfs)
             d, _ = _daemon(tmp_path, "max_page_sharing: %d" % (original + 1), sys_root="/sys", proc_root="/proc")
             d.tick()
             assert sysfs.read().get("run") == 2 and d.transition.phase.value == "unmerging"
@@ -187,12 +192,7 @@ def test_real_kernel_refusal_when_the_host_cannot_absorb(tmp_path):
                                                                 "MemAvailable:       1000 kB"))
     with ksm_exclusive() as saved, Holder(pages=3000, distinct=6):
         original = int(saved["max_page_sharing"])
-        if (KSM / "advisor_mode").exists():
-            (KSM / "advisor_mode").write_text("none")
-        (KSM / "pages_to_scan").write_text("5000")
-        (KSM / "sleep_millisecs").write_text("10")
-        (KSM / "run").write_text("1")
-        wait_for(lambda: (sysfs.read().get("pages_shared") or 0) > 0, 60, "the holder's pages to merge")
+        _merge_fast(sysfs)
         d, _ = _daemon(tmp_path, "max_page_sharing: %d" % (original + 1), sys_root="/sys", proc_root=str(low))
         for _ in range(3):
             d.tick()

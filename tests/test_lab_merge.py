@@ -11,26 +11,19 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import pytest
 
-from ksmctl.collectors.procfs import ProcFs
 from ksmctl.guests.audit import RESIDUAL_PAGES
-from tests.ksmlock import KSM, ksm_exclusive
 from tests.lab.lab import URI, Guest, Lab, kill_pid, read_pidfile
 from tests.support import wait_for
 
+from .test_lab_vms import MIN_MERGED, PROC, merging, merging_fast, sharing
+
 pytestmark = [pytest.mark.lab, pytest.mark.kernel]
 
-MIN_MERGED = 8000  # pages; each sharing guest writes ~12,000 pages shared with the others
-PROC = ProcFs()
 REPO = Path(__file__).resolve().parent.parent
-
-
-def merging(pid: int) -> int:
-    st = PROC.ksm_stat(pid)
-    return (st.merging_pages or 0) if st else 0
 
 
 def qom_merge(lab: Lab, g: Guest, value: Optional[bool] = None) -> Optional[bool]:
@@ -49,25 +42,11 @@ def pid_of(lab: Lab, g: Guest) -> Optional[int]:
     return read_pidfile(lab.run_root / "libvirt/qemu" / (g.name + ".pid"))
 
 
-def sharing(guests: List[Guest]) -> List[Guest]:
-    return [g for g in guests if not g.nosharepages]
-
-
-def _knob(name: str, value: str) -> None:
-    if (KSM / name).exists():
-        (KSM / name).write_text(value)
 
 
 @pytest.fixture(scope="module")
 def merged(lab_guests):
-    with ksm_exclusive():
-        if (KSM / "advisor_mode").exists():
-            _knob("advisor_mode", "none")
-        _knob("pages_to_scan", "5000")
-        _knob("sleep_millisecs", "10")
-        _knob("run", "1")
-        wait_for(lambda: all(merging(g.pid) >= MIN_MERGED for g in sharing(lab_guests)), 180,
-                 "every sharing guest to have %d merged pages" % MIN_MERGED, interval=0.5)
+    with merging_fast(lab_guests):
         yield lab_guests
 
 
