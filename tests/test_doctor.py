@@ -255,3 +255,17 @@ def test_the_daemon_exports_why_guests_cannot_merge(tmp_path):
     metrics_off = MetricsCollector(per_vm=False)
     metrics_off.observe(d.last)
     assert "ksmctl_vm_unmergeable" not in render_text(metrics_off).decode()
+
+
+def test_live_reasons_parse_once_per_process_and_follow_changed_inputs():
+    from ksmctl.doctor.vm import LiveReasons
+    from ksmctl.readings import KsmStat, VmReading
+    calls = []
+    argv = ["/usr/bin/qemu-system-x86_64", "-machine", "pc,memory-backend=pc.ram", "-object", RAM_JSON]
+    live = LiveReasons(lambda pid: calls.append(pid) or argv)
+    vm = VmReading(uuid="u1", name="g1", pid=10, ksm=KsmStat(mergeable=True))
+    assert live.current([vm]) == {"u1": ()} and live.current([vm]) == {"u1": ()} and calls == [10]
+    odd = VmReading(uuid="u1", name="g1", pid=10, ksm=KsmStat(mergeable=False))
+    assert [r.value for r in live.current([odd])["u1"]] == ["not_mergeable"] and calls == [10]
+    restarted = VmReading(uuid="u1", name="g1", pid=11, ksm=KsmStat(mergeable=True), excluded=True)
+    assert [r.value for r in live.current([restarted])["u1"]] == ["nosharepages"] and calls == [10, 11]

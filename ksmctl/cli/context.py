@@ -41,6 +41,14 @@ class CliContext:
             self._config = load_config(self.config_path)
         return self._config
 
+    def config_or_defaults(self) -> Config:
+        """The config, or the documented defaults when it is unusable: views of the host
+        (vms, doctor) must not be hidden by a broken config file."""
+        try:
+            return self.config
+        except KsmctlError:
+            return Config()
+
     def sysfs(self) -> KsmSysfs:
         s = KsmSysfs(self.sys_root)
         s.require()

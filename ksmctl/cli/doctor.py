@@ -28,14 +28,9 @@ from .status import _ksmd_cpu_percent
 def _writers(c: CliContext, daemon: Optional[Dict[str, Any]]) -> List[Tuple[str, str, str]]:
     from ksmctl.service.coexist import CoexistenceChecker
     from ksmctl.service.wiring import AdvisorMarker
-    run_root = "/run"
-    state_dir = "/var/lib/ksmctl"
-    try:
-        run_root, state_dir = c.config.run_root, c.config.state_dir
-    except KsmctlError:
-        pass
-    checker = CoexistenceChecker(c.proc_root, c.sys_root, run_root)
-    ours = daemon is not None and AdvisorMarker(state_dir).exists()
+    config = c.config_or_defaults()
+    checker = CoexistenceChecker(c.proc_root, c.sys_root, config.run_root)
+    ours = daemon is not None and AdvisorMarker(config.state_dir).exists()
     out = []
     for conflict in checker.scan(advisor_is_ours=ours):
         if conflict.kind == "ksmctl" and daemon is not None:
@@ -147,11 +142,8 @@ def diagnose(c: CliContext, wanted: Sequence[str], cpu_window: float) -> Tuple[D
                      mergeable_bytes=readings.mergeable_rss if readings is not None else None,
                      vendor_knobs=_vendor_knobs(sysfs) if ksm is not None else {})
     findings = host_findings(host)
-    try:
-        uri = c.config.libvirt_uri if c.config.libvirt else None
-    except KsmctlError:
-        uri = "qemu:///system"
-    xml = _nosharepages(uri, vms)
+    config = c.config_or_defaults()
+    xml = _nosharepages(config.libvirt_uri if config.libvirt else None, vms)
     procfs = c.procfs()
     for vm in vms:
         argv = procfs.cmdline(vm.pid) if vm.pid is not None else None

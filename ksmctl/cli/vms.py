@@ -180,15 +180,12 @@ def vms(ctx: click.Context, sort_key: str, reverse: bool, as_json: bool, state_f
     zero pages; the SAVED column sums to the host's saving less what merged outside VMs.
     VMs that opted out of merging (nosharepages, mem-merge=off) show as excluded."""
     c = ctx.obj  # the group's CliContext
-    try:
-        config = c.config
-    except KsmctlError:  # a broken config must not hide the VM view: use the defaults
-        config = None
+    config = c.config_or_defaults()
     if state_file is None:
-        state_file = config.state_file if config is not None else DEFAULT_STATE_FILE
+        state_file = config.state_file
     if uri is None:
-        uri = "qemu:///system" if config is None else (config.libvirt_uri if config.libvirt else "")
-    run_root = config.run_root if config is not None else "/run"
+        uri = config.libvirt_uri if config.libvirt else ""
+    run_root = config.run_root
 
     got = None
     merge: Dict[str, Dict[str, Any]] = {}
@@ -200,7 +197,7 @@ def vms(ctx: click.Context, sort_key: str, reverse: bool, as_json: bool, state_f
     if got is None:
         got = collect_live(uri, c.proc_root, c.sys_root, run_root)
         if got[2] == VmSource.LIBVIRT:
-            merge = merge_live(uri, c.proc_root, config.state_dir if config is not None else "/var/lib/ksmctl", got[0])
+            merge = merge_live(uri, c.proc_root, config.state_dir, got[0])
     vm_list, ksm, source = got
     table = rows(vm_list, ksm, merge)
     table.sort(key=_sort_key(sort_key), reverse=(sort_key in _NUMERIC) != reverse)

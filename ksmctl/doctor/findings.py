@@ -4,7 +4,7 @@ can apply."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from ksmctl.errors import StrEnum
@@ -85,7 +85,6 @@ class Finding:
     remedy: Optional[str] = None
     vm: Optional[str] = None          # the guest's name; None for host findings
     uuid: Optional[str] = None
-    extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return {"scope": "host" if self.vm is None else "vm", "vm": self.vm, "uuid": self.uuid,

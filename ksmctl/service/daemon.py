@@ -18,10 +18,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ksmctl import __version__
 from ksmctl.collectors.host import CollectionFailed, HostCollector
-from ksmctl.collectors.vms.backends import GuestRamCache
 from ksmctl.config import Config, keep_restart_keys, restart_keys_changed
 from ksmctl.doctor.findings import Reason
-from ksmctl.doctor.vm import config_reasons
+from ksmctl.doctor.vm import LiveReasons
 from ksmctl.errors import ErrorSource, KsmctlError, PermissionDenied
 from ksmctl.kernel import knobs
 from ksmctl.kernel.knobs import Targets
@@ -120,7 +119,7 @@ class Daemon:
         self._written: List[Change] = []  # this tick's writes, as they happen
         self.transition = UnmergedOnlyChanges(writer, wrote=self._wrote)  # max_page_sharing, merge_across_nodes
         self._unsupported_reported: set = set()
-        self.guest_ram = GuestRamCache(collector.procfs.cmdline)  # why guests cannot merge, per process
+        self.unmergeable = LiveReasons(collector.procfs.cmdline)  # why guests cannot merge
         self.trace: Optional[TraceWriter] = None
         self.on_shutdown: List[Callable[[], None]] = []  # e.g. stop the exporter's server
         self.guests: Any = None  # ksmctl.guests.control.GuestController (per-VM merge control), if wired
@@ -141,9 +140,7 @@ class Daemon:
         rec.readings = readings
         rec.errors.extend(readings.errors)
         if readings.vms:
-            rams = self.guest_ram.current([(v.uuid, v.pid) for v in readings.vms if v.pid is not None])
-            rec.unmergeable = {v.uuid: config_reasons(v, rams.get((v.uuid, v.pid)) if v.pid is not None else None)
-                               for v in readings.vms}
+            rec.unmergeable = self.unmergeable.current(readings.vms)
         before = self.engine
         decision, self.engine = decide(self.loaded.policy, readings, before)
         if self.guests is not None:
