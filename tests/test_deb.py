@@ -92,6 +92,7 @@ def test_installs_what_the_issue_lists(unpacked):
     assert lic and lic[0].read_bytes() == (REPO / "LICENSE").read_bytes()
     unit = (r / "lib/systemd/system/ksmctl.service").read_text()
     assert "\nExecStart=/usr/bin/ksmctl --config /etc/ksmctl/config.yaml daemon\n" in unit
+    assert "\nExecReload=/usr/bin/ksmctl --config /etc/ksmctl/config.yaml reload --pid $MAINPID\n" in unit
     assert unit == inst.render_unit((REPO / "systemd/ksmctl.service").read_text(), "/usr/bin/ksmctl")
 
 

@@ -256,29 +256,28 @@ def test_reload_keeps_old_policy_on_error_and_switches_on_good_one(guest):
     g.write_file("/etc/ksmctl/policies/lab.yaml", LAB_POLICY + "bogus_key: 1\n")
     c = cursor(g)
     r = g.run(["systemctl", "reload", UNIT], timeout=90)
-    assert r.rc == 0, r.err
-    entries = journal(g, c)
-    rejected = messages(entries, r"reload rejected, keeping policy lab")
-    assert rejected and rejected[0]["PRIORITY"] == "3", [e["MESSAGE"] for e in entries]
-    assert "bogus_key" in rejected[0]["MESSAGE"]
+    # The reload job fails (ExecReload exits 2) and says where to look; the unit runs on.
+    assert r.rc != 0 and "ksmctl.service" in r.err, (r.rc, r.err)
+    # journald reads the daemon's stderr stream on its own schedule: wait for the line.
+    rejected = wait_for(lambda: messages(journal(g, c), r"reload rejected, keeping policy lab"), 30,
+                        "the daemon's 'reload rejected' line in the journal", interval=0.5)
+    assert rejected[0]["PRIORITY"] == "3" and "bogus_key" in rejected[0]["MESSAGE"], rejected[0]
     s = wait_active(g)
     assert s["MainPID"] == s0["MainPID"]
     assert state(g)["policy"]["sha256"] == before["sha256"]
-    # A good policy: switched, and systemd waited for it (RELOADING=1 ... READY=1).
+    # A good policy: once `systemctl reload` returns, the daemon already runs it (read at
+    # once, no wait: ExecReload waited for the daemon's own account of the reload).
     good = LAB_POLICY.replace("name: lab", "name: lab2")
     g.write_file("/etc/ksmctl/policies/lab.yaml", good)
     c = cursor(g)
     g.run(["systemctl", "reload", UNIT], check=True, timeout=90)
-    entries = journal(g, c)
-    reloaded = [i for i, e in enumerate(entries) if e.get("SYSLOG_IDENTIFIER") == "ksmctl"
-                and "reloaded: policy lab2" in e.get("MESSAGE", "")]
-    done = [i for i, e in enumerate(entries) if e.get("_PID") == "1" and e.get("MESSAGE", "").startswith("Reloaded ")]
-    assert reloaded and done and reloaded[0] < done[0], [e.get("MESSAGE") for e in entries]
-    # the state file follows at the next tick
-    wait_for(lambda: state(g)["policy"]["name"] == "lab2", 30, "the state file naming policy lab2")
+    after = state(g)
+    assert after["policy"]["name"] == "lab2" and after["reload"]["ok"] is True, after.get("reload")
+    wait_for(lambda: messages(journal(g, c), r"reloaded: policy lab2"), 30, "the 'reloaded' line in the journal", interval=0.5)
     assert wait_active(g)["MainPID"] == s0["MainPID"]
     g.write_file("/etc/ksmctl/policies/lab.yaml", LAB_POLICY)
     g.run(["systemctl", "reload", UNIT], check=True, timeout=90)
+    assert state(g)["policy"]["name"] == "lab"
 
 
 def test_watchdog_kills_and_restarts_a_stuck_daemon(guest):

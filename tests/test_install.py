@@ -45,6 +45,7 @@ def test_files_land_where_documented(root):
     exe = inst.find_executable()
     unit = (root / UNIT).read_text()
     assert "\nExecStart=%s --config /etc/ksmctl/config.yaml daemon\n" % exe in unit
+    assert "\nExecReload=%s --config /etc/ksmctl/config.yaml reload --pid $MAINPID\n" % exe in unit
     assert unit == inst.render_unit(inst.shipped_file("systemd/ksmctl.service").read_text(), exe)
     assert (root / CONFIG).read_bytes() == inst.shipped_file("config.example.yaml").read_bytes()
     assert stat.S_IMODE((root / CONFIG).stat().st_mode) == 0o640

@@ -265,3 +265,69 @@ def test_a_burst_of_sighups_never_deadlocks_the_loop(tmp_path):
             signal.signal(s, h)
     t.join(30)
     assert reloads and all(reloads) and not t.is_alive()
+
+
+def _ksmctl(d: DaemonProc, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ksmctl", "--config", str(d.config)] + list(args),
+                          capture_output=True, text=True, timeout=timeout, cwd=str(REPO))
+
+
+def test_ksmctl_reload_returns_once_the_daemon_switched_or_refused(tmp_path):
+    """The unit's ExecReload: when `ksmctl reload` returns, the state file already names the
+    new policy (no wait after it), a rejected policy exits 2 naming the key while the daemon
+    keeps the old one, and a stopped daemon is reported after --timeout, not waited on forever."""
+    sys_root = make_sys(tmp_path / "sys", {"run": "0"})
+    proc_root = tmp_path / "proc"
+    d = DaemonProc(tmp_path, ALWAYS_ON_POLICY.replace("interval: 0.3s", "interval: 1h"),
+                   {"sys_root": str(sys_root), "proc_root": str(make_proc(proc_root))}, args=["--dry-run"])
+    with d:
+        wait_ticks(d, 1)
+        pid = d.proc.pid
+        good = d.policy.read_text()
+        d.policy.write_text(good + "bogus_key: 1\n")
+        r = _ksmctl(d, "reload", "--pid", str(pid))
+        assert r.returncode == 2, (r.stdout, r.stderr)
+        assert "reload rejected, the daemon keeps policy test-on" in r.stderr and "bogus_key" in r.stderr
+        assert "Traceback" not in r.stderr
+        assert d.state()["policy"]["name"] == "test-on" and d.state()["reload"]["ok"] is False
+        d.policy.write_text(good.replace("name: test-on", "name: test-two"))
+        r = _ksmctl(d, "reload")                      # pid from the state file
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert r.stdout.startswith("reloaded: policy test-two")
+        s = d.state()                                 # read at once: the interval is an hour
+        assert s["policy"]["name"] == "test-two" and s["reload"] == dict(s["reload"], ok=True, count=2)
+        assert d.alive() and s["pid"] == pid
+        # A stuck daemon: the command gives up with a message; the reload happens on SIGCONT.
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = _ksmctl(d, "reload", "--pid", str(pid), "--timeout", "1")
+            assert r.returncode == 1 and "did not confirm the reload within 1s" in r.stderr, r.stderr
+            assert time.monotonic() - t0 < 30
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: (d.state() or {}).get("reload", {}).get("count") == 3, 30, "the late reload")
+        assert d.stop() == 0
+
+
+def test_ksmctl_reload_signals_only_a_ksmctl_daemon(tmp_path):
+    """--pid of another process is refused without a signal (SIGHUP would kill it), and no
+    daemon at all is a message, not a wait."""
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text("state_file: %s\n" % (tmp_path / "state.json"))
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        r = subprocess.run([sys.executable, "-m", "ksmctl", "--config", str(cfg), "reload", "--pid", str(other.pid)],
+                           capture_output=True, text=True, timeout=60, cwd=str(REPO))
+        assert r.returncode == 2 and "not a running `ksmctl daemon` process" in r.stderr, r.stderr
+        assert other.poll() is None                    # not signalled
+    finally:
+        other.kill()
+        other.wait()
+    r = subprocess.run([sys.executable, "-m", "ksmctl", "--config", str(cfg), "reload"],
+                       capture_output=True, text=True, timeout=60, cwd=str(REPO))
+    assert r.returncode == 1 and "no running ksmctl daemon" in r.stderr, r.stderr
+    for bad in ("0", "-5", "x", "99999999999"):
+        r = subprocess.run([sys.executable, "-m", "ksmctl", "--config", str(cfg), "reload", "--pid", bad],
+                           capture_output=True, text=True, timeout=60, cwd=str(REPO))
+        assert r.returncode == 2 and "--pid" in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)

@@ -100,7 +100,9 @@ def test_directives_the_issue_asks_for():
     svc = lambda k: d.get(("Service", k), [])  # noqa: E731
     unit = lambda k: " ".join(d.get(("Unit", k), [])).split()  # noqa: E731
     assert svc("Type") == ["notify"]
-    assert svc("ExecReload") == ["/bin/kill -HUP $MAINPID"]
+    # Not a bare kill -HUP: the reload must be done (or refused) when systemctl returns.
+    assert svc("ExecReload")[0].split()[1:] == ["--config", "/etc/ksmctl/config.yaml", "reload", "--pid", "$MAINPID"]
+    assert svc("ExecReload")[0].split()[0] == svc("ExecStart")[0].split()[0]
     assert svc("Restart") == ["on-failure"]
     assert svc("WatchdogSec") and svc("WatchdogSec")[0] != "0"
     assert svc("ExecStart")[0].split()[1:] == ["--config", "/etc/ksmctl/config.yaml", "daemon"]

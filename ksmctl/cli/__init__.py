@@ -17,6 +17,7 @@ from .estimate import estimate
 from .knobs import set_cmd, unmerge
 from .merge import merge
 from .policy import policy
+from .reload import reload
 from .service import install, uninstall
 from .status import status
 from .vms import vms
@@ -39,7 +40,7 @@ def cli(ctx: click.Context, config_path: Optional[str], sys_root: str, proc_root
 
 
 
-for _command in (status, set_cmd, unmerge, policy, daemon, doctor, vms, merge, estimate, install, uninstall, compat_start, compat_stop):
+for _command in (status, set_cmd, unmerge, policy, daemon, reload, doctor, vms, merge, estimate, install, uninstall, compat_start, compat_stop):
     cli.add_command(_command)
 
 

@@ -115,6 +115,10 @@ class Daemon:
         self._tick_now = False
         self._ready_sent = False
         self._pending_errors: List[Tuple[ErrorSource, str]] = []  # from reloads, for the next tick
+        # The last reload's outcome, in the state file: `ksmctl reload` (the unit's
+        # ExecReload) waits for `count` to move, so `systemctl reload` returns once the
+        # daemon has switched or refused.
+        self.reloads: Dict[str, Any] = {"count": 0, "ok": True, "message": "", "at": None}
         self.ownership = KnobOwnership()  # what we wrote: restore, drift, back-off
         self._written: List[Change] = []  # this tick's writes, as they happen
         self.transition = UnmergedOnlyChanges(writer, wrote=self._wrote)  # max_page_sharing, merge_across_nodes
@@ -244,6 +248,7 @@ class Daemon:
             "readings": readings.to_dict(vm_table=True) if readings else None,
             "status": status_line(rec),
             "exporter": {"listen": self.config.exporter.listen if self.config.exporter.enabled else None},
+            "reload": dict(self.reloads),
         }
         if rec.merge is not None:
             out["merge"] = rec.merge.to_dict()
@@ -290,7 +295,7 @@ class Daemon:
             self.engine = self.engine.after_policy_change()
         log.info("reloaded: policy %s from %s (sha256 %s)%s", loaded.policy.name, loaded.path,
                  loaded.short_hash, "" if changed else ", unchanged")
-        self.notifier.ready()
+        self._reloaded(True, "")
         return True
 
     def _reload_failed(self, source: ErrorSource, e: Exception) -> bool:
@@ -298,8 +303,16 @@ class Daemon:
         log.error("reload rejected, keeping policy %s (%s): %s", self.loaded.policy.name,
                   self.loaded.short_hash, message)
         self._pending_errors.append((source, "reload rejected: " + message))
-        self.notifier.ready()
+        self._reloaded(False, message)
         return False
+
+    def _reloaded(self, ok: bool, message: str) -> None:
+        """Publish the outcome (state file, then READY=1) before anyone is told it is done.
+        Before the first tick there is no state to write: the first tick's carries it."""
+        self.reloads = {"count": self.reloads["count"] + 1, "ok": ok, "message": message, "at": time.time()}
+        if self.last is not None:
+            self._write_state(self.last)
+        self.notifier.ready()
 
     # -- the loop ---------------------------------------------------------------------------
     def _poke(self) -> None:

@@ -126,10 +126,12 @@ def _is_our_script(path: Path) -> bool:
 
 
 def render_unit(text: str, exec_path: str) -> str:
-    """Point ExecStart= at the ksmctl that is actually installed."""
-    new, n = re.subn(r"^ExecStart=\S+", "ExecStart=" + exec_path, text, count=1, flags=re.M)
-    if n != 1:
-        raise UsageError("shipped unit has no ExecStart= line to rewrite")
+    """Point ExecStart= and ExecReload= at the ksmctl that is actually installed."""
+    new = text
+    for key in ("ExecStart", "ExecReload"):
+        new, n = re.subn(r"^%s=\S+" % key, lambda _m, k=key: k + "=" + exec_path, new, count=1, flags=re.M)
+        if n != 1:
+            raise UsageError("shipped unit has no %s= line to rewrite" % key)
     return new
 
 

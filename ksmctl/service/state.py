@@ -103,6 +103,13 @@ class DecisionDoc(_Doc):
     ksmd_cpu_percent: Optional[float] = None
 
 
+class ReloadDoc(_Doc):
+    count: int = Field(ge=0, le=_BIG)
+    ok: bool
+    message: str = ""
+    at: Optional[float] = None
+
+
 class _StateDoc(_Doc):
     format: Optional[Literal["ksmctl-state"]] = None
     pid: Optional[int] = Field(default=None, ge=1, le=PID_MAX)
@@ -113,6 +120,7 @@ class _StateDoc(_Doc):
     policy: Optional[_PolicyDoc] = None
     decision: Optional[DecisionDoc] = None
     readings: Optional[_ReadingsDoc] = None
+    reload: Optional[ReloadDoc] = None
 
 
 def _problem(e: ValidationError) -> str:
