@@ -37,8 +37,8 @@ def _count(state: Optional[Dict[str, Any]]) -> int:
 
 
 def _is_ksmctl_daemon(c: CliContext, pid: int) -> bool:
-    argv = c.procfs().cmdline(pid)
-    return bool(argv) and "daemon" in argv and any("ksmctl" in a for a in argv)
+    argv = c.procfs().cmdline(pid) or ()
+    return "daemon" in argv and any("ksmctl" in a for a in argv)
 
 
 def _alive(pid: int) -> bool:

@@ -129,7 +129,7 @@ def render_unit(text: str, exec_path: str) -> str:
     """Point ExecStart= and ExecReload= at the ksmctl that is actually installed."""
     new = text
     for key in ("ExecStart", "ExecReload"):
-        new, n = re.subn(r"^%s=\S+" % key, lambda _m, k=key: k + "=" + exec_path, new, count=1, flags=re.M)
+        new, n = re.subn(r"^(%s=)\S+" % key, lambda m: m.group(1) + exec_path, new, count=1, flags=re.M)
         if n != 1:
             raise UsageError("shipped unit has no %s= line to rewrite" % key)
     return new
