@@ -297,6 +297,25 @@ def test_ksmctl_reload_returns_once_the_daemon_switched_or_refused(tmp_path):
         s = d.state()                                 # read at once: the interval is an hour
         assert s["policy"]["name"] == "test-two" and s["reload"] == dict(s["reload"], ok=True, count=2)
         assert d.alive() and s["pid"] == pid
+        if os.geteuid() == 0:    # not root: may not signal the daemon, said so (exit 3)
+            from click.testing import CliRunner
+            from ksmctl.cli import cli
+            rfd, wfd = os.pipe()
+            child = os.fork()
+            if child == 0:   # a real non-root uid (kill() checks the real one too)
+                try:
+                    os.setresuid(65534, 65534, 65534)
+                    res = CliRunner().invoke(cli, ["--config", str(d.config), "reload", "--pid", str(pid),
+                                                   "--timeout", "5"])
+                    os.write(wfd, ("%d %s" % (res.exit_code, res.output)).encode())
+                finally:
+                    os._exit(0)
+            os.close(wfd)
+            with os.fdopen(rfd) as f:
+                out = f.read()
+            os.waitpid(child, 0)
+            assert out.startswith("3 ") and "not permitted to signal the daemon" in out, out
+            assert d.state()["reload"]["count"] == 2
         # A stuck daemon: the command gives up with a message; the reload happens on SIGCONT.
         os.kill(pid, signal.SIGSTOP)
         try:

@@ -104,7 +104,7 @@ class Guest:
             if self.proc and self.proc.poll() is not None:
                 raise AssertionError("qemu exited (%s); console:\n%s"
                                      % (self.proc.returncode, self.console_text()[-4000:]))
-            if self._request({}, timeout=1.0) is not None:
+            if self._request({}, timeout=3.0) is not None:   # few pings: each one queues until boot
                 break
         left = max(5.0, end - time.monotonic())
         r = self.run(["systemctl", "is-system-running", "--wait"], timeout=left)
@@ -144,7 +144,14 @@ class Guest:
         assert self.sock is not None
         self._next_id += 1
         rid = self._next_id
-        self.sock.sendall((json.dumps(dict(req, id=rid)) + "\n").encode())
+        # Before the guest opens its port QEMU reads nothing: unanswered boot pings queue
+        # in the socket. A send may wait for room up to the request's own deadline.
+        self.sock.settimeout(max(timeout, 10.0))
+        try:
+            self.sock.sendall((json.dumps(dict(req, id=rid)) + "\n").encode())
+        except socket.timeout:
+            raise AssertionError("guest agent: request not taken within %ss (guest not reading); console:\n%s"
+                                 % (max(timeout, 10.0), self.console_text()[-4000:])) from None
         end = time.monotonic() + timeout
         while True:
             while b"\n" in self._buf:
