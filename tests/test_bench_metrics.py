@@ -197,3 +197,17 @@ def test_targets_cpu_per_gib_of_peak_against_ksmtuned_and_the_floor(ours, verdic
     assert len(kt) == 1 and len(fl) == 1, lines
     assert ("**%s**" % verdicts[0]) in kt[0] and "%.1f vs 10.0" % ours in kt[0]
     assert ("**%s**" % verdicts[1]) in fl[0] and "%.1f vs 7.0" % ours in fl[0]
+
+
+def test_release_fraction_counts_the_new_guests():
+    # At release (90 s) the saving is 1500 pages of the 1500 achievable with all guests.
+    m = summarize(SAMPLES, PHASES, 1000, 1500, PS, 40.0)
+    assert m["release_fraction"] == pytest.approx(1.0)
+    # Had the new guests not merged (saving flat at 1000 after 30 s), the peak would still be
+    # 100% (of the initial guests' 1000) but only two thirds at release.
+    flat = [dict(s, saved_pages=min(s["saved_pages"], 1000)) for s in SAMPLES]
+    m = summarize(flat, PHASES, 1000, 1500, PS, 40.0)
+    assert m["peak_fraction"] == pytest.approx(1.0) and m["release_fraction"] == pytest.approx(2 / 3)
+    lines = report.targets({"runs": [{"controller": {"name": "ksmctl default", "interval": 2.0}, "metrics": m,
+                                      "phases": PHASES.__dict__}]})
+    assert any("**MISSED** new guests merged too: at release, 66.7%" in x for x in lines), lines

@@ -172,6 +172,9 @@ def summarize(samples: Sequence[dict], ph: Phases, a0_pages: int, a1_pages: int,
             peak_frac = max(peak_frac, v / ach)
         peak_bytes = max(peak_bytes, v)
     m["peak_fraction"] = peak_frac if ts else None
+    # The peak may come before the new guests: what is merged when pressure ends, of all guests' achievable.
+    at_release = value_at(ts, sb, ph.release)
+    m["release_fraction"] = at_release / a1 if (at_release is not None and a1 > 0) else None
     m["peak_gib"] = peak_bytes / GIB
     p_cpu = delta(cts, cpu, ph.onset, ph.release)
     m["cpu_pressure_all_s"] = p_cpu

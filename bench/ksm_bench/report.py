@@ -80,6 +80,9 @@ def targets(result: dict, policy: str = "ksmctl default") -> List[str]:
                 % (d["t90_s"], kt["t90_s"], ratio))
     row(d["peak_fraction"] is not None and d["peak_fraction"] >= 0.99,
         "peak >= 99%% of the achievable: %.1f%%" % (100 * (d["peak_fraction"] or 0)))
+    rf = d.get("release_fraction")
+    if rf is not None:
+        row(rf >= 0.99, "new guests merged too: at release, %.1f%% of the achievable with all guests" % (100 * rf))
     rivals = [(n, x["mib_per_cpu_s"]) for n, x in (("ksmtuned default", kt), ("ksmtuned 10s", kt10),
                                                    ("kernel advisor", adv)) if x and x["mib_per_cpu_s"]]
     if rivals and d["mib_per_cpu_s"]:
