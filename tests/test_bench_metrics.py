@@ -165,6 +165,7 @@ def test_pages_volatile_mean_under_pressure():
     samples = [dict(s, pages_volatile=vol(s["t"])) for s in SAMPLES]
     m = summarize(samples, PHASES, 1000, 1500, PS, 40.0)
     assert m["volatile_mean_pages"] == pytest.approx((49 * 300 + 450 + 30 * 600) / 80)
+    assert m["volatile_settled_pages"] == 600.0   # at growth (60 s)
     assert summarize(SAMPLES, PHASES, 1000, 1500, PS, 40.0)["volatile_mean_pages"] is None
     assert mean_over([0.0, 10.0], [0.0, 100.0], 0, 10) == 50.0 and mean_over([], [], 0, 10) is None
     assert mean_over([0.0, 10.0], [1.0, 1.0], 5, 5) is None

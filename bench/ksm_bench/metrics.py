@@ -182,6 +182,9 @@ def summarize(samples: Sequence[dict], ph: Phases, a0_pages: int, a1_pages: int,
     # Pages ksmd found changed since its previous look (guests rewriting memory), under pressure.
     vts, vol = series(samples, "pages_volatile")
     m["volatile_mean_pages"] = mean_over(vts, vol, ph.onset, ph.release)
+    # Every page counts as volatile between ksmd's first and second look; once merging is
+    # done, what stays volatile is what guests keep rewriting: the value as new guests start.
+    m["volatile_settled_pages"] = value_at(vts, vol, ph.growth) if vts else None
 
     # When merges stop: merging is done once the saving is within 1% of its pre-growth
     # maximum; then how long until ksmd stays under 1% of a core.

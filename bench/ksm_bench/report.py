@@ -152,6 +152,9 @@ def markdown(result: dict, plot_name: str, elapsed: Optional[float] = None) -> s
         vol = r["metrics"].get("volatile_mean_pages")
         if vol is not None:
             notes.append("pages_volatile mean under pressure %.0f (%.0f MiB)" % (vol, vol * page / MIB))
+        settled = r["metrics"].get("volatile_settled_pages")
+        if settled is not None:
+            notes.append("pages_volatile when the new guests start %.0f (%.0f MiB)" % (settled, settled * page / MIB))
         parts.append("- %s (%s): %s" % (r["controller"]["name"], r["controller"]["description"], "; ".join(notes)))
     parts.append("")
     return "\n".join(parts)
