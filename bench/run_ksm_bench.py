@@ -1,6 +1,7 @@
 """ksmctl against what hosts run today, side by side on this machine's real KSM.
 
     sudo .venv/bin/python bench/run_ksm_bench.py [--quick] [--controllers a,b,...] [--out DIR]
+                                                 [--workload default,churn]
 
 Runs every controller (ksmctl with each shipped policy, ksmtuned with its defaults and
 with a 10 s interval, the kernel's advisor, the kernel's defaults, KSM off) one after
@@ -8,7 +9,11 @@ another on the same workload of guest-like processes with a known duplicate stru
 from a clean KSM state each time, under real memory pressure (a ballast), and writes
 results.md, ksm_bench.png and params.json. Holds the KSM test lock for its whole run.
 Prints its expected and its actual duration. --quick: small guests, short phases, four
-controllers (about 2 minutes).
+controllers (about 2 minutes). --workload: one or more of default (1-4% of guest pages
+rewritten continuously) and churn (a fifth of them: pages_volatile well above zero); with
+more than one, each workload's results go to DIR/<workload>/ and every workload's targets
+are printed. The "floor" controller is ksmd at full pace for exactly two passes from
+pressure onset (and from new guests): the cost of the merges themselves.
 """
 from __future__ import annotations
 
@@ -25,9 +30,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ksm_bench import controllers as ctl  # noqa: E402
 from ksm_bench import report  # noqa: E402
 from ksm_bench.run import Params, estimate_seconds, run_all  # noqa: E402
-from ksm_bench.workload import default_workload, quick_workload  # noqa: E402
+from ksm_bench.workload import WORKLOADS  # noqa: E402
 
-QUICK_CONTROLLERS = ["ksmctl:default", "ksmtuned:10", "advisor", "kernel-defaults"]
+QUICK_CONTROLLERS = ["ksmctl:default", "floor", "ksmtuned:10", "advisor", "kernel-defaults"]
 
 
 def quick_params() -> Params:
@@ -40,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, short phases, four controllers")
     ap.add_argument("--controllers", help="comma-separated: %s" % ",".join(ctl.ALL))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results directory")
+    ap.add_argument("--workload", default="default", help="comma-separated: %s" % ",".join(WORKLOADS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every guest's size")
     for name in ("calm", "pressure", "growth", "release", "window", "pressure_free", "floor_gib"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, help="override the phase/pressure parameter")
@@ -47,30 +53,54 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         print("needs root (writes /sys/kernel/mm/ksm)", file=sys.stderr)
         return 2
+    names = [w.strip() for w in args.workload.split(",") if w.strip()]
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown or not names:
+        print("unknown workload %s (choose from %s)" % (",".join(unknown), ",".join(WORKLOADS)), file=sys.stderr)
+        return 2
     p = quick_params() if args.quick else Params()
-    spec = quick_workload() if args.quick else default_workload()
-    if args.scale != 1.0:
-        from dataclasses import replace
-        spec = replace(spec, guests=[replace(g, mib=int(g.mib * args.scale)) for g in spec.guests],
-                       growth=[replace(g, mib=int(g.mib * args.scale)) for g in spec.growth])
     if args.controllers:
         p.controllers = [c.strip() for c in args.controllers.split(",") if c.strip()]
     for name in ("calm", "pressure", "growth", "release", "window", "pressure_free", "floor_gib"):
         v = getattr(args, name)
         if v is not None:
             setattr(p, name, v)
-    est = estimate_seconds(p)
-    print("KSM benchmark: %d controllers, expected about %.0f minutes (waits for the KSM test lock first)"
-          % (len(p.controllers), est / 60), flush=True)
+    est = estimate_seconds(p) * len(names)
+    print("KSM benchmark: %d controllers on %d workload(s), expected about %.0f minutes (waits for the KSM "
+          "test lock first)" % (len(p.controllers), len(names), est / 60), flush=True)
     t0 = time.monotonic()
-    result = run_all(spec, p, Path(args.out), log=lambda s: print(s, flush=True))
+    summary = []
+    # One lock for every workload: side by side means nobody else's KSM work in between.
+    from tests.ksmlock import ksm_exclusive
+    with ksm_exclusive():
+        _run_workloads(names, args, p, summary)
     elapsed = time.monotonic() - t0
-    files = report.write(result, Path(args.out), elapsed)
-    print(report.table(result))
-    print()
-    print("\n".join(report.targets(result)))
-    print("\nwrote %s, %s, %s; took %.1f minutes" % (files["md"], files["png"], files["json"], elapsed / 60))
+    for wname, lines, files in summary:
+        print("\n== targets, workload %s (%s)" % (wname, files["md"]))
+        print("\n".join(lines))
+    print("\ntook %.1f minutes" % (elapsed / 60))
     return 0
+
+
+def _run_workloads(names, args, p, summary) -> None:
+    for wname in names:
+        full, quick = WORKLOADS[wname]
+        spec = quick() if args.quick else full()
+        if args.scale != 1.0:
+            from dataclasses import replace
+            spec = replace(spec, guests=[replace(g, mib=int(g.mib * args.scale)) for g in spec.guests],
+                           growth=[replace(g, mib=int(g.mib * args.scale)) for g in spec.growth])
+        out = Path(args.out) if len(names) == 1 else Path(args.out) / wname
+        print("== workload %s" % wname, flush=True)
+        t1 = time.monotonic()
+        result = run_all(spec, p, out, log=lambda s: print(s, flush=True), lock=False)
+        result["workload_name"] = wname
+        files = report.write(result, out, time.monotonic() - t1)
+        print(report.table(result))
+        print()
+        lines = report.targets(result)
+        print("\n".join(lines))
+        summary.append((wname, lines, files))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 from ksm_bench import report  # noqa: E402
-from ksm_bench.metrics import Phases, first_reaching, integral, quiet_after, summarize, value_at  # noqa: E402
+from ksm_bench.metrics import (Phases, at_most, first_reaching, integral, mean_over, quiet_after, summarize,  # noqa: E402
+                               value_at)
 from ksm_bench.workload import GuestSpec, achievable_pages  # noqa: E402
 
 PS = 4096
@@ -153,3 +154,61 @@ def test_report_renders_table_targets_and_plot(tmp_path):
     assert "| ksmctl default | 50 | 15 | 19 | 20 | 100.0 |" in text
     assert "**HOLDS** peak >= 99% of the achievable: 100.0%" in text
     assert files["png"].stat().st_size > 10000
+
+
+def test_pages_volatile_mean_under_pressure():
+    # pages_volatile 0 before onset (10 s), 300 to 59 s, 600 from 60 s to release (90 s),
+    # interpolated between samples 1 s apart: the mean over [10, 90] is
+    # (49 x 300 + the 59..60 s ramp, 450 on average + 30 x 600) / 80 = 414.375.
+    def vol(t: float) -> float:
+        return 0.0 if t < 10 else 300.0 if t < 60 else 600.0
+    samples = [dict(s, pages_volatile=vol(s["t"])) for s in SAMPLES]
+    m = summarize(samples, PHASES, 1000, 1500, PS, 40.0)
+    assert m["volatile_mean_pages"] == pytest.approx((49 * 300 + 450 + 30 * 600) / 80)
+    assert m["volatile_settled_pages"] == 600.0   # at growth (60 s)
+    assert summarize(SAMPLES, PHASES, 1000, 1500, PS, 40.0)["volatile_mean_pages"] is None
+    assert mean_over([0.0, 10.0], [0.0, 100.0], 0, 10) == 50.0 and mean_over([], [], 0, 10) is None
+    assert mean_over([0.0, 10.0], [1.0, 1.0], 5, 5) is None
+
+
+def test_at_most_a_factor():
+    assert at_most(8.9, 9.9, 0.9) is True and at_most(9.0, 9.9, 0.9) is False
+    assert at_most(12.0, 10.0, 1.2) is True and at_most(12.1, 10.0, 1.2) is False
+    assert at_most(None, 1.0, 1.0) is None and at_most(1.0, None, 1.0) is None
+
+
+def _run(name: str, interval: float, cpu_per_gib: float) -> dict:
+    m = summarize(SAMPLES, PHASES, 1000, 1500, PS, 40.0)
+    m["cpu_s_per_gib_peak"] = cpu_per_gib
+    return {"controller": {"name": name, "interval": interval, "description": name}, "phases": PHASES.__dict__,
+            "metrics": m}
+
+
+@pytest.mark.parametrize("ours,verdicts", [
+    (8.0, ("HOLDS", "HOLDS")),     # 8.0 <= 0.9 x 10 = 9 and <= 1.2 x 7 = 8.4
+    (8.5, ("HOLDS", "MISSED")),    # above 1.2 x the floor
+    (9.5, ("MISSED", "MISSED")),   # above 0.9 x ksmtuned default as well
+])
+def test_targets_cpu_per_gib_of_peak_against_ksmtuned_and_the_floor(ours, verdicts):
+    result = {"runs": [_run("ksmctl default", 2.0, ours), _run("ksmtuned default", 60.0, 10.0),
+                       _run("floor", 1.0, 7.0)]}
+    lines = report.targets(result)
+    kt = [x for x in lines if "at most 0.9x ksmtuned default" in x]
+    fl = [x for x in lines if "at most 1.2x floor" in x]
+    assert len(kt) == 1 and len(fl) == 1, lines
+    assert ("**%s**" % verdicts[0]) in kt[0] and "%.1f vs 10.0" % ours in kt[0]
+    assert ("**%s**" % verdicts[1]) in fl[0] and "%.1f vs 7.0" % ours in fl[0]
+
+
+def test_release_fraction_counts_the_new_guests():
+    # At release (90 s) the saving is 1500 pages of the 1500 achievable with all guests.
+    m = summarize(SAMPLES, PHASES, 1000, 1500, PS, 40.0)
+    assert m["release_fraction"] == pytest.approx(1.0)
+    # Had the new guests not merged (saving flat at 1000 after 30 s), the peak would still be
+    # 100% (of the initial guests' 1000) but only two thirds at release.
+    flat = [dict(s, saved_pages=min(s["saved_pages"], 1000)) for s in SAMPLES]
+    m = summarize(flat, PHASES, 1000, 1500, PS, 40.0)
+    assert m["peak_fraction"] == pytest.approx(1.0) and m["release_fraction"] == pytest.approx(2 / 3)
+    lines = report.targets({"runs": [{"controller": {"name": "ksmctl default", "interval": 2.0}, "metrics": m,
+                                      "phases": PHASES.__dict__}]})
+    assert any("**MISSED** new guests merged too: at release, 66.7%" in x for x in lines), lines

@@ -93,6 +93,24 @@ INVALID = [
      "p.yaml:4: run.start_when[0].below.percent: 120.0 is not allowed: Input should be less than or equal to 100"),
 ]
 
+_SHARE = ("is not allowed: min_pass_yield is a share of the merging phase's yield per ksmd CPU-second: a number "
+          "from 0 to 1 (e.g. 0.05; 0 always runs the pass), found ")
+INVALID += [("name: x\nscan:\n  adaptive: {min_pass_yield: %s}\n" % v,
+             "p.yaml:3: scan.adaptive.min_pass_yield: %s %s%s" % (shown, _SHARE, found))
+            for v, shown, found in (("-0.01", "-0.01", "-0.01"), ("1.5", "1.5", "1.5"), ("'0.5'", "'0.5'", "'0.5'"),
+                                    ("true", "True", "True"), ("'nan'", "'nan'", "'nan'"))]
+INVALID += [("name: x\nscan:\n  adaptive: {min_pass_yield: [0.1]}\n",
+             "p.yaml:3: scan.adaptive.min_pass_yield: " + _SHARE.split("allowed: ", 1)[1] + "[0.1]"),
+            ("name: x\nscan:\n  adaptive: {min_pass_yield: .nan}\n",
+             "p.yaml:3: scan.adaptive.min_pass_yield: .nan: NaN and infinity are not allowed, write a finite number")]
+
+
+def test_min_pass_yield_accepts_shares_from_0_to_1():
+    for v in (0, 0.05, 1):
+        p = parse_policy("name: x\nscan:\n  adaptive: {min_pass_yield: %s}\n" % v)
+        assert p.scan.adaptive.min_pass_yield == v and isinstance(p.scan.adaptive.min_pass_yield, float)
+    assert parse_policy("name: x\n").scan.adaptive.min_pass_yield == 0.05
+
 
 @pytest.mark.parametrize("text,message", INVALID, ids=[m.split(": ", 2)[-1][:40] for _, m in INVALID])
 def test_invalid_policy_messages(text, message):

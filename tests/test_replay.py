@@ -132,3 +132,27 @@ def test_bad_state_value_in_a_trace_is_named(tmp_path):
     t.write_text(json.dumps(rec) + "\n")
     out = CliRunner().invoke(cli, ["policy", "replay", "--policy", "default", "--trace", str(t)])
     assert out.exit_code == 2 and "t.jsonl:1: not a ksmctl trace record" in out.output and "sleepy" in out.output
+
+
+def test_replay_explains_a_pass_not_worth_running(tmp_path):
+    """A churn trickle after two passes, recorded and replayed: the replayed decisions are
+    the recorded ones, and the row where the policy declines the extra pass says why."""
+    from ksmctl.policy.decide import EngineState, decide
+    from .test_decide import ADAPTIVE, MIB, reading
+    merge = 400 * MIB
+    ticks = [reading(t=0, mergeable=merge, ksmd_cpu=0.0),
+             reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400, ksmd_cpu=1.0),
+             reading(t=10, mergeable=merge, full_scans=2, pages_scanned=204800, pages_sharing=40000, ksmd_cpu=2.0),
+             reading(t=12, mergeable=merge, full_scans=2, pages_scanned=217600, pages_sharing=40060, ksmd_cpu=2.1),
+             reading(t=14, mergeable=merge, full_scans=2, pages_scanned=217800, pages_sharing=40061, ksmd_cpu=2.11)]
+    writer, state = TraceWriter(str(tmp_path / "t.jsonl")), EngineState()
+    for r in ticks:
+        decision, after = decide(ADAPTIVE, r, state)
+        writer.record("a", "0" * 64, r, state, decision)
+        state = after
+    result = replay(ADAPTIVE, str(tmp_path / "t.jsonl"))
+    assert result.differing == 0 and [r.replayed_rule for r in result.rows][2:] == [
+        "always/merging", "always/idle", "always/idle"]
+    row = result.rows[3]
+    assert "another full pass is not worth it" in row.reason and "(3.0%)" in row.reason
+    assert "because still 4.69 new merges per 1000 pages while checking" in row.format()

@@ -105,6 +105,20 @@ def quiet_after(cts: Sequence[float], cvs: Sequence[float], start: float, end: f
     return None
 
 
+def mean_over(ts: Sequence[float], vs: Sequence[float], a: float, b: float) -> Optional[float]:
+    """Time-weighted mean of the interpolated series over [a, b]; None without samples."""
+    if not ts or b <= a:
+        return None
+    return integral(ts, vs, a, b) / (b - a)
+
+
+def at_most(value: Optional[float], reference: Optional[float], factor: float) -> Optional[bool]:
+    """value <= factor x reference; None when either is unknown (the target cannot be checked)."""
+    if value is None or reference is None:
+        return None
+    return value <= factor * reference
+
+
 def cpu_percent_series(cts: Sequence[float], cvs: Sequence[float]) -> Tuple[List[float], List[float]]:
     """ksmd CPU in % of one core between consecutive samples (stamped at the later one)."""
     out_t, out_v = [], []
@@ -158,10 +172,19 @@ def summarize(samples: Sequence[dict], ph: Phases, a0_pages: int, a1_pages: int,
             peak_frac = max(peak_frac, v / ach)
         peak_bytes = max(peak_bytes, v)
     m["peak_fraction"] = peak_frac if ts else None
+    # The peak may come before the new guests: what is merged when pressure ends, of all guests' achievable.
+    at_release = value_at(ts, sb, ph.release)
+    m["release_fraction"] = at_release / a1 if (at_release is not None and a1 > 0) else None
     m["peak_gib"] = peak_bytes / GIB
     p_cpu = delta(cts, cpu, ph.onset, ph.release)
     m["cpu_pressure_all_s"] = p_cpu
     m["cpu_s_per_gib_peak"] = (p_cpu / (peak_bytes / GIB)) if (p_cpu is not None and peak_bytes > 0) else None
+    # Pages ksmd found changed since its previous look (guests rewriting memory), under pressure.
+    vts, vol = series(samples, "pages_volatile")
+    m["volatile_mean_pages"] = mean_over(vts, vol, ph.onset, ph.release)
+    # Every page counts as volatile between ksmd's first and second look; once merging is
+    # done, what stays volatile is what guests keep rewriting: the value as new guests start.
+    m["volatile_settled_pages"] = value_at(vts, vol, ph.growth) if vts else None
 
     # When merges stop: merging is done once the saving is within 1% of its pre-growth
     # maximum; then how long until ksmd stays under 1% of a core.

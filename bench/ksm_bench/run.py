@@ -106,15 +106,18 @@ def run_one(c: ctl.Controller, spec: WorkloadSpec, p: Params, workdir: Path, log
         phase[0] = "pressure"
         onset = time.monotonic() - t0
         ballast.hold()
+        c.on_phase("pressure")
         time.sleep(p.pressure_for(c))
         more = start_guests(spec.growth, len(spec.guests), spec.families, nonce)
         guests += more
         growth = time.monotonic() - t0
         phase[0] = "growth"
+        c.on_phase("growth")
         time.sleep(p.growth)
         phase[0] = "release"
         release = time.monotonic() - t0
         ballast.release()
+        c.on_phase("release")
         time.sleep(p.release)
         samples = sampler.stop()
         sampler = None

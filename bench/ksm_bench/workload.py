@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional
 
@@ -104,6 +104,23 @@ def quick_workload() -> WorkloadSpec:
                 GuestSpec(96, zero=0.05, os=0.45, app=0.10, within=0.10, within_pool=128)],
         growth=[GuestSpec(96, zero=0.10, os=0.35, app=0.10, within=0.10, within_pool=50)],
     )
+
+
+def churn_workload(base: Optional[WorkloadSpec] = None) -> WorkloadSpec:
+    """`base` (the default workload) with guests that rewrite a sizable share of their
+    memory continuously: a fifth of every guest's pages (taken from its unique pages, so
+    the achievable saving is unchanged) is rewritten at churn_rate per second. ksmd sees
+    those pages change between passes: pages_volatile stays well above zero."""
+    base = base or default_workload()
+
+    def churned(g: GuestSpec) -> GuestSpec:
+        extra = max(0.0, 0.20 - g.churn)
+        return replace(g, churn=g.churn + extra)
+    return replace(base, guests=[churned(g) for g in base.guests], growth=[churned(g) for g in base.growth])
+
+
+WORKLOADS = {"default": (default_workload, quick_workload),
+             "churn": (lambda: churn_workload(default_workload()), lambda: churn_workload(quick_workload()))}
 
 
 def _saving(copies: int, max_page_sharing: int) -> int:

@@ -250,6 +250,11 @@ class Adaptive(Model):
     interval found fewer than idle_yield new merges per 1000 pages scanned drops ksmd to
     the idle scan point. When that interval still merged (the last pass ended in it), the
     next one is scanned at verify_rate of the pace and decides: idle, or one more pass.
+    One more pass runs only when it is worth its cost: when the checking interval gained
+    at least min_pass_yield times the saving per ksmd CPU-second (per page scanned where
+    ksmd's CPU time is unknown) that the merging phase gained on average; below that
+    (guests rewriting memory leave a trickle of merges) it goes idle, whose slow scan
+    still merges the trickle. 0 always runs the pass.
     It resumes when mergeable memory grows by resume_growth (new guests: min_passes
     again), or when the start conditions become newly true."""
 
@@ -259,6 +264,18 @@ class Adaptive(Model):
     verify_rate: float = Field(default=0.1, gt=0, le=1)  # share of the pace while checking for leftovers
     idle: ScanPoint = ScanPoint(pages_to_scan=100, sleep_millisecs=1000)
     resume_growth: int = Field(default=64 * 1024 * 1024, ge=0)
+    # Another full pass only when the checking interval's saving per ksmd CPU-second is at
+    # least this share of the merging phase's average (0..1; 0: always pass).
+    min_pass_yield: float = Field(default=0.05, ge=0, le=1)
+
+    @field_validator("min_pass_yield", mode="before")
+    @classmethod
+    def _share(cls, v: Any) -> Any:
+        """A share 0..1 written as a number; a bool or a string is a mistake, not a value."""
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:  # NaN fails 0 <= v
+            raise ValueError("min_pass_yield is a share of the merging phase's yield per ksmd CPU-second: "
+                             "a number from 0 to 1 (e.g. 0.05; 0 always runs the pass), found %r" % (v,))
+        return float(v)
 
     @field_validator("resume_growth", mode="before")
     @classmethod

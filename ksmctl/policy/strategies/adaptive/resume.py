@@ -1,7 +1,9 @@
-"""When the adaptive strategy counts passes from 0 again: KSM (re)starts (one pass more
-when ksmd already holds pages: its cursor is part-way through a pass and pages behind it
-changed unseen), or mergeable memory grows by resume_growth. New guests are added at the
-end of ksmd's list, ahead of its cursor, so growth needs no extra pass."""
+"""When the adaptive strategy counts passes from 0 again: KSM (re)starts, or mergeable
+memory grows by resume_growth. Either way one pass more when ksmd already holds pages
+(its cursor is part-way through a pass): on a restart, pages behind the cursor changed
+unseen; on growth, the kernel adds a new process just behind the cursor (mm/ksm.c
+__ksm_enter, "insert just behind the scanning cursor"), so the first boundary after it
+started comes before ksmd has seen its memory at all."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -15,9 +17,11 @@ from ksmctl.units import format_bytes
 
 def restart(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Optional[Step]:
     """The phase after a (re)start or growth; None when neither happened."""
-    fresh = replace(state, passes=0, verifying=False, last_pass_yield=None, idle_mergeable=tick.mergeable)
+    fresh = replace(state, passes=0, verifying=False, last_pass_yield=None, idle_mergeable=tick.mergeable,
+                    phase_start=tick.now)
+    behind = 1 if tick.rmap_pages > 0 else 0   # the cursor is somewhere in a pass
     if tick.restarted or tick.last is None:
-        need = ad.min_passes + (1 if tick.rmap_pages > 0 else 0)
+        need = ad.min_passes + behind
         rule = ScanRule.resume if tick.resumed else ScanRule.merging
         return replace(fresh, mode=AdaptiveMode.merging, need_passes=need), rule, ()
     grown = tick.grown(state)
@@ -28,10 +32,11 @@ def restart(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Optional[Step]:
                 ("no new merges to find; idle scan",)
         why = "mergeable memory grew by %s since idle (> %s)" % (format_bytes(grown or 0),
                                                                   format_bytes(ad.resume_growth))
-        return replace(fresh, mode=AdaptiveMode.merging, need_passes=ad.min_passes), ScanRule.resume, (why,)
+        return replace(fresh, mode=AdaptiveMode.merging, need_passes=ad.min_passes + behind), ScanRule.resume, \
+            (why,)
     if grew:
         # New memory while merging: it too needs min_passes before anything is known.
-        need = max(ad.min_passes, state.need_passes - state.passes)
+        need = max(ad.min_passes + behind, state.need_passes - state.passes)
         why = "mergeable memory grew by %s while merging: counting passes again" % format_bytes(grown or 0)
         return replace(fresh, need_passes=need), ScanRule.merging, (why,)
     return None

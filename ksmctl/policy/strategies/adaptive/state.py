@@ -16,11 +16,12 @@ class AdaptiveState:
     need_passes: int = 0                     # boundaries to see before idling is allowed
     verifying: bool = False                  # passes done, checking one interval at verify_rate
     idle_mergeable: Optional[int] = None     # mergeable memory's low-water mark since passes were counted from 0
+    phase_start: Optional[Mark] = None       # the counters when passes were counted from 0 (worth.py)
 
     def stopped(self) -> "AdaptiveState":
         """While KSM is stopped: merging again from pass 0 when it restarts."""
         return AdaptiveState(AdaptiveMode.merging, 0, self.last_pass_yield, self.need_passes, self.verifying,
-                             self.idle_mergeable)
+                             self.idle_mergeable, self.phase_start)
 
 
 @dataclass(frozen=True)
