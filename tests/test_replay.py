@@ -122,7 +122,8 @@ def test_traces_written_before_the_strategy_split_still_replay_and_round_trip():
             assert state_to_dict(state_from_dict(rec["state_before"])) == rec["state_before"]
     new = json.loads(record_trace(__import__("pathlib").Path(__import__("tempfile").mkdtemp()), ticks=2)
                      .read_text().splitlines()[1])
-    assert list(new["state_before"]) == list(records[0]["state_before"])  # same keys, same order
+    # same keys, same order; the adaptive phase's start is appended once it has one
+    assert [k for k in new["state_before"] if k != "phase_start"] == list(records[0]["state_before"])
 
 
 def test_bad_state_value_in_a_trace_is_named(tmp_path):
@@ -156,3 +157,10 @@ def test_replay_explains_a_pass_not_worth_running(tmp_path):
     row = result.rows[3]
     assert "another full pass is not worth it" in row.reason and "(3.0%)" in row.reason
     assert "because still 4.69 new merges per 1000 pages while checking" in row.format()
+    # A trace that begins mid-check (rotated, or the daemon's trace switched on late) carries
+    # the phase's start in its first state: replayed from there, the same decisions.
+    lines = (tmp_path / "t.jsonl").read_text().splitlines()
+    assert "phase_start" in json.loads(lines[3])["state_before"]
+    (tmp_path / "late.jsonl").write_text("\n".join(lines[3:]) + "\n")
+    late = replay(ADAPTIVE, str(tmp_path / "late.jsonl"))
+    assert late.differing == 0 and [r.replayed_rule for r in late.rows] == ["always/idle", "always/idle"]

@@ -44,11 +44,14 @@ def state_to_dict(s: EngineState) -> Dict[str, Any]:
     """The flat shape traces have always had (one key per field of every strategy's state),
     so old and new traces are interchangeable."""
     ad = s.adaptive
-    return {"active": s.run.active, "npages": s.step.npages, "mode": ad.mode.value,
-            "last": asdict(s.last) if s.last is not None else None, "passes": ad.passes,
-            "last_pass_yield": ad.last_pass_yield, "need_passes": ad.need_passes, "verifying": ad.verifying,
-            "available_history": [list(p) for p in s.available_history], "idle_mergeable": ad.idle_mergeable,
-            "cpu_scale": s.budget.cpu_scale}
+    out = {"active": s.run.active, "npages": s.step.npages, "mode": ad.mode.value,
+           "last": asdict(s.last) if s.last is not None else None, "passes": ad.passes,
+           "last_pass_yield": ad.last_pass_yield, "need_passes": ad.need_passes, "verifying": ad.verifying,
+           "available_history": [list(p) for p in s.available_history], "idle_mergeable": ad.idle_mergeable,
+           "cpu_scale": s.budget.cpu_scale}
+    if ad.phase_start is not None:   # a key of later traces only: older ones round-trip unchanged
+        out["phase_start"] = asdict(ad.phase_start)
+    return out
 
 
 T = TypeVar("T")
@@ -90,7 +93,8 @@ def state_from_dict(d: Dict[str, Any]) -> EngineState:
     try:
         ad = AdaptiveState(AdaptiveMode(_field(d, "mode", str, "merging")), _field(d, "passes", _int, 0),
                            _field(d, "last_pass_yield", _num, None), _field(d, "need_passes", _int, 0),
-                           _field(d, "verifying", _bool, False), _field(d, "idle_mergeable", _int, None))
+                           _field(d, "verifying", _bool, False), _field(d, "idle_mergeable", _int, None),
+                           _field(d, "phase_start", _mark, None))
         history = tuple((_num(t), _int(v)) for t, v in d.get("available_history") or ())
         return EngineState(run=RunState(_field(d, "active", _bool, None)),
                            step=StepState(_field(d, "npages", _int, None)), adaptive=ad,
