@@ -10,7 +10,7 @@ ballast); two more guests boot during pressure. The achievable saving is measure
 new guests), not assumed. Writes results.md, guest_bench.png, params.json and run.json
 (default bench/results/guests/). Holds the KSM test lock for its whole run and destroys
 every domain it created. Prints its expected and its actual duration. --quick: two small
-guests and one more, short phases, ksmctl default and ksmtuned widened at 10 s (about 4
+guests and one more, short phases, ksmctl default and ksmtuned widened at 10 s (about 5
 minutes).
 """
 from __future__ import annotations

@@ -377,9 +377,8 @@ def _thp_mode(path: Path) -> str:
 def no_thp() -> Iterator[Dict[str, str]]:
     """Transparent hugepages off (enabled=never) while the guests run; the modes found are
     restored afterwards. QEMU asks for THP on guest RAM (MADV_HUGEPAGE), and on this kernel
-    splitting an anonymous THP (which ksmd does to merge one of its pages, and the
-    underused-THP shrinker does under pressure) maps its zero-filled subpages to the shared
-    zero page: a saving that neither pages_sharing nor ksm_zero_pages counts, that run=2 does
+    splitting an anonymous THP (which ksmd does to merge one of its pages; under pressure
+    the kernel does it too) maps its zero-filled subpages to the shared zero page: a saving that neither pages_sharing nor ksm_zero_pages counts, that run=2 does
     not undo (so it would carry over from one controller to the next on the same guests),
     and that also happens with KSM off. Measured on two of these guests (use_zero_pages=0):
     after KSM converged, frame sharing was 59,709 KSM pages (= pages_sharing) plus 36,905
