@@ -1,6 +1,6 @@
 """A short run of the real-guest KSM benchmark (bench/run_guest_bench.py): two small
 libvirt guests (software emulation) and one more started during pressure, the default
-ksmctl policy, about two and a half minutes on the real kernel. The full comparison stays
+ksmctl policy, under two minutes on the real kernel. The full comparison stays
 a manual command. Asserts what the harness must get right: the achievable saving measured
 by `ksmctl estimate` over the QEMU processes, the kernel's saving reaching it, the table
 row, every domain gone afterwards. Never timing targets."""
