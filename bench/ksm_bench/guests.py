@@ -457,11 +457,11 @@ def run_all(wl: GuestWorkload, p: Params, out: Path, log: Callable[[str], None] 
                 restore(saved)
         guard = _restoring()
     old_term = signal.signal(signal.SIGTERM, _sigterm)
-    pool = GuestPool(wl, log)
     try:
         called = time.monotonic()
         with guard as found, no_thp() as thp, tempfile.TemporaryDirectory(prefix="ksm-guest-bench-") as tmp:
             result["lock_wait_s"] = round(time.monotonic() - called, 1)
+            pool = GuestPool(wl, log)  # its work directory exists only while the lock is held
             result["ksm_found"] = found
             result["thp_found"] = thp
             try:
