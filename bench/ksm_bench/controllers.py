@@ -155,6 +155,8 @@ class KsmtunedController(Controller):
     so with plain processes (and with software-emulated guests) it sees none and reacts
     only to free memory (MemFree+Buffers+Cached) below 20% of MemTotal."""
 
+    script = KSMTUNED   # the script run (a subclass may run a modified copy)
+
     def __init__(self, interval: Optional[int] = None) -> None:
         self.monitor_interval = interval
         self.interval = float(interval or 60)
@@ -171,7 +173,7 @@ class KsmtunedController(Controller):
         env = dict(os.environ, PIDFILE=str(workdir / "ksmtuned.pid"))
         if self.monitor_interval:
             env["KSM_MONITOR_INTERVAL"] = str(self.monitor_interval)
-        p = subprocess.Popen([KSMTUNED], env=env, start_new_session=True, stdin=subprocess.DEVNULL,
+        p = subprocess.Popen([self.script], env=env, start_new_session=True, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         p.wait(timeout=10)  # the script forks its loop and exits
         self.pgid = p.pid

@@ -17,7 +17,7 @@ import time
 import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from tests.support import wait_for
 
@@ -137,9 +137,16 @@ def ensure_kernel() -> Path:
     return CACHE / "vmlinuz"
 
 
-def build_initramfs(dest: Path, shared_mb: int = 48, unique_mb: int = 8, tmpfs_mb: int = 100) -> Path:
+def build_initramfs(dest: Path, shared_mb: int = 48, unique_mb: int = 8, tmpfs_mb: int = 100,
+                    init: Optional[str] = None, add_files: Optional[Callable[[Path], None]] = None,
+                    compress: bool = True) -> Path:
     """A gzip'd newc cpio of busybox-static plus INIT_SCRIPT, built from the host's packages
-    at test time so no binary is ever committed. Sizes are approximate MiB of text."""
+    at test time so no binary is ever committed. Sizes are approximate MiB of text.
+
+    init: another init script instead of INIT_SCRIPT (the sizes are then unused);
+    add_files(root): puts more files into the tree before it is archived; compress=False
+    writes a plain cpio (the kernel unpacks it without decompressing, much faster under
+    software emulation for a large initramfs)."""
     busybox = shutil.which("busybox") or "/bin/busybox"
     if not os.path.exists(busybox):
         raise RuntimeError("lab: busybox (Debian busybox-static) is not installed")
@@ -151,18 +158,24 @@ def build_initramfs(dest: Path, shared_mb: int = 48, unique_mb: int = 8, tmpfs_m
         for ko in (CACHE / "modules").glob("*.ko"):
             shutil.copy2(ko, root / "lib" / "modules" / ko.name)
         copies = max(1, int(shared_mb * 1024 * 1024 / os.path.getsize(busybox)))
-        init = INIT_SCRIPT % {
-            "modules": " ".join(MODULES), "tmpfs_mb": tmpfs_mb,
-            "shared_copies": copies, "unique_blocks": unique_mb * 16,
-        }
+        if init is None:
+            init = INIT_SCRIPT % {
+                "modules": " ".join(MODULES), "tmpfs_mb": tmpfs_mb,
+                "shared_copies": copies, "unique_blocks": unique_mb * 16,
+            }
         (root / "init").write_text(init)
+        if add_files is not None:
+            add_files(root)
         os.chmod(root / "init", 0o755)
         names = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
         archive = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc"], cwd=str(root),
                                  input=("\n".join(names) + "\n").encode(), stdout=subprocess.PIPE,
                                  check=True).stdout
-        with gzip.open(str(dest), "wb", compresslevel=1) as f:
-            f.write(archive)
+        if compress:
+            with gzip.open(str(dest), "wb", compresslevel=1) as f:
+                f.write(archive)
+        else:
+            dest.write_bytes(archive)
     finally:
         shutil.rmtree(str(root), ignore_errors=True)
     return dest
@@ -187,8 +200,10 @@ class Guest:
 
 
 def domain_xml(name: str, uuid: str, kernel: Path, initrd: Path, serial_log: Path, seed: int,
-               memory_mib: int = 256, nosharepages: bool = False, memory_backing: str = "") -> str:
-    """memory_backing: the inner XML of <memoryBacking> (e.g. "<hugepages/><source type='memfd'/>")."""
+               memory_mib: int = 256, nosharepages: bool = False, memory_backing: str = "",
+               cmdline_extra: str = "") -> str:
+    """memory_backing: the inner XML of <memoryBacking> (e.g. "<hugepages/><source type='memfd'/>");
+    cmdline_extra: more words for the guest kernel's command line (read by a custom init)."""
     inner = memory_backing + ("<nosharepages/>" if nosharepages else "")
     backing = "<memoryBacking>%s</memoryBacking>" % inner if inner else ""
     return """<domain type='qemu'>
@@ -202,7 +217,7 @@ def domain_xml(name: str, uuid: str, kernel: Path, initrd: Path, serial_log: Pat
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet loglevel=3 ksmlab.seed={seed}</cmdline>
+    <cmdline>console=ttyS0 panic=-1 quiet loglevel=3 ksmlab.seed={seed}{extra}</cmdline>
   </os>
   <on_poweroff>destroy</on_poweroff>
   <on_reboot>destroy</on_reboot>
@@ -219,7 +234,7 @@ def domain_xml(name: str, uuid: str, kernel: Path, initrd: Path, serial_log: Pat
   </devices>
 </domain>
 """.format(name=name, uuid=uuid, mem=memory_mib, backing=backing, kernel=kernel, initrd=initrd,
-           seed=seed, serial=serial_log)
+           seed=seed, serial=serial_log, extra=(" " + cmdline_extra) if cmdline_extra else "")
 
 
 @dataclass
@@ -342,14 +357,15 @@ class Lab:
             self.initrd = build_initramfs(self.workdir / "initramfs.cpio.gz")
 
     def start_guest(self, nosharepages: bool = False, memory_mib: int = 256, memory_backing: str = "",
-                    tag: str = "") -> Guest:
+                    tag: str = "", cmdline_extra: str = "") -> Guest:
         self.prepare_guest_files()
         self._seed += 1
         name = "%s-%d%s%s" % (self.prefix, self._seed, "-noshare" if nosharepages else "", "-" + tag if tag else "")
         guest = Guest(name=name, uuid=str(uuidlib.uuid4()),
                       serial_log=self.workdir / (name + ".serial.log"), nosharepages=nosharepages)
         xml = domain_xml(name, guest.uuid, self.kernel, self.initrd, guest.serial_log, self._seed,
-                         memory_mib=memory_mib, nosharepages=nosharepages, memory_backing=memory_backing)
+                         memory_mib=memory_mib, nosharepages=nosharepages, memory_backing=memory_backing,
+                         cmdline_extra=cmdline_extra)
         (self.workdir / (name + ".xml")).write_text(xml)
         self.guests[name] = guest
         self.conn().createXML(xml, 0)  # transient: gone for good once destroyed
