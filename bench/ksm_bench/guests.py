@@ -42,13 +42,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional
 
-from tests.lab.lab import Guest, Lab, build_initramfs, ensure_kernel, pid_alive
+from tests.lab.lab import INIT_PREAMBLE, Guest, Lab, build_initramfs, ensure_kernel, pid_alive
 
 from . import controllers as ctl
 from . import report
-from .metrics import Phases, summarize
-from .run import GIB, Params, machine
-from .sampler import Sampler
+from .metrics import summarize
+from .run import GIB, Params, drive, lead_for, machine
 from .workload import MIB, PAGE, Ballast, meminfo
 
 PREFIX = "ksmbench"
@@ -56,14 +55,7 @@ OS_SEED = 20261201
 
 # The init of every bench guest. Sizes come from the kernel command line (one initramfs
 # for all guests). Prints KSMLAB-READY (the lab's marker) once its memory is loaded.
-INIT = r"""#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev 2>/dev/null
-exec >/dev/console 2>&1
-echo KSMLAB-INIT
-Z=0; U=0; C=0; SEED=0
+INIT = INIT_PREAMBLE + r"""Z=0; U=0; C=0; SEED=0
 for w in $(cat /proc/cmdline); do
     case "$w" in
         ksmbench.zero=*) Z=${w#*=} ;;
@@ -282,10 +274,6 @@ def guest_params() -> Params:
                   pressure_free=0.17, controllers=list(DEFAULT_CONTROLLERS))
 
 
-def lead_for(c: ctl.Controller, p: Params) -> float:
-    return max(0.0, c.interval / 2.0 - p.calm) if c.interval > 2 * p.calm else 0.0
-
-
 def estimate_seconds(p: Params, setup: float = 8.0, boot: float = 90.0) -> float:
     """setup: per controller (two estimate scans, unmerging, the new guests destroyed), as measured."""
     total = boot
@@ -307,41 +295,12 @@ def run_one(c: ctl.Controller, pool: GuestPool, initial: List[Guest], p: Params,
     mi = meminfo()
     ballast = Ballast(int(mi["MemTotal"] * p.pressure_free), int(p.floor_gib * GIB)).start()
     more: List[Guest] = []
-    phase = ["setup"]
-    sampler: Optional[Sampler] = None
+    extra = lambda: {"ballast": ballast.rss(), "growth_ready": sum(1 for g in more if g.ready())}  # noqa: E731
     try:
-        extra = lambda: {"ballast": ballast.rss(), "growth_ready": sum(1 for g in more if g.ready())}  # noqa: E731
-        sampler = Sampler(lambda: phase[0], extra)
-        lead = lead_for(c, p)
-        c.start(workdir)
-        time.sleep(lead)
-        phase[0] = "calm"
-        sampler.start()
-        t0 = sampler.t0
-        time.sleep(p.calm)
-        phase[0] = "pressure"
-        onset = time.monotonic() - t0
-        ballast.hold()
-        time.sleep(p.pressure_for(c))
-        growth = time.monotonic() - t0
-        phase[0] = "growth"
-        more += pool.boot(pool.wl.growth, "new")
-        time.sleep(max(0.0, growth + p.growth - (time.monotonic() - t0)))
-        phase[0] = "release"
-        release = time.monotonic() - t0
-        ballast.release()
-        time.sleep(p.release)
-        samples = sampler.stop()
-        sampler = None
-        end = float(samples[-1]["t"])  # type: ignore[arg-type]
-        own_cpu = c.own_cpu()
+        samples, ph, own_cpu = drive(c, p, ballast, workdir, lambda: more.extend(pool.boot(pool.wl.growth, "new")),
+                                     extra)
     finally:
-        if sampler is not None:
-            sampler.stop()
-        try:
-            c.stop()
-        finally:
-            ballast.stop()
+        ballast.stop()
     try:
         pool.wait_ready(more, 120)
         new_ready = [ready_at(g) for g in more]
@@ -352,7 +311,7 @@ def run_one(c: ctl.Controller, pool: GuestPool, initial: List[Guest], p: Params,
     uzp = bool(int(samples[0].get("use_zero_pages") or 0))
     mps = int(samples[0].get("max_page_sharing") or 256)
     a0, a1 = int(est0["achievable_capped"]), int(est1["achievable_capped"])  # type: ignore[call-overload]
-    ph = Phases(onset, growth, release, end)
+    growth = ph.growth
     m = summarize(samples, ph, a0, a1, PAGE, p.window)
     m["controller_cpu_s"] = own_cpu
     min_avail = min(int(s["mem_available"]) for s in samples)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from . import controllers as ctl
 from .metrics import Phases, summarize
@@ -72,72 +72,78 @@ def foreign_mergeable(ours: List[int]) -> int:
     return total
 
 
+def lead_for(c: ctl.Controller, p: Params) -> float:
+    """A controller that looks every N seconds is started so that its first look after
+    pressure onset falls N/2 s after it: the expected case, neither lucky nor unlucky."""
+    return max(0.0, c.interval / 2.0 - p.calm) if c.interval > 2 * p.calm else 0.0
+
+
 def estimate_seconds(p: Params, setup: float = 15.0) -> float:
-    total = 0.0
-    for name in p.controllers:
-        c = ctl.make(name)
-        lead = max(0.0, c.interval / 2.0 - p.calm) if c.interval > 2 * p.calm else 0.0
-        total += lead + p.calm + p.pressure_for(c) + p.growth + p.release + setup
-    return total
+    return sum(lead_for(c, p) + p.calm + p.pressure_for(c) + p.growth + p.release + setup
+               for c in map(ctl.make, p.controllers))
 
 
-def run_one(c: ctl.Controller, spec: WorkloadSpec, p: Params, workdir: Path, log=print) -> Dict[str, object]:
-    ctl.kernel_reset()
-    mi = meminfo()
-    ballast = Ballast(int(mi["MemTotal"] * p.pressure_free), int(p.floor_gib * GIB)).start()
-    guests = []
+def drive(c: ctl.Controller, p: Params, ballast: Ballast, workdir: Path, start_growth: Callable[[], None],
+          extra: Callable[[], Dict[str, object]]) -> Tuple[List[Dict[str, object]], Phases, Optional[float]]:
+    """The phases every workload runs, sampled every second: calm, pressure (the ballast
+    holds), growth (start_growth starts the new guests), release. Stops the controller on
+    the way out; the caller stops its guests and the ballast. The samples, the phase
+    times (seconds since the first sample) and the controller's own CPU."""
     phase = ["setup"]
-    sampler: Optional[Sampler] = None
+    sampler: Optional[Sampler] = Sampler(lambda: phase[0], extra)
     try:
-        nonce = int(time.time()) & 0xFFFF
-        guests = start_guests(spec.guests, 0, spec.families, nonce)
-        foreign = foreign_mergeable([g.proc.pid for g in guests] + ballast.pids)  # type: ignore
-        extra = lambda: {"ballast": ballast.rss()}  # noqa: E731
-        sampler = Sampler(lambda: phase[0], extra)
-        # A controller that looks every N seconds is started so that its first look after
-        # pressure onset falls N/2 s after it: the expected case, neither lucky nor unlucky.
-        lead = max(0.0, c.interval / 2.0 - p.calm) if c.interval > 2 * p.calm else 0.0
         c.start(workdir)
-        time.sleep(lead)
+        time.sleep(lead_for(c, p))
         phase[0] = "calm"
-        sampler.start()
-        t0 = sampler.t0
+        sampler.start()  # type: ignore[union-attr]
+        t0 = sampler.t0  # type: ignore[union-attr]
         time.sleep(p.calm)
         phase[0] = "pressure"
         onset = time.monotonic() - t0
         ballast.hold()
         c.on_phase("pressure")
         time.sleep(p.pressure_for(c))
-        more = start_guests(spec.growth, len(spec.guests), spec.families, nonce)
-        guests += more
         growth = time.monotonic() - t0
         phase[0] = "growth"
+        start_growth()
         c.on_phase("growth")
-        time.sleep(p.growth)
+        time.sleep(max(0.0, growth + p.growth - (time.monotonic() - t0)))
         phase[0] = "release"
         release = time.monotonic() - t0
         ballast.release()
         c.on_phase("release")
         time.sleep(p.release)
-        samples = sampler.stop()
+        samples = sampler.stop()  # type: ignore[union-attr]
         sampler = None
-        end = float(samples[-1]["t"])  # type: ignore[arg-type]
-        own_cpu = c.own_cpu()
+        return samples, Phases(onset, growth, release, float(samples[-1]["t"])), c.own_cpu()  # type: ignore[arg-type]
     finally:
         if sampler is not None:
             sampler.stop()
-        try:
-            c.stop()
-        finally:
-            for g in guests:
-                g.stop()
-            ballast.stop()
-            ctl.kernel_reset()
+        c.stop()
+
+
+def run_one(c: ctl.Controller, spec: WorkloadSpec, p: Params, workdir: Path, log=print) -> Dict[str, object]:
+    ctl.kernel_reset()
+    mi = meminfo()
+    ballast = Ballast(int(mi["MemTotal"] * p.pressure_free), int(p.floor_gib * GIB)).start()
+    guests: List = []
+    try:
+        nonce = int(time.time()) & 0xFFFF
+        guests = start_guests(spec.guests, 0, spec.families, nonce)
+        foreign = foreign_mergeable([g.proc.pid for g in guests] + ballast.pids)  # type: ignore
+
+        def growth() -> None:
+            guests.extend(start_guests(spec.growth, len(spec.guests), spec.families, nonce))
+        samples, ph, own_cpu = drive(c, p, ballast, workdir, growth, lambda: {"ballast": ballast.rss()})
+    finally:
+        for g in guests:
+            g.stop()
+        ballast.stop()
+        ctl.kernel_reset()
     uzp = bool(int(samples[0].get("use_zero_pages") or 0))
     mps = int(samples[0].get("max_page_sharing") or 256)
     a0 = achievable_pages(spec.guests, spec.families, uzp, mps)
     a1 = achievable_pages(spec.guests + spec.growth, spec.families, uzp, mps)
-    ph = Phases(onset, growth, release, end)
     m = summarize(samples, ph, a0, a1, PAGE, p.window)
     m["controller_cpu_s"] = own_cpu
     min_avail = min(int(s["mem_available"]) for s in samples)  # type: ignore[arg-type]

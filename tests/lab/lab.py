@@ -33,18 +33,22 @@ BOOT_MARKER = "KSMLAB-INIT"
 MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
            "virtio_pci", "virtio_balloon")
 
-# The guest init: the same shared_mb in every guest (mergeable across guests), then
-# unique_mb that differs per guest (never mergeable), both in tmpfs, which lives in guest
-# RAM and so in QEMU's anonymous, mergeable memory. Loads virtio_balloon so the guest
-# reports its free memory. Prints READY_MARKER on the serial console when done.
-INIT_SCRIPT = r"""#!/bin/busybox sh
+# How every lab and bench guest's busybox init begins: the basic mounts, output on the
+# serial console, and BOOT_MARKER.
+INIT_PREAMBLE = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev 2>/dev/null
 exec >/dev/console 2>&1
 echo KSMLAB-INIT
-for m in %(modules)s; do insmod /lib/modules/$m.ko || echo "KSMLAB-NOMOD $m"; done
+"""
+
+# The guest init: the same shared_mb in every guest (mergeable across guests), then
+# unique_mb that differs per guest (never mergeable), both in tmpfs, which lives in guest
+# RAM and so in QEMU's anonymous, mergeable memory. Loads virtio_balloon so the guest
+# reports its free memory. Prints READY_MARKER on the serial console when done.
+INIT_SCRIPT = INIT_PREAMBLE + r"""for m in %(modules)s; do insmod /lib/modules/$m.ko || echo "KSMLAB-NOMOD $m"; done
 SEED=0
 for w in $(cat /proc/cmdline); do
     case "$w" in ksmlab.seed=*) SEED=${w#ksmlab.seed=} ;; esac
