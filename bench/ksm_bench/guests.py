@@ -47,7 +47,7 @@ from tests.lab.lab import INIT_PREAMBLE, Guest, Lab, build_initramfs, ensure_ker
 from . import controllers as ctl
 from . import report
 from .metrics import summarize
-from .run import GIB, Params, drive, lead_for, machine
+from .run import GIB, Params, drive, ksm_guard, lead_for, machine
 from .workload import MIB, PAGE, Ballast, meminfo
 
 PREFIX = "ksmbench"
@@ -399,22 +399,11 @@ def run_all(wl: GuestWorkload, p: Params, out: Path, log: Callable[[str], None] 
     """Boots the initial guests, then runs every controller in p.controllers on them.
     Holds the KSM test lock throughout (lock=False: the caller holds it) and restores the
     knobs found; destroys every domain it created."""
-    from tests.ksmlock import ksm_exclusive, restore, snapshot
 
     out.mkdir(parents=True, exist_ok=True)
     result: Dict[str, object] = {"params": asdict(p), "workload": wl.to_dict(), "machine": machine(),
                                  "page_size": PAGE, "runs": [], "kind": "guests"}
-    if lock:
-        guard = ksm_exclusive()
-    else:
-        @contextlib.contextmanager
-        def _restoring():
-            saved = snapshot()
-            try:
-                yield saved
-            finally:
-                restore(saved)
-        guard = _restoring()
+    guard = ksm_guard(lock)
     old_term = signal.signal(signal.SIGTERM, _sigterm)
     try:
         called = time.monotonic()

@@ -152,26 +152,31 @@ def run_one(c: ctl.Controller, spec: WorkloadSpec, p: Params, workdir: Path, log
             "min_mem_available": min_avail, "metrics": m, "samples": samples}
 
 
+def ksm_guard(lock: bool = True):
+    """The KSM test lock for a whole run, restoring the knobs found on the way out;
+    lock=False (the caller holds the lock): only the restoring. Yields the knobs found."""
+    sys.path.insert(0, str(ctl.REPO))
+    from tests.ksmlock import ksm_exclusive, restore, snapshot  # noqa: E402
+    if lock:
+        return ksm_exclusive()
+
+    @contextlib.contextmanager
+    def _restoring():
+        saved = snapshot()
+        try:
+            yield saved
+        finally:
+            restore(saved)
+    return _restoring()
+
+
 def run_all(spec: WorkloadSpec, p: Params, out: Path, log=print, lock: bool = True) -> Dict[str, object]:
     """Every controller in p.controllers, in order. Holds the KSM test lock throughout
     (lock=False: the caller already holds it) and restores the knobs found."""
-    sys.path.insert(0, str(ctl.REPO))
-    from tests.ksmlock import ksm_exclusive, restore, snapshot  # noqa: E402
-
     out.mkdir(parents=True, exist_ok=True)
     result: Dict[str, object] = {"params": asdict(p), "workload": spec.to_dict(), "machine": machine(),
                                  "page_size": PAGE, "runs": []}
-    if lock:
-        guard = ksm_exclusive()
-    else:
-        @contextlib.contextmanager
-        def _restoring():
-            saved = snapshot()
-            try:
-                yield saved
-            finally:
-                restore(saved)
-        guard = _restoring()
+    guard = ksm_guard(lock)
     with guard as found, tempfile.TemporaryDirectory(prefix="ksm-bench-") as tmp:
         result["ksm_found"] = found
         for i, name in enumerate(p.controllers):
