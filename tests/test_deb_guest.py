@@ -54,8 +54,8 @@ def guest(tmp_path_factory):
     next_version = debs.version() + NEXT_VERSION_SUFFIX
     future = pool.submit(debs.build, next_version)
     g = Guest(image, work, share)
-    g.start()
     try:
+        g.start()
         TIMINGS["boot_s"] = g.wait_booted(timeout=150)
         g.mount_share()
         g.deb_n = SHARE_MOUNT + "/" + deb_n.name

@@ -85,14 +85,7 @@ class Guest:
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, cwd=str(self.workdir))
-        end = time.monotonic() + 30
-        while not self.sock_path.exists():
-            if self.proc.poll() is not None or time.monotonic() > end:
-                out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
-                raise RuntimeError("qemu did not start: %s" % out)
-            time.sleep(0.05)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(self.sock_path))
+        self.sock = connect_when_listening(self.sock_path, self.proc, timeout=30)
 
     def wait_booted(self, timeout: float = 150) -> float:
         """Until the agent answers and systemd reports the boot finished; seconds taken."""
@@ -203,3 +196,27 @@ class Guest:
         self.sh("mkdir -p %s && (mountpoint -q %s || mount -t 9p -o trans=virtio,version=9p2000.L,ro %s %s)"
                 % (SHARE_MOUNT, SHARE_MOUNT, SHARE_TAG, SHARE_MOUNT))
         return SHARE_MOUNT
+
+
+def connect_when_listening(path: Path, proc: subprocess.Popen, timeout: float) -> socket.socket:
+    """Connect to a Unix socket the child serves, once it listens.
+
+    QEMU binds the socket before it listens, and a connect in between is refused, so the
+    socket file existing is not enough (CI once lost a whole guest module to that gap).
+    """
+    end = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+        if proc.poll() is not None or time.monotonic() > end:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            raise RuntimeError("%s did not accept connections within %ss: %s"
+                               % (path, timeout, out))
+        time.sleep(0.05)
