@@ -15,6 +15,7 @@ trickle (2% of guest pages rewritten with the contents they hold: merges broken 
 again); with more than one, each workload's results go to DIR/<workload>/ and every
 workload's targets are printed. The "floor" controller is ksmd at full pace for exactly
 two passes from pressure onset (and from new guests): the cost of the merges themselves.
+A ksmctl policy with a setting changed runs as e.g. ksmctl:default:min_pass_yield=0.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def quick_params() -> Params:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, short phases, four controllers")
-    ap.add_argument("--controllers", help="comma-separated: %s" % ",".join(ctl.ALL))
+    ap.add_argument("--controllers", help="comma-separated: %s; or ksmctl:<policy>:<key>=<value>[:...], the "
+                    "policy with settings changed (e.g. ksmctl:default:min_pass_yield=0)" % ",".join(ctl.ALL))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results directory")
     ap.add_argument("--workload", default="default", help="comma-separated: %s" % ",".join(WORKLOADS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every guest's size")

@@ -1,6 +1,7 @@
 """The KSM benchmark's trickle workload without the real KSM: its plan leaves the
 achievable saving as it was, its rewrites write (so they break merges) and leave every
-page's contents as they were; the stale-merge metrics and notes."""
+page's contents as they were; the stale-merge metrics and notes; and a ksmctl policy with
+a setting changed (ksmctl:default:min_pass_yield=0) as a controller."""
 from __future__ import annotations
 
 import ctypes
@@ -15,12 +16,15 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
+from ksm_bench import controllers as ctl  # noqa: E402
 from ksm_bench import guest_proc as gp  # noqa: E402
 from ksm_bench import report  # noqa: E402
 from ksm_bench.metrics import Phases, summarize  # noqa: E402
 from ksm_bench.run import StaleMerges  # noqa: E402
 from ksm_bench.workload import (PAGE, WORKLOADS, Guest, GuestSpec, WorkloadSpec, achievable_pages,  # noqa: E402
                                 content_copies, default_workload, quick_workload, trickle_workload)
+
+from ksmctl.policy.loader import parse_policy  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -199,3 +203,34 @@ def test_stale_merges_metrics_and_notes(tmp_path):
     text = report.markdown(result, "p.png")
     assert "rewrite 256 pages per second (1.0 MiB/s" in text
     assert "when the new guests start 80 (0.3 MiB), at most 80" in text
+
+
+def test_a_policy_with_a_setting_changed_is_a_controller():
+    c = ctl.make("ksmctl:default:min_pass_yield=0")
+    assert c.name == "ksmctl default min_pass_yield=0" and c.interval == 2.0
+    assert "scan.adaptive.min_pass_yield=0" in c.description
+    shipped = parse_policy((ctl.REPO / "policies" / "default.yaml").read_text())
+    changed = parse_policy(c.text)
+    assert changed.scan.adaptive.min_pass_yield == 0 and shipped.scan.adaptive.min_pass_yield == 0.05
+    a, b = shipped.model_dump(), changed.model_dump()
+    a["scan"]["adaptive"].pop("min_pass_yield")
+    b["scan"]["adaptive"].pop("min_pass_yield")
+    assert a == b
+    assert ctl.make("ksmctl:default:scan.adaptive.min_pass_yield=0").text == c.text
+    assert ctl.make("ksmctl:default").name == "ksmctl default"
+    for bad in ("ksmctl:default:min_pass_yield=2", "ksmctl:default:pages_to_scan=5", "ksmctl:default:nosuch=1",
+                "ksmctl:default:min_pass_yield"):
+        with pytest.raises(Exception):
+            ctl.make(bad)
+
+
+def test_targets_show_what_a_changed_setting_does():
+    ph = Phases(onset=10.0, growth=60.0, release=90.0, end=100.0)
+
+    def run(name: str, cpu_pressure: float) -> dict:
+        m = summarize(_samples(), ph, 1000, 1000, PAGE, 40.0)
+        m.update(cpu_pressure_s=cpu_pressure, cpu_growth_s=1.0, cpu_pressure_all_s=cpu_pressure + 1.0)
+        return {"controller": {"name": name, "interval": 2.0}, "metrics": m, "phases": ph.__dict__}
+    lines = report.targets({"runs": [run("ksmctl default", 3.0), run("ksmctl default min_pass_yield=0", 5.5)]})
+    (line,) = [x for x in lines if "against min_pass_yield=0" in x]
+    assert "pressure / growth 3.0 / 1.0 vs 5.5 / 1.0" in line and "+2.5 CPU-s with min_pass_yield=0" in line

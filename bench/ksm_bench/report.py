@@ -98,6 +98,7 @@ def targets(result: dict, policy: str = "ksmctl default") -> List[str]:
                 "ksmd CPU-s per GiB of peak at most %gx %s: %.1f vs %.1f (%.2fx)"
                 % (factor, n, d["cpu_s_per_gib_peak"], x["cpu_s_per_gib_peak"],
                    d["cpu_s_per_gib_peak"] / x["cpu_s_per_gib_peak"]))
+    out += variants(result, policy)
     pol_interval = None
     for r in _runs(result):
         if r["controller"]["name"] == policy:
@@ -111,6 +112,39 @@ def targets(result: dict, policy: str = "ksmctl default") -> List[str]:
         row(rs is not None and rs <= 2 * pol_interval + 1, "full-speed merging within two intervals (+1 s "
             "sampling) of new guests: %s s" % _n(rs))
     return out
+
+
+def variants(result: dict, policy: str = "ksmctl default") -> List[str]:
+    """What a changed setting does, for every run of `policy` with settings changed
+    (controllers.make: 'ksmctl:default:min_pass_yield=0', named 'ksmctl default
+    min_pass_yield=0'): ksmd CPU and the saving reached, against the policy as shipped."""
+    d = _by(result, policy)
+    out: List[str] = []
+    if d is None:
+        return out
+    for r in _runs(result):
+        name = r["controller"]["name"]
+        if not name.startswith(policy + " "):
+            continue
+        v = r["metrics"]
+        setting = name[len(policy) + 1:]
+
+        def cpu(m: dict) -> str:
+            return "%s / %s" % (_n(m["cpu_pressure_s"], "%.1f"), _n(m["cpu_growth_s"], "%.1f"))
+        diff = None
+        if d["cpu_pressure_all_s"] is not None and v["cpu_pressure_all_s"] is not None:
+            diff = v["cpu_pressure_all_s"] - d["cpu_pressure_all_s"]
+        out.append("- %s against %s: ksmd CPU-s pressure / growth %s vs %s (onset to release %s vs %s: %s CPU-s "
+                   "with %s); peak %s%% vs %s%%, at release %s%% vs %s%% of the achievable" % (
+                       policy, setting, cpu(d), cpu(v), _n(d["cpu_pressure_all_s"], "%.1f"),
+                       _n(v["cpu_pressure_all_s"], "%.1f"), _n(diff, "%+.1f"), setting,
+                       _n(_pct(d["peak_fraction"]), "%.1f"), _n(_pct(v["peak_fraction"]), "%.1f"),
+                       _n(_pct(d.get("release_fraction")), "%.1f"), _n(_pct(v.get("release_fraction")), "%.1f")))
+    return out
+
+
+def _pct(v: Optional[float]) -> Optional[float]:
+    return None if v is None else 100.0 * v
 
 
 def markdown(result: dict, plot_name: str, elapsed: Optional[float] = None) -> str:
