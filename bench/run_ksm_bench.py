@@ -1,7 +1,7 @@
 """ksmctl against what hosts run today, side by side on this machine's real KSM.
 
     sudo .venv/bin/python bench/run_ksm_bench.py [--quick] [--controllers a,b,...] [--out DIR]
-                                                 [--workload default,churn]
+                                                 [--workload default,churn,trickle]
 
 Runs every controller (ksmctl with each shipped policy, ksmtuned with its defaults and
 with a 10 s interval, the kernel's advisor, the kernel's defaults, KSM off) one after
@@ -10,10 +10,12 @@ from a clean KSM state each time, under real memory pressure (a ballast), and wr
 results.md, ksm_bench.png and params.json. Holds the KSM test lock for its whole run.
 Prints its expected and its actual duration. --quick: small guests, short phases, four
 controllers (about 2 minutes). --workload: one or more of default (1-4% of guest pages
-rewritten continuously) and churn (a fifth of them: pages_volatile well above zero); with
-more than one, each workload's results go to DIR/<workload>/ and every workload's targets
-are printed. The "floor" controller is ksmd at full pace for exactly two passes from
-pressure onset (and from new guests): the cost of the merges themselves.
+rewritten continuously), churn (a fifth of them: pages_volatile well above zero) and
+trickle (2% of guest pages rewritten with the contents they hold: merges broken and made
+again); with more than one, each workload's results go to DIR/<workload>/ and every
+workload's targets are printed. The "floor" controller is ksmd at full pace for exactly
+two passes from pressure onset (and from new guests): the cost of the merges themselves.
+A ksmctl policy with a setting changed runs as e.g. ksmctl:default:min_pass_yield=0.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ def quick_params() -> Params:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, short phases, four controllers")
-    ap.add_argument("--controllers", help="comma-separated: %s" % ",".join(ctl.ALL))
+    ap.add_argument("--controllers", help="comma-separated: %s; or ksmctl:<policy>:<key>=<value>[:...], the "
+                    "policy with settings changed (e.g. ksmctl:default:min_pass_yield=0)" % ",".join(ctl.ALL))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results directory")
     ap.add_argument("--workload", default="default", help="comma-separated: %s" % ",".join(WORKLOADS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every guest's size")

@@ -101,19 +101,42 @@ class Controller:
 
 
 class KsmctlController(Controller):
-    def __init__(self, policy: str) -> None:
+    """The ksmctl daemon with a shipped policy; `overrides` ({key: value}) change it for
+    the run (a generated policy file in the work directory). A key is a dotted path into
+    the policy (scan.adaptive.min_pass_yield) or a key name that occurs once in it
+    (min_pass_yield)."""
+
+    def __init__(self, policy: str, overrides: Optional[Dict[str, object]] = None) -> None:
         self.policy = policy
-        self.name = "ksmctl " + policy
-        self.path = REPO / "policies" / ("%s.yaml" % policy)
-        data = yaml.safe_load(self.path.read_text())
+        self.shipped = REPO / "policies" / ("%s.yaml" % policy)
+        data = yaml.safe_load(self.shipped.read_text())
+        changed = []
+        for key, value in (overrides or {}).items():
+            path = _policy_key(data, key)
+            parent = data
+            for k in path[:-1]:
+                parent = parent[k]
+            parent[path[-1]] = value
+            changed.append("%s=%s" % (".".join(path), _yaml_value(value)))
+        self.data = data
+        self.overrides = dict(overrides or {})
+        self.text = self.shipped.read_text() if not changed else yaml.safe_dump(data, sort_keys=False)
+        from ksmctl.policy.loader import parse_policy
+        parse_policy(self.text, "%s with %s" % (self.shipped, ", ".join(changed)) if changed else str(self.shipped))
         from ksmctl.units import parse_duration
         self.interval = parse_duration(data.get("interval", "10s"))
-        self.description = "ksmctl daemon, policy %s (interval %gs)" % (policy, self.interval)
+        self.name = "ksmctl " + " ".join([policy] + ["%s=%s" % (k, _yaml_value(v)) for k, v in self.overrides.items()])
+        self.description = "ksmctl daemon, policy %s%s (interval %gs)" % (
+            policy, " with " + ", ".join(changed) if changed else "", self.interval)
+        self.path = self.shipped
         self.proc: Optional[subprocess.Popen] = None
         self._cpu: Optional[float] = None
 
     def start(self, workdir: Path) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
+        if self.overrides:
+            self.path = workdir / ("%s.yaml" % self.policy)
+            self.path.write_text(self.text)
         cfg = {"policy": str(self.path), "state_file": str(workdir / "state.json"),
                "state_dir": str(workdir), "exporter": {"enabled": False}, "libvirt": False,
                "log_level": "info", "trace": {"path": str(workdir / "trace.jsonl")}}
@@ -301,13 +324,49 @@ class FloorController(Controller):
         ksm_write("run", "0")
 
 
+def _policy_key(data: dict, key: str) -> List[str]:
+    """The path of `key` in a policy: a dotted path that exists, or the one place a bare key occurs."""
+    if "." in key:
+        path, node = key.split("."), data
+        for k in path:
+            if not isinstance(node, dict) or k not in node:
+                raise ValueError("the policy has no %s" % key)
+            node = node[k]
+        return path
+    found: List[List[str]] = []
+
+    def walk(node: object, at: List[str]) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == key:
+                    found.append(at + [k])
+                walk(v, at + [k])
+    walk(data, [])
+    if len(found) != 1:
+        raise ValueError("%r occurs %d times in the policy; give its dotted path" % (key, len(found)))
+    return found[0]
+
+
+def _yaml_value(v: object) -> str:
+    return yaml.safe_dump(v, default_flow_style=True).strip().replace("\n...", "")
+
+
 SHIPPED = ("default", "aggressive", "conservative", "kernel-advisor", "ksmtuned", "off")
 
 
 def make(name: str) -> Controller:
-    """By name: 'ksmctl:<policy>', 'ksmtuned', 'ksmtuned:10', 'advisor', 'kernel-defaults', 'off', 'floor'."""
+    """By name: 'ksmctl:<policy>', 'ksmctl:<policy>:<key>=<value>[:...]' (the policy with
+    those settings changed, e.g. 'ksmctl:default:min_pass_yield=0'), 'ksmtuned',
+    'ksmtuned:10', 'advisor', 'kernel-defaults', 'off', 'floor'."""
     if name.startswith("ksmctl:"):
-        return KsmctlController(name.split(":", 1)[1])
+        policy, *sets = name.split(":")[1:]
+        overrides: Dict[str, object] = {}
+        for item in sets:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ValueError("%r: a policy setting is written key=value" % name)
+            overrides[key] = yaml.safe_load(value)
+        return KsmctlController(policy, overrides)
     if name == "ksmtuned":
         return KsmtunedController()
     if name.startswith("ksmtuned:"):

@@ -1,17 +1,90 @@
-"""One guest-like process (see workload.py). Run by the benchmark, not imported.
+"""One guest-like process (see workload.py). Run by the benchmark; imported by its tests.
 
 argv: index family nonce zero os app within within_pool churn unique churn_rate
-Prints 'ready <pid>' once its memory is filled and mergeable; rewrites churn pages
+      trickle_start trickle trickle_per_s
+Prints 'ready <pid> <address of its memory in hex>' once its memory is filled and
+mergeable; rewrites churn pages (new contents) and trickle pages (the contents they hold)
 until stdin closes.
 """
+import ctypes
 import mmap
 import os
 import select
 import struct
 import sys
 import time
+from typing import Dict, Tuple
 
 PS = mmap.PAGESIZE
+BASE = bytes((i * 7 + 3) % 256 for i in range(PS))
+HEADER = struct.Struct("<QQQ")
+OS, APP, WITHIN, CHURN, UNIQUE, CHURNED = 1, 2, 3, 4, 5, 6   # a page's first word: its kind
+
+
+def os_header(j: int) -> Tuple[int, int, int]:
+    """The header of os content j: the same in every guest (the rest of the page is BASE)."""
+    return (OS, 0, j)
+
+
+def fill(m: mmap.mmap, index: int, family: int, nonce: int, zero: int, osn: int, app: int, within: int,
+         pool: int, churn: int, unique: int) -> Dict[str, int]:
+    """Writes the plan into m, kind after kind; the first page of each kind."""
+    pack = HEADER.pack_into
+    view = memoryview(m)
+    i = 0
+    first: Dict[str, int] = {}
+
+    def put(kind: int, a1: int, a2: int) -> None:
+        nonlocal i
+        o = i * PS
+        view[o:o + PS] = BASE
+        pack(m, o, kind, a1, a2)
+        i += 1
+
+    first["zero"] = i
+    for _ in range(zero):
+        m[i * PS] = 0  # a write fault: a real, zero-filled page
+        i += 1
+    first["os"] = i
+    for j in range(osn):
+        put(*os_header(j))
+    first["app"] = i
+    for j in range(app):
+        put(APP, family, j)
+    first["within"] = i
+    for j in range(within):
+        put(WITHIN, index, j % max(1, pool))
+    first["churn"] = i
+    for j in range(churn):
+        put(CHURN, (nonce << 16) | index, j)
+    first["unique"] = i
+    for j in range(unique):
+        put(UNIQUE, (nonce << 16) | index, j)
+    return first
+
+
+class Trickle:
+    """Rewrites os pages trickle_start .. trickle_start + count - 1 with the header they
+    hold, per_s pages per second in turn: the contents stay as they were, but the write
+    breaks a merge (copy-on-write), and ksmd's next look merges the page again."""
+
+    def __init__(self, m: mmap.mmap, os_first: int, start: int, count: int, per_s: float) -> None:
+        self.m, self.os_first, self.start, self.count, self.per_s = m, os_first, start, count, per_s
+        self.t0 = time.monotonic()
+        self.done = 0   # pages rewritten so far
+        self.pos = 0
+
+    def rewrite(self, n: int) -> None:
+        for _ in range(n):
+            j = self.start + self.pos
+            HEADER.pack_into(self.m, (self.os_first + j) * PS, *os_header(j))
+            self.pos = (self.pos + 1) % self.count
+        self.done += n
+
+    def tick(self, now: float) -> None:
+        """Catches up with per_s pages per second since the start."""
+        if self.count and self.per_s > 0:
+            self.rewrite(max(0, int((now - self.t0) * self.per_s) - self.done))
 
 
 def main() -> None:
@@ -19,52 +92,32 @@ def main() -> None:
     index, family, nonce = int(a[0]), int(a[1]), int(a[2])
     zero, osn, app, within, pool, churn, unique = (int(x) for x in a[3:10])
     churn_rate = float(a[10])
+    trickle_start, trickle, trickle_per_s = int(a[11]), int(a[12]), float(a[13])
     n = zero + osn + app + within + churn + unique
     m = mmap.mmap(-1, n * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    base = bytes((i * 7 + 3) % 256 for i in range(PS))
-    pack = struct.Struct("<QQQ").pack_into
-    view = memoryview(m)
-    i = 0
-
-    def put(kind: int, a1: int, a2: int) -> None:
-        nonlocal i
-        o = i * PS
-        view[o:o + PS] = base
-        pack(m, o, kind, a1, a2)
-        i += 1
-
-    for _ in range(zero):
-        m[i * PS] = 0  # a write fault: a real, zero-filled page
-        i += 1
-    for j in range(osn):
-        put(1, 0, j)
-    for j in range(app):
-        put(2, family, j)
-    for j in range(within):
-        put(3, index, j % max(1, pool))
-    churn_start = i
-    for j in range(churn):
-        put(4, (nonce << 16) | index, j)
-    for j in range(unique):
-        put(5, (nonce << 16) | index, j)
+    first = fill(m, index, family, nonce, zero, osn, app, within, pool, churn, unique)
     m.madvise(mmap.MADV_MERGEABLE)
-    sys.stdout.write("ready %d\n" % os.getpid())
+    address = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    sys.stdout.write("ready %d %x\n" % (os.getpid(), address))
     sys.stdout.flush()
 
     # Churn: rewrite churn pages with never-repeating contents, ~churn_rate of them per second.
     gen = 0
     per_tick = max(1, int(churn * churn_rate / 10)) if churn else 0
     pos = 0
+    churn_start = first["churn"]
+    rewrites = Trickle(m, first["os"], trickle_start, trickle, trickle_per_s)
     while True:
         r, _, _ = select.select([sys.stdin], [], [], 0.1)
         if r and not sys.stdin.readline():
             break
+        rewrites.tick(time.monotonic())
         if not per_tick:
             continue
         gen += 1
         for _ in range(per_tick):
             o = (churn_start + pos) * PS
-            pack(m, o + 64, 6, gen, (nonce << 16) | index)
+            HEADER.pack_into(m, o + 64, CHURNED, gen, (nonce << 16) | index)
             pos = (pos + 1) % churn
         time.sleep(0)
 

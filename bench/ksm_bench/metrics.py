@@ -185,6 +185,14 @@ def summarize(samples: Sequence[dict], ph: Phases, a0_pages: int, a1_pages: int,
     # Every page counts as volatile between ksmd's first and second look; once merging is
     # done, what stays volatile is what guests keep rewriting: the value as new guests start.
     m["volatile_settled_pages"] = value_at(vts, vol, ph.growth) if vts else None
+    # Merges a write broke that the kernel still counts (guests rewriting pages with the
+    # contents they hold; sampled on trickle workloads only): the saving is that much
+    # smaller than pages_sharing says, until ksmd looks at those pages again.
+    sts, stale = series(samples, "stale_merges")
+    m["stale_mean_pages"] = mean_over(sts, stale, ph.onset, ph.release)
+    m["stale_at_growth_pages"] = value_at(sts, stale, ph.growth) if sts else None
+    in_run = [v for t, v in zip(sts, stale) if ph.onset <= t <= ph.release]
+    m["stale_max_pages"] = max(in_run) if in_run else None
 
     # When merges stop: merging is done once the saving is within 1% of its pre-growth
     # maximum; then how long until ksmd stays under 1% of a core.

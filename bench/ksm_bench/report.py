@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .metrics import at_most, cpu_percent_series, series
+from .metrics import at_most, cpu_percent_series, series, value_at
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2
@@ -98,6 +98,7 @@ def targets(result: dict, policy: str = "ksmctl default") -> List[str]:
                 "ksmd CPU-s per GiB of peak at most %gx %s: %.1f vs %.1f (%.2fx)"
                 % (factor, n, d["cpu_s_per_gib_peak"], x["cpu_s_per_gib_peak"],
                    d["cpu_s_per_gib_peak"] / x["cpu_s_per_gib_peak"]))
+    out += variants(result, policy)
     pol_interval = None
     for r in _runs(result):
         if r["controller"]["name"] == policy:
@@ -111,6 +112,39 @@ def targets(result: dict, policy: str = "ksmctl default") -> List[str]:
         row(rs is not None and rs <= 2 * pol_interval + 1, "full-speed merging within two intervals (+1 s "
             "sampling) of new guests: %s s" % _n(rs))
     return out
+
+
+def variants(result: dict, policy: str = "ksmctl default") -> List[str]:
+    """What a changed setting does, for every run of `policy` with settings changed
+    (controllers.make: 'ksmctl:default:min_pass_yield=0', named 'ksmctl default
+    min_pass_yield=0'): ksmd CPU and the saving reached, against the policy as shipped."""
+    d = _by(result, policy)
+    out: List[str] = []
+    if d is None:
+        return out
+    for r in _runs(result):
+        name = r["controller"]["name"]
+        if not name.startswith(policy + " "):
+            continue
+        v = r["metrics"]
+        setting = name[len(policy) + 1:]
+
+        def cpu(m: dict) -> str:
+            return "%s / %s" % (_n(m["cpu_pressure_s"], "%.1f"), _n(m["cpu_growth_s"], "%.1f"))
+        diff = None
+        if d["cpu_pressure_all_s"] is not None and v["cpu_pressure_all_s"] is not None:
+            diff = v["cpu_pressure_all_s"] - d["cpu_pressure_all_s"]
+        out.append("- %s against %s: ksmd CPU-s pressure / growth %s vs %s (onset to release %s vs %s: %s CPU-s "
+                   "with %s); peak %s%% vs %s%%, at release %s%% vs %s%% of the achievable" % (
+                       policy, setting, cpu(d), cpu(v), _n(d["cpu_pressure_all_s"], "%.1f"),
+                       _n(v["cpu_pressure_all_s"], "%.1f"), _n(diff, "%+.1f"), setting,
+                       _n(_pct(d["peak_fraction"]), "%.1f"), _n(_pct(v["peak_fraction"]), "%.1f"),
+                       _n(_pct(d.get("release_fraction")), "%.1f"), _n(_pct(v.get("release_fraction")), "%.1f")))
+    return out
+
+
+def _pct(v: Optional[float]) -> Optional[float]:
+    return None if v is None else 100.0 * v
 
 
 def markdown(result: dict, plot_name: str, elapsed: Optional[float] = None) -> str:
@@ -138,6 +172,14 @@ def markdown(result: dict, plot_name: str, elapsed: Optional[float] = None) -> s
                          a["initial"] * page / GIB, a["all"] * page / GIB, r0["use_zero_pages"],
                          r0["max_page_sharing"], 100 * p["pressure_free"], p["floor_gib"]))
         parts.append("")
+        per_s = result.get("trickle_pages_per_s")
+        if per_s:
+            parts.append("Trickle: the guests rewrite %.0f pages per second (%.1f MiB/s, all guests) with the contents "
+                         "they hold: a write breaks a merge, ksmd's next look merges the page again. The kernel counts "
+                         "a broken merge until that look, so the saving in the table does not dip; the notes give the "
+                         "merges the guests had lost at that moment (stale: counted, no longer mapped)."
+                         % (per_s, per_s * page / MIB))
+            parts.append("")
         parts.append("Phases: calm %gs, pressure %gs (at least %gx the controller's interval), new guests "
                      "%gs, release %gs. Window for the per-window columns: the first %gs of pressure." % (
                          p["calm"], p["pressure"], p["slow_factor"], p["growth"], p["release"], p["window"]))
@@ -155,6 +197,13 @@ def markdown(result: dict, plot_name: str, elapsed: Optional[float] = None) -> s
         settled = r["metrics"].get("volatile_settled_pages")
         if settled is not None:
             notes.append("pages_volatile when the new guests start %.0f (%.0f MiB)" % (settled, settled * page / MIB))
+        st = r["metrics"]
+        if st.get("stale_max_pages") is not None:
+            notes.append("stale merges (a write broke them, the kernel still counts them) mean under pressure %.0f "
+                         "(%.1f MiB), when the new guests start %.0f (%.1f MiB), at most %.0f (%.1f MiB)" % (
+                             st["stale_mean_pages"], st["stale_mean_pages"] * page / MIB,
+                             st["stale_at_growth_pages"], st["stale_at_growth_pages"] * page / MIB,
+                             st["stale_max_pages"], st["stale_max_pages"] * page / MIB))
         parts.append("- %s (%s): %s" % (r["controller"]["name"], r["controller"]["description"], "; ".join(notes)))
     parts.append("")
     return "\n".join(parts)
@@ -182,6 +231,10 @@ def plot(result: dict, path: Path) -> None:
         # 3-sample moving average: ksmd CPU time has 10 ms resolution.
         sm = [sum(pv[max(0, i - 2):i + 1]) / len(pv[max(0, i - 2):i + 1]) for i in range(len(pv))]
         ax2.plot([t - on for t in pt], sm, color=line.get_color(), label=name, linestyle=style, linewidth=width)
+        sts, stale = series(s, "stale_merges")
+        if sts:   # the saving really held: the kernel's count less the merges writes broke since
+            real = [(v - (value_at(sts, stale, t) or 0.0)) * page / GIB for t, v in zip(ts, saved)]
+            ax1.plot([t - on for t in ts], real, color=line.get_color(), linestyle=":", linewidth=width)
         gr = r["phases"]["growth"] - on
         ax1.axvline(gr, color=line.get_color(), alpha=0.2, linestyle=":")
     if _runs(result):
@@ -192,7 +245,7 @@ def plot(result: dict, path: Path) -> None:
         ax1.axhline(a1, color="gray", linestyle="--", linewidth=0.8, label="achievable (all guests)")
     ax1.axvline(0, color="k", linewidth=0.8)
     ax2.axvline(0, color="k", linewidth=0.8)
-    ax1.set_ylabel("saving (GiB): pages_sharing + ksm_zero_pages")
+    ax1.set_ylabel("saving (GiB): pages_sharing + ksm_zero_pages\n(dotted: less the stale merges)")
     ax2.set_ylabel("ksmd CPU (% of one core, 3 s average)")
     ax2.set_xlabel("seconds since pressure onset (dotted: more guests start)")
     ax1.legend(fontsize=8, ncol=2)
@@ -209,7 +262,7 @@ def write(result: dict, out: Path, elapsed: Optional[float] = None) -> Dict[str,
     plot(result, png)
     md = out / "results.md"
     md.write_text(markdown(result, png.name, elapsed))
-    meta = {k: result[k] for k in ("params", "workload", "machine", "page_size") if k in result}
+    meta = {k: result[k] for k in ("params", "workload", "machine", "page_size", "trickle_pages_per_s") if k in result}
     meta["ksm_found"] = result.get("ksm_found")
     meta["elapsed_s"] = elapsed
     meta["summary"] = [{"controller": r["controller"], "phases": r["phases"], "metrics": r["metrics"],

@@ -16,7 +16,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 from . import controllers as ctl
 from .metrics import Phases, summarize
 from .sampler import Sampler
-from .workload import (MIB, PAGE, Ballast, WorkloadSpec, achievable_pages, meminfo, start_guests)
+from .workload import (MIB, PAGE, Ballast, Guest, WorkloadSpec, achievable_pages, ksm_pages, meminfo,
+                       start_guests)
 
 GIB = 1024 * MIB
 
@@ -31,6 +32,7 @@ class Params:
     window: float = 80.0        # comparison window from pressure onset (same for all)
     pressure_free: float = 0.17  # target free memory (MemFree+Buffers+Cached) as a share of MemTotal
     floor_gib: float = 3.0      # the ballast never lets MemAvailable fall below this
+    stale_every: float = 5.0    # seconds between samples of the guests' stale merges (trickle workloads)
     controllers: List[str] = field(default_factory=lambda: list(ctl.ALL))
 
     def pressure_for(self, c: ctl.Controller) -> float:
@@ -122,19 +124,48 @@ def drive(c: ctl.Controller, p: Params, ballast: Ballast, workdir: Path, start_g
         c.stop()
 
 
+class StaleMerges:
+    """Sample fields for workloads whose guests rewrite memory with the contents it holds:
+    the merges the kernel counts for the guests but that a write broke (counted minus
+    mapped, workload.ksm_pages), every `every` seconds (reading them costs CPU). The
+    kernel's saving (pages_sharing) goes on counting those until ksmd looks again; the
+    saving is really that much smaller."""
+
+    def __init__(self, guests: List[Guest], every: float) -> None:
+        self.guests, self.every = guests, every
+        self.last: Optional[float] = None
+
+    def __call__(self) -> Dict[str, object]:
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.every - 0.5:
+            return {}
+        self.last = now
+        counted = mapped = 0
+        for g in list(self.guests):
+            c, m = ksm_pages(g.proc.pid) if g.proc is not None else (None, None)
+            if c is None or m is None:
+                return {}
+            counted, mapped = counted + c, mapped + m
+        return {"guest_ksm_counted": counted, "guest_ksm_mapped": mapped, "stale_merges": max(0, counted - mapped)}
+
+
 def run_one(c: ctl.Controller, spec: WorkloadSpec, p: Params, workdir: Path, log=print) -> Dict[str, object]:
     ctl.kernel_reset()
     mi = meminfo()
     ballast = Ballast(int(mi["MemTotal"] * p.pressure_free), int(p.floor_gib * GIB)).start()
-    guests: List = []
+    guests: List[Guest] = []
     try:
         nonce = int(time.time()) & 0xFFFF
-        guests = start_guests(spec.guests, 0, spec.families, nonce)
+        guests.extend(start_guests(spec, False, nonce))
         foreign = foreign_mergeable([g.proc.pid for g in guests] + ballast.pids)  # type: ignore
+        stale = StaleMerges(guests, p.stale_every) if spec.trickle_per_s() > 0 else None
 
         def growth() -> None:
-            guests.extend(start_guests(spec.growth, len(spec.guests), spec.families, nonce))
-        samples, ph, own_cpu = drive(c, p, ballast, workdir, growth, lambda: {"ballast": ballast.rss()})
+            guests.extend(start_guests(spec, True, nonce))
+
+        def extra() -> Dict[str, object]:
+            return dict({"ballast": ballast.rss()}, **(stale() if stale else {}))
+        samples, ph, own_cpu = drive(c, p, ballast, workdir, growth, extra)
     finally:
         for g in guests:
             g.stop()
@@ -175,7 +206,7 @@ def run_all(spec: WorkloadSpec, p: Params, out: Path, log=print, lock: bool = Tr
     (lock=False: the caller already holds it) and restores the knobs found."""
     out.mkdir(parents=True, exist_ok=True)
     result: Dict[str, object] = {"params": asdict(p), "workload": spec.to_dict(), "machine": machine(),
-                                 "page_size": PAGE, "runs": []}
+                                 "page_size": PAGE, "trickle_pages_per_s": spec.trickle_per_s(), "runs": []}
     guard = ksm_guard(lock)
     with guard as found, tempfile.TemporaryDirectory(prefix="ksm-bench-") as tmp:
         result["ksm_found"] = found

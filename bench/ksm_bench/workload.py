@@ -1,8 +1,9 @@
 """The workload: guest-like processes with a known duplicate structure, and a ballast.
 
 Each guest maps anonymous memory, fills it page by page from a plan, marks it
-MADV_MERGEABLE and then rewrites its churn pages with fresh unique contents at a steady
-rate until its stdin closes. The plan's page kinds:
+MADV_MERGEABLE and then rewrites its churn pages with fresh unique contents, and its
+trickle pages with the contents they already hold, at a steady rate until its stdin
+closes. The plan's page kinds:
 
 - zero: pages written with zeros (allocated, not the shared zero page);
 - os: contents shared by every guest (an OS image): id j in each guest that has > j;
@@ -10,6 +11,9 @@ rate until its stdin closes. The plan's page kinds:
 - within: contents duplicated inside one guest only (a pool of `within_pool` ids);
 - churn: rewritten continuously with unique contents: never mergeable;
 - unique: everything else.
+
+Trickle pages are not a kind: they are some of a guest's os pages (`trickle_ranges`), and
+rewriting them leaves their contents, hence the achievable saving, as they were.
 
 Because every content is known, the achievable saving is exact: a content present in
 c pages saves c - ceil(c / max_page_sharing) pages (KSM chains a content into stable
@@ -33,7 +37,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from tests.mergeable import release  # the repo root is on sys.path (run_ksm_bench.py, pytest)
 
@@ -54,10 +58,21 @@ class GuestSpec:
     within_pool: int = 512        # distinct contents of the within-guest duplicates
     churn: float = 0.02
     churn_rate: float = 0.5       # share of the churn pages rewritten per second
+    trickle: float = 0.0          # share of its pages (taken from its os pages) rewritten with their own contents
+    trickle_rate: float = 0.05    # share of the trickle pages rewritten per second
 
     @property
     def pages(self) -> int:
         return self.mib * MIB // PAGE
+
+    @property
+    def trickle_pages(self) -> int:
+        return int(self.pages * self.trickle)
+
+    @property
+    def trickle_per_s(self) -> float:
+        """Trickle pages rewritten per second."""
+        return self.trickle_pages * self.trickle_rate
 
     def counts(self) -> Dict[str, int]:
         n = self.pages
@@ -76,6 +91,24 @@ class WorkloadSpec:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def trickle_ranges(self) -> List[Tuple[int, int]]:
+        """(first os content id, count) of the os pages each guest rewrites with their own
+        contents, for the guests and then the growth guests (their start order). The ranges
+        follow one another, so no content has all its copies rewritten: its KSM page always
+        keeps a mapping, and ksmd's next look at a rewritten page merges it again."""
+        out, start = [], 0
+        for g in self.guests + self.growth:
+            n = g.trickle_pages
+            if n and start + n > g.counts()["os"]:
+                raise ValueError("trickle pages %d..%d are beyond the os pages of %r" % (start, start + n, g))
+            out.append((start if n else 0, n))
+            start += n
+        return out
+
+    def trickle_per_s(self, growth: bool = True) -> float:
+        """Pages rewritten with their own contents per second, by the initial guests (and the growth guests)."""
+        return sum(g.trickle_per_s for g in self.guests + (self.growth if growth else []))
 
 
 def default_workload() -> WorkloadSpec:
@@ -119,8 +152,27 @@ def churn_workload(base: Optional[WorkloadSpec] = None) -> WorkloadSpec:
     return replace(base, guests=[churned(g) for g in base.guests], growth=[churned(g) for g in base.growth])
 
 
+TRICKLE, TRICKLE_RATE = 0.02, 0.05
+
+
+def trickle_workload(base: Optional[WorkloadSpec] = None) -> WorkloadSpec:
+    """`base` (the default workload) with guests that keep rewriting part of their mergeable
+    memory with the contents it already holds, as a guest does that reads the same file
+    into page cache again: TRICKLE of every guest's pages (taken from its os pages, so the
+    achievable saving is unchanged), TRICKLE_RATE of them per second (WorkloadSpec.trickle_per_s;
+    the report states it). A write to a merged page breaks the merge (copy-on-write), and ksmd's next look at the
+    page merges it again. The kernel goes on counting a broken merge until that look
+    (pages_sharing does not dip; the run samples the guests' mapped KSM pages to show it)."""
+    base = base or default_workload()
+
+    def trickled(g: GuestSpec) -> GuestSpec:
+        return replace(g, trickle=TRICKLE, trickle_rate=TRICKLE_RATE)
+    return replace(base, guests=[trickled(g) for g in base.guests], growth=[trickled(g) for g in base.growth])
+
+
 WORKLOADS = {"default": (default_workload, quick_workload),
-             "churn": (lambda: churn_workload(default_workload()), lambda: churn_workload(quick_workload()))}
+             "churn": (lambda: churn_workload(default_workload()), lambda: churn_workload(quick_workload())),
+             "trickle": (lambda: trickle_workload(default_workload()), lambda: trickle_workload(quick_workload()))}
 
 
 def _saving(copies: int, max_page_sharing: int) -> int:
@@ -161,13 +213,16 @@ BALLAST_CHILD = HERE / "ballast_proc.py"
 
 
 class Guest:
-    def __init__(self, index: int, spec: GuestSpec, families: int, nonce: int) -> None:
+    def __init__(self, index: int, spec: GuestSpec, families: int, nonce: int,
+                 trickle: Tuple[int, int] = (0, 0)) -> None:
         self.index, self.spec = index, spec
         c = spec.counts()
         self.argv = [sys.executable, str(GUEST_CHILD), str(index), str(index % families), str(nonce),
                      str(c["zero"]), str(c["os"]), str(c["app"]), str(c["within"]), str(spec.within_pool),
-                     str(c["churn"]), str(c["unique"]), "%g" % spec.churn_rate]
+                     str(c["churn"]), str(c["unique"]), "%g" % spec.churn_rate,
+                     str(trickle[0]), str(trickle[1]), "%r" % spec.trickle_per_s]
         self.proc: Optional[subprocess.Popen] = None
+        self.address: Optional[int] = None   # of its memory, once ready
 
     def start(self) -> "Guest":
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -178,14 +233,19 @@ class Guest:
         line = self.proc.stdout.readline()
         if not line.startswith("ready"):
             raise RuntimeError("guest %d did not start: %r" % (self.index, line))
+        self.address = int(line.split()[2], 16)
 
     def stop(self) -> None:
         if self.proc is not None:
             release([self.proc])
 
 
-def start_guests(specs: List[GuestSpec], first_index: int, families: int, nonce: int) -> List[Guest]:
-    guests = [Guest(first_index + i, s, families, nonce).start() for i, s in enumerate(specs)]
+def start_guests(spec: WorkloadSpec, growth: bool, nonce: int) -> List[Guest]:
+    """The initial guests (growth=False) or the growth guests, started and filled."""
+    first = len(spec.guests) if growth else 0
+    specs = spec.growth if growth else spec.guests
+    ranges = spec.trickle_ranges()[first:first + len(specs)]
+    guests = [Guest(first + i, s, spec.families, nonce, r).start() for i, (s, r) in enumerate(zip(specs, ranges))]
     for g in guests:
         g.wait_ready()
     return guests
@@ -245,6 +305,25 @@ def meminfo() -> Dict[str, int]:
             k, _, rest = line.partition(":")
             out[k] = int(rest.split()[0]) * 1024
     return out
+
+
+def ksm_pages(pid: int) -> Tuple[Optional[int], Optional[int]]:
+    """(counted, mapped) for one process: the merges the kernel counts for it (ksm_stat's
+    ksm_merging_pages, which, like pages_sharing, changes only when ksmd looks at a page)
+    and its pages that map a KSM page now (smaps_rollup's KSM: a write broke each merge
+    counted but no longer mapped). None where this kernel does not say. smaps_rollup walks
+    the page tables: about 15 ms of CPU per GiB here."""
+    counted = mapped = None
+    try:
+        for line in Path("/proc/%d/ksm_stat" % pid).read_text().splitlines():
+            if line.startswith("ksm_merging_pages "):
+                counted = int(line.split()[1])
+        for line in Path("/proc/%d/smaps_rollup" % pid).read_text().splitlines():
+            if line.startswith("KSM:"):
+                mapped = int(line.split()[1]) * 1024 // PAGE
+    except (OSError, ValueError, IndexError):
+        pass
+    return counted, mapped
 
 
 def wait_until(cond, timeout: float, step: float = 0.2) -> bool:
