@@ -269,3 +269,8 @@ def test_live_reasons_parse_once_per_process_and_follow_changed_inputs():
     assert [r.value for r in live.current([odd])["u1"]] == ["not_mergeable"] and calls == [10]
     restarted = VmReading(uuid="u1", name="g1", pid=11, ksm=KsmStat(mergeable=True), excluded=True)
     assert [r.value for r in live.current([restarted])["u1"]] == ["nosharepages"] and calls == [10, 11]
+    # A new reading whose other figures changed (rss) keeps the reasons without a parse;
+    # a guest gone is forgotten.
+    grown = VmReading(uuid="u1", name="g1", pid=11, ksm=KsmStat(mergeable=True), excluded=True, rss=5 << 20)
+    assert [r.value for r in live.current([grown])["u1"]] == ["nosharepages"] and calls == [10, 11]
+    assert live.current([]) == {} and live._known == {}

@@ -151,6 +151,9 @@ def config_reasons(vm: VmReading, ram: Optional[GuestRam]) -> Tuple[Reason, ...]
     return tuple(sorted(found & VM_UNMERGEABLE, key=lambda r: r.value))
 
 
+_Key = Tuple[str, Optional[int], bool, Optional[bool]]  # what the reasons depend on
+
+
 class LiveReasons:
     """config_reasons for every running guest, as the daemon needs them each tick, worked
     out again only when an input changed: a guest's command line is parsed once per
@@ -159,22 +162,31 @@ class LiveReasons:
 
     def __init__(self, cmdline: Callable[[int], Optional[Sequence[str]]]) -> None:
         self._ram = GuestRamCache(cmdline)
-        self._known: Dict[Tuple[str, Optional[int], bool, Optional[bool]], Tuple[Reason, ...]] = {}
+        # uuid -> (the reading they were worked out for, its key, the reasons). A guest
+        # whose reading is the very object of last tick (nothing changed) costs a lookup.
+        self._known: Dict[str, Tuple[VmReading, _Key, Tuple[Reason, ...]]] = {}
 
     def current(self, vms: Sequence[VmReading]) -> Dict[str, Tuple[Reason, ...]]:
-        known: Dict[Tuple[str, Optional[int], bool, Optional[bool]], Tuple[Reason, ...]] = {}
-        out: Dict[str, Tuple[Reason, ...]] = {}
-        fresh = [v for v in vms if self._key(v) not in self._known]
-        rams = self._ram.current([(v.uuid, v.pid) for v in vms if v.pid is not None]) if fresh else {}
+        last = self._known
+        known: Dict[str, Tuple[VmReading, _Key, Tuple[Reason, ...]]] = {}
+        fresh: List[Tuple[VmReading, _Key]] = []
         for v in vms:
+            hit = last.get(v.uuid)
+            if hit is not None and hit[0] is v:
+                known[v.uuid] = hit
+                continue
             key = self._key(v)
-            reasons = self._known.get(key)
-            if reasons is None:
-                reasons = config_reasons(v, rams.get((v.uuid, v.pid)) if v.pid is not None else None)
-            known[key] = out[v.uuid] = reasons
+            if hit is not None and hit[1] == key:
+                known[v.uuid] = (v, key, hit[2])
+            else:
+                fresh.append((v, key))
+        if fresh:
+            rams = self._ram.current([(v.uuid, v.pid) for v in vms if v.pid is not None])
+            for v, key in fresh:
+                known[v.uuid] = (v, key, config_reasons(v, rams.get((v.uuid, v.pid)) if v.pid is not None else None))
         self._known = known
-        return out
+        return {uuid: hit[2] for uuid, hit in known.items()}
 
     @staticmethod
-    def _key(v: VmReading) -> Tuple[str, Optional[int], bool, Optional[bool]]:
+    def _key(v: VmReading) -> "_Key":
         return (v.uuid, v.pid, v.excluded, v.ksm.mergeable if v.ksm is not None else None)
