@@ -103,6 +103,18 @@ def timed(fn: Callable[[], Any], n: int, before: Optional[Callable[[], None]] = 
     return times
 
 
+def reference_ms() -> float:
+    """A fixed pure-Python loop (dict and int work, like a tick's): how fast this machine
+    is at that moment. This VM's speed drifts by up to 2x between hours; printed beside
+    each round, it tells a slow hour from a slower tick."""
+    t0 = time.perf_counter()
+    d: Dict[int, int] = {}
+    for i in range(200000):
+        k = i % 2000
+        d[k] = d.get(k, 0) + i
+    return (time.perf_counter() - t0) * 1000
+
+
 def churn(guests: List[tuple], proc_root: Path) -> Callable[[], None]:
     """Before each tick: every guest's ksm_stat gets new numbers, in place."""
     from tests.lab.proctree import KSM_STAT
@@ -141,7 +153,11 @@ def child(n: int, source: str, args: argparse.Namespace) -> Dict[str, Any]:
         assert vms.source == source, (vms.source, source)
         out["kept_files"] = len(vms._impl._files) + len(vms._impl._scanner._files)
         cpu: List[float] = []
-        rounds = [timed(daemon.tick, args.timed, cpu=cpu) for _ in range(args.rounds)]
+        rounds, refs = [], []
+        for _ in range(args.rounds):
+            refs.append(reference_ms())
+            rounds.append(timed(daemon.tick, args.timed, cpu=cpu))
+        out["reference_ms"] = refs
         out["cpu_median"] = statistics.median(cpu)
         out["round_medians"] = [statistics.median(r) for r in rounds]
         out["round_p95"] = [sorted(r)[max(0, int(len(r) * 0.95) - 1)] for r in rounds]
@@ -180,6 +196,8 @@ def report(results: List[Dict[str, Any]]) -> None:
         print("- %s RSS growth %+.1f KiB over %d ticks (%.0f s), target < %.0f KiB [%s]"
               % (verdict(r["growth_kib"] < TARGET_GROWTH_KIB), r["growth_kib"], r["growth_ticks"], r["growth_s"],
                  TARGET_GROWTH_KIB, what))
+        print("  (info) machine speed: reference loop %.1f ms before each round (median; %.1f-%.1f) [%s]"
+              % (statistics.median(r["reference_ms"]), min(r["reference_ms"]), max(r["reference_ms"]), what))
         print("  (info) CPU per tick median %.1f ms; first tick %.0f ms; every guest's ksm_stat changed before "
               "each tick: median %.1f ms; %d files kept open (RLIMIT_NOFILE %d) [%s]"
               % (r["cpu_median"], r["first_ms"], r["churn_median"], r["kept_files"], r["nofile"], what))
@@ -216,7 +234,8 @@ def main() -> None:
                 print(done.stderr[-2000:])
                 sys.exit("%d guests, %s: failed" % (n, source))
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            print("  round medians %s ms" % " ".join("%.1f" % m for m in r["round_medians"]), flush=True)
+            print("  round medians %s ms; reference loop %s ms" % (" ".join("%.1f" % m for m in r["round_medians"]),
+                                                              " ".join("%.1f" % m for m in r["reference_ms"])), flush=True)
             results.append(r)
     report(results)
 
