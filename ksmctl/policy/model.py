@@ -254,7 +254,7 @@ class Adaptive(Model):
     at least min_pass_yield times the saving per ksmd CPU-second (per page scanned where
     ksmd's CPU time is unknown) that the merging phase gained on average; below that
     (guests rewriting memory leave a trickle of merges) it goes idle, whose slow scan
-    still merges the trickle. 0 always runs the pass.
+    still reaches the trickle (at the idle pace: hours per pass on a large host). 0 always runs the pass.
     It resumes when mergeable memory grows by resume_growth (new guests: min_passes
     again), or when the start conditions become newly true."""
 
