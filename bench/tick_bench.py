@@ -76,7 +76,8 @@ def build_daemon(tmp: Path, uri: str, proc_root: Path, run_root: Path, sys_root:
                     sys_root=str(sys_root), proc_root=str(proc_root), exporter={"enabled": False})
     procfs = ProcFs(str(proc_root))
     sysfs = KsmSysfs(str(sys_root))
-    vms = VmCollector(uri, proc=procfs, run_root=str(run_root), events=False)
+    # As the daemon: with events, balloon statistics are fetched on change only.
+    vms = VmCollector(uri, proc=procfs, run_root=str(run_root), events=True)
     metrics = MetricsCollector(CollectorRegistry(auto_describe=False))
 
     def exporter(rec: Any) -> None:  # what Exporter.observer does with a server running

@@ -326,3 +326,76 @@ def test_guest_reported_memory_and_signals(lab_guests):
     assert sig["committed_current_bytes"] == len(lab_guests) * 256 * 1024 * 1024
     assert 0 < sig["committed_current_ratio"] < 1
     assert sig["guest_free_vms"] == len(lab_guests) and sig["guest_free_bytes"] == sum(v.guest_usable for v in mine)
+
+
+class _CountingConn:
+    """The real connection; records how many domains each balloon fetch asks for. A
+    wrapper only to count: every call goes to libvirtd and QEMU."""
+
+    def __init__(self, real, asked: List[int]) -> None:
+        self._real = real
+        self._asked = asked
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def domainListGetStats(self, doms, stats, flags=0):
+        self._asked.append(len(doms))
+        return self._real.domainListGetStats(doms, stats, flags)
+
+
+def test_balloon_statistics_fetched_when_due_and_on_balloon_events(lab: Lab, lab_guests):
+    """With libvirt's events, a guest's balloon statistics are asked for about once per
+    stats period (2 s in the lab's XML), not every tick, and are never more than one of
+    the guest's updates behind; a balloon change reaches the collector as libvirt's event."""
+    import libvirt
+
+    class Module:
+        def __getattr__(self, name):
+            return getattr(libvirt, name)
+
+        def openReadOnly(self, uri):
+            return _CountingConn(libvirt.openReadOnly(uri), asked)
+
+    asked: List[int] = []
+    lazy = VmCollector(URI, libvirt_module=Module(), events=True)
+    fresh = lab.conn()
+    mine = {g.uuid: g for g in lab_guests}
+    def stats() -> dict:
+        return {d.UUIDString(): p for d, p in fresh.domainListGetStats(
+            [fresh.lookupByUUIDString(u) for u in mine], libvirt.VIR_DOMAIN_STATS_BALLOON, 0)}
+
+    wait_for(lambda: all("balloon.last-update" in p for p in stats().values()), 60,
+             "every guest to report balloon statistics")
+    try:
+        lazy.collect()
+        assert lazy._impl._balloon_events
+        ticks = 0
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            time.sleep(0.5)
+            lazy.collect()
+            ticks += 1
+            known = lazy._impl._known
+            now = stats()
+            for uuid in mine:
+                have = known[uuid].balloon or {}
+                # One update behind at most: the period (2 s) plus the second it waits.
+                assert now[uuid]["balloon.last-update"] - have.get("balloon.last-update", 0) <= 3, (uuid, have)
+        per_guest = sum(asked) / len(mine)
+        # Every tick would be `ticks` (about 20); once per period about 5, plus the first.
+        assert 2 <= per_guest <= ticks / 2, (asked, ticks)
+
+        g = next(g for g in lab_guests if not g.nosharepages)
+        dom = lab.conn().lookupByUUIDString(g.uuid)
+        try:
+            dom.setMemory(224 * 1024)  # KiB: the guest's balloon inflates by 32 MiB
+            wait_for(lambda: g.uuid in lazy._impl._balloon_marked, 20, "libvirt's balloon-change event")
+            vm = wait_for(lambda: (lambda v: v if v.balloon_current < 256 << 20 else None)(
+                by_uuid(lazy.collect())[g.uuid]), 20, "the smaller balloon in the readings")
+            assert vm.balloon_current == dom.info()[2] * 1024
+        finally:
+            dom.setMemory(256 * 1024)
+            wait_for(lambda: dom.info()[2] == 256 * 1024, 30, "the balloon back at 256 MiB")
+    finally:
+        lazy.close()

@@ -51,9 +51,17 @@ class Conn:
         return getattr(self._real, name)
 
     def getAllDomainStats(self, stats: int, flags: int = 0) -> list:
+        self._shim.calls.append(("all", stats, None))
         recs = self._real.getAllDomainStats(stats, flags)
         after = self._shim.after_stats
         return after(self._real, recs) if after else recs
+
+    def domainListGetStats(self, doms: list, stats: int, flags: int = 0) -> list:
+        self._shim.calls.append(("list", stats, len(doms)))
+        if self._shim.fail_list:
+            self._shim.fail_list -= 1
+            return self._real.domainListGetStats(doms, stats, 1 << 28)  # a real error: bad flags
+        return self._real.domainListGetStats(doms, stats, flags)
 
 
 class Libvirt:
@@ -65,6 +73,8 @@ class Libvirt:
                  fail_open: bool = False) -> None:
         self.after_stats = after_stats
         self.fail_open = fail_open
+        self.fail_list = 0  # how many domainListGetStats calls fail
+        self.calls: List[tuple] = []  # ("all" | "list", stats flags, domains asked for)
         self.opens = 0
         self.conns: List[Conn] = []
 
@@ -409,6 +419,89 @@ def test_lifecycle_events_mark_the_list_changed(tmp_path):
         assert "evt" not in by_name(c.collect())
     finally:
         c.close()
+
+
+# ---- balloon statistics: fetched when they can have changed ------------------------------
+BALLOON = 4  # VIR_DOMAIN_STATS_BALLOON
+
+
+def lists(lv: "Libvirt") -> List[int]:
+    """How many domains each domainListGetStats call since the last look asked for."""
+    out = [n for kind, _stats, n in lv.calls if kind == "list"]
+    lv.calls.clear()
+    return out
+
+
+def test_balloon_fetched_at_start_on_events_and_at_max_age(host3):
+    clock = FakeClock()
+    lv = Libvirt()
+    c = collector(host3, lv, events=True, clock=clock, balloon_max_age=60)
+    try:
+        first = by_name(c.collect())
+        assert c._balloon_events  # libvirt took the balloon-change registration
+        assert all(not stats & BALLOON for kind, stats, _ in lv.calls if kind == "all")  # state only
+        assert lists(lv) == [3]
+        # (The test driver's balloon records are empty: figures are checked in test_lab_vms.py.)
+        clock.now += 40
+        assert by_name(c.collect()) == first and lists(lv) == []  # nothing due: not asked again
+        # The balloon-change event of one domain (the lab test has libvirt deliver a real one).
+        dom = lv.conns[-1].lookupByName("vm0001")
+        c._on_balloon(None, dom, 1024, None)
+        c.collect()
+        assert lists(lv) == [1]
+        clock.now += 21  # past the max age of the two fetched first (45 s: their spread is 0.75)
+        c.collect()
+        assert lists(lv) == [2]  # the one fetched for its event is not due yet
+    finally:
+        c.close()
+
+
+def test_without_events_balloon_comes_with_the_state_every_tick(host3):
+    lv = Libvirt()
+    c = collector(host3, lv, events=False)
+    c.collect()
+    c.collect()
+    assert [stats & BALLOON for kind, stats, _ in lv.calls] == [BALLOON, BALLOON]  # no list calls
+
+
+def test_failed_balloon_fetch_keeps_the_domains_due_and_is_an_error(host3):
+    lv = Libvirt()
+    c = collector(host3, lv, events=True)
+    try:
+        lv.fail_list = 1
+        assert len(c.collect()) == 3
+        assert [src for src, _ in c.errors] == [ErrorSource.LIBVIRT]
+        assert "balloon statistics of 3 domains" in c.errors[0][1]
+        assert len(c.collect()) == 3
+        assert lists(lv) == [3, 3] and not c.errors  # still due after the failure: asked again
+        c.collect()
+        assert lists(lv) == []
+    finally:
+        c.close()
+
+
+def test_balloon_due_follows_the_guests_statistics_period():
+    from ksmctl.collectors.vms.libvirt import _Known, xml_facts
+    k = _Known()
+    k.stats_period = 10
+    k.set_balloon({"balloon.last-update": 997, "balloon.current": 1}, now=50.0, wall=1000.0, max_age=60, spread=1.0)
+    assert k.balloon_due == 50.0 + 8.0  # the guest's next update (997 + 10) plus a second
+    k.set_balloon({"balloon.last-update": 900}, now=50.0, wall=1000.0, max_age=60, spread=1.0)
+    assert k.balloon_due == 60.0  # late: look again in a period
+    k.set_balloon({"balloon.current": 1}, now=50.0, wall=1000.0, max_age=60, spread=1.0)
+    assert k.balloon_due == 60.0  # not stamped yet (booting): every period
+    k.set_balloon({"balloon.last-update": 999}, now=50.0, wall=1000.0, max_age=5, spread=0.8)
+    assert k.balloon_due == 54.0  # max age (times the domain's spread) bounds it
+    k.set_balloon({"balloon.last-update": "soon"}, now=50.0, wall=1000.0, max_age=60, spread=1.0)
+    assert k.balloon_due == 60.0  # not a timestamp: as if not stamped
+    k.stats_period = None
+    k.set_balloon({"balloon.last-update": 999}, now=50.0, wall=1000.0, max_age=60, spread=0.75)
+    assert k.balloon_due == 95.0 and k.balloon == {"balloon.last-update": 999}
+    xml = ("<domain><devices><memballoon model='virtio'><stats period='%s'/></memballoon></devices>"
+           "<memoryBacking><nosharepages/></memoryBacking></domain>")
+    assert xml_facts(xml % "5") == (True, 5)
+    assert xml_facts(xml % "zero") == (True, None) and xml_facts(xml % "0") == (True, None)
+    assert xml_facts("<domain/>") == (False, None) and xml_facts("<domain") == (False, None)
 
 
 # ---- /proc discovery --------------------------------------------------------------------
