@@ -1,6 +1,6 @@
 """Runs every benchmark in bench/, one after another (`make bench` calls this).
 
-    sudo .venv/bin/python bench/run_all.py [--quick] [--only ksm,guests,estimate,tick,scrape]
+    sudo .venv/bin/python bench/run_all.py [--quick] [--only ksm,guests,estimate,tick,scrape,balloon]
 
 --quick gives each benchmark its small variant (the KSM benchmark's --quick: small guests,
 short phases, four controllers; the real-guest one's: two small guests and one more).
@@ -28,6 +28,7 @@ BENCHMARKS: Dict[str, Tuple[str, List[str], List[str], bool]] = {
     "estimate": ("estimate_bench.py", [], ["--gib", "0.5", "--runs", "1"], True),
     "ksm": ("run_ksm_bench.py", [], ["--quick", "--out", "/tmp/ksmctl-bench-quick"], True),
     "guests": ("run_guest_bench.py", [], ["--quick"], True),
+    "balloon": ("balloon_bench.py", [], ["--guests", "2", "--ticks", "20"], True),
 }
 
 
