@@ -441,7 +441,9 @@ class LibvirtCollector:
         ksm = known.ksm_stat(raw) if pid is not None else None
         if params != known.params:  # a new dict each tick; equal values, same fields
             known.params = params
-            known.fields = _params_fields({**params, **known.balloon} if lazy and known.balloon else params)
+            fields = _params_fields({**params, **known.balloon} if lazy and known.balloon else params)
+            if fields != known.fields:  # else keep the object the last reading was built with
+                known.fields = fields
         fields = known.fields
         rss = None
         if pid is not None:
