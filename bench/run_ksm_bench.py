@@ -1,7 +1,7 @@
 """ksmctl against what hosts run today, side by side on this machine's real KSM.
 
     sudo .venv/bin/python bench/run_ksm_bench.py [--quick] [--controllers a,b,...] [--out DIR]
-                                                 [--workload default,churn,trickle]
+                                                 [--workload default,churn,trickle,fill]
 
 Runs every controller (ksmctl with each shipped policy, ksmtuned with its defaults and
 with a 10 s interval, the kernel's advisor, the kernel's defaults, KSM off) one after
@@ -12,8 +12,9 @@ Prints its expected and its actual duration. --quick: small guests, short phases
 controllers (about 2 minutes). --workload: one or more of default (1-4% of guest pages
 rewritten continuously), churn (a fifth of them: pages_volatile well above zero) and
 trickle (2% of guest pages rewritten with the contents they hold: merges broken and made
-again); with more than one, each workload's results go to DIR/<workload>/ and every
-workload's targets are printed. The "floor" controller is ksmd at full pace for exactly
+again) and fill (guests keep turning unique pages into copies of OS contents: the achievable
+saving grows at a known rate, a trickle of new merges); with more than one, each workload's
+results go to DIR/<workload>/ and every workload's targets are printed. The "floor" controller is ksmd at full pace for exactly
 two passes from pressure onset (and from new guests): the cost of the merges themselves.
 A ksmctl policy with a setting changed runs as e.g. ksmctl:default:min_pass_yield=0.
 """
