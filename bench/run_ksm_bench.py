@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ksm_bench import controllers as ctl  # noqa: E402
 from ksm_bench import report  # noqa: E402
 from ksm_bench.run import Params, estimate_seconds, run_all  # noqa: E402
-from ksm_bench.workload import WORKLOADS  # noqa: E402
+from ksm_bench.workload import FILL_RATE, WORKLOADS  # noqa: E402
 
 QUICK_CONTROLLERS = ["ksmctl:default", "floor", "ksmtuned:10", "advisor", "kernel-defaults"]
 
@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results directory")
     ap.add_argument("--workload", default="default", help="comma-separated: %s" % ",".join(WORKLOADS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every guest's size")
+    ap.add_argument("--fill-rate", type=float, help="fill workload: the share of every guest's pages filled per "
+                    "second (default %g)" % FILL_RATE)
     for name in ("calm", "pressure", "growth", "release", "window", "pressure_free", "floor_gib"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, help="override the phase/pressure parameter")
     args = ap.parse_args(argv)
@@ -94,6 +96,10 @@ def _run_workloads(names, args, p, summary) -> None:
             from dataclasses import replace
             spec = replace(spec, guests=[replace(g, mib=int(g.mib * args.scale)) for g in spec.guests],
                            growth=[replace(g, mib=int(g.mib * args.scale)) for g in spec.growth])
+        if args.fill_rate is not None and spec.fill_per_s() > 0:
+            from dataclasses import replace
+            spec = replace(spec, guests=[replace(g, fill_rate=args.fill_rate) for g in spec.guests],
+                           growth=[replace(g, fill_rate=args.fill_rate) for g in spec.growth])
         out = Path(args.out) if len(names) == 1 else Path(args.out) / wname
         print("== workload %s" % wname, flush=True)
         t1 = time.monotonic()

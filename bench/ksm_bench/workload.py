@@ -200,7 +200,7 @@ def trickle_workload(base: Optional[WorkloadSpec] = None) -> WorkloadSpec:
     return replace(base, guests=[trickled(g) for g in base.guests], growth=[trickled(g) for g in base.growth])
 
 
-FILL, FILL_RATE = 0.15, 6e-4
+FILL, FILL_RATE = 0.15, 4.5e-4
 
 
 def fill_workload(base: Optional[WorkloadSpec] = None, rate: float = FILL_RATE) -> WorkloadSpec:
