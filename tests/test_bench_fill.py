@@ -177,7 +177,8 @@ def test_the_run_adds_the_achievable_to_its_samples():
     add_achievable(samples, w, guests[:3], True, 256)   # before the growth guest started
     c0 = AchievableCurve.of(w.guests, w.fill_mod(), w.families, True, 256)
     assert samples[10]["achievable_initial"] == c0.at(10.0, [-3.0, -2.0, -1.0])
-    assert samples[10]["achievable_all"] == achievable_pages(w.guests + w.growth, 2, True) + c0.filled(10.0, [-3, -2, -1])
+    base1 = achievable_pages(w.guests + w.growth, 2, True)
+    assert samples[10]["achievable_all"] == base1 + c0.filled(10.0, [-3, -2, -1])
     add_achievable(samples, w, guests, True, 256)
     c1 = AchievableCurve.of(w.guests + w.growth, w.fill_mod(), w.families, True, 256)
     assert samples[50]["achievable_all"] == c1.at(50.0, [-3.0, -2.0, -1.0, 40.0])
