@@ -31,8 +31,10 @@ def test_fill_takes_unique_pages_and_leaves_the_plan_as_it_was():
     for base, filled in ((default_workload(), fill_workload()), (quick_workload(), fill_workload(quick_workload()))):
         specs, plain = filled.guests + filled.growth, base.guests + base.growth
         assert [g.counts() for g in specs] == [g.counts() for g in plain]
+        assert not any(g.scatter for g in plain)
         for g in specs:
             assert 0 < g.fill_pages <= g.counts()["unique"] and g.fill_pages == int(g.pages * FILL)
+            assert g.scatter
         # nothing filled yet: the default workload's saving, to the page
         assert content_copies(filled.guests, 2) == content_copies(base.guests, 2)
         assert base.fill_per_s() == 0 and filled.fill_per_s() > filled.fill_per_s(growth=False) > 0
@@ -123,6 +125,36 @@ def test_filled_pages_plan_and_the_fill_writes():
     assert after[:first["unique"] * PAGE] == before[:first["unique"] * PAGE]
 
 
+def test_a_scattered_layout_spreads_every_kind_through_the_mapping():
+    for n in (24576, 114688, 262144, 7919 * 4):
+        lay = gp.Layout(n, gp.scatter_stride(n))
+        assert sorted(lay.offset(i) // PAGE for i in range(n)) == list(range(n))
+    with pytest.raises(ValueError):
+        gp.Layout(12, 4)
+    counts = dict(zero=640, osn=4800, app=0, within=960, pool=4, churn=0, unique=1792)
+    n = sum(v for k, v in counts.items() if k != "pool")
+    lay = gp.Layout(n, gp.scatter_stride(n))   # 8192 pages
+    m = mmap.mmap(-1, n * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    first = gp.fill(m, 0, 0, 1, counts["zero"], counts["osn"], counts["app"], counts["within"], counts["pool"],
+                    counts["churn"], counts["unique"], lay)
+    data = bytes(m)
+    kinds = [struct.unpack_from("<QQQ", data, i * PAGE)[0] for i in range(n)]
+    # every sixteenth of the mapping holds its share of unique pages (1792 / 16 = 112), within 3;
+    # the first 50 filled pages are spread too (none of the 16 parts has more than 3 + 1)
+    for part in range(16):
+        assert abs(kinds[part * 512:(part + 1) * 512].count(gp.UNIQUE) - 112) <= 3
+    spots = [lay.offset(first["unique"] + k) // PAGE // 512 for k in range(50)]
+    assert max(spots.count(part) for part in range(16)) <= 4
+    j = 7
+    assert struct.unpack_from("<QQQ", data, lay.offset(first["os"] + j)) == gp.os_header(j)
+    before = data
+    f = gp.Fill(m, first["unique"], 50, mod=4800, per_s=1e6, t0=0.0, layout=lay)
+    f.tick(1.0)
+    for k in range(50):
+        o = lay.offset(first["unique"] + k)
+        assert m[o:o + PAGE] == before[lay.offset(first["os"] + k):lay.offset(first["os"] + k) + PAGE]
+
+
 def _read(pid: int, address: int, pages: int) -> bytes:
     with open("/proc/%d/mem" % pid, "rb") as f:
         f.seek(address)
@@ -131,8 +163,9 @@ def _read(pid: int, address: int, pages: int) -> bytes:
 
 def test_a_guest_process_fills_at_its_planned_rate():
     w = WorkloadSpec(guests=[GuestSpec(4, zero=0.1, os=0.5, app=0.1, within=0.1, within_pool=8, churn=0.0,
-                                       fill=0.2, fill_rate=0.2)])   # all its 204 unique pages, 204.8 per second
+                                       fill=0.2, fill_rate=0.2, scatter=True)])   # its 204 unique pages, 204.8/s
     spec = w.guests[0]
+    lay = gp.Layout(spec.pages, gp.scatter_stride(spec.pages))
     g = Guest(0, spec, w.families, 1, fill_mod=w.fill_mod()).start()
     try:
         g.wait_ready()
@@ -146,9 +179,9 @@ def test_a_guest_process_fills_at_its_planned_rate():
         except OSError as e:
             pytest.skip("cannot read the guest's memory: %s" % e)
         hi = time.monotonic()
-        os_page = {struct.unpack_from("<QQQ", data, (os0 + j) * PAGE): j for j in range(c["os"])}
+        os_page = {struct.unpack_from("<QQQ", data, lay.offset(os0 + j)): j for j in range(c["os"])}
         done = sum(1 for k in range(c["unique"])
-                   if struct.unpack_from("<QQQ", data, (u0 + k) * PAGE) in os_page)
+                   if struct.unpack_from("<QQQ", data, lay.offset(u0 + k)) in os_page)
         # the plan at the read, less the guest's 0.1 s loop (and scheduling)
         plan = (gp.filled_pages(lo - g.clock - 0.3, spec.fill_per_s, spec.fill_pages),
                 gp.filled_pages(hi - g.clock, spec.fill_per_s, spec.fill_pages))
@@ -156,11 +189,12 @@ def test_a_guest_process_fills_at_its_planned_rate():
         time.sleep(max(0.0, g.clock + 1.3 - time.monotonic()))   # past its cap
         data = _read(g.proc.pid, g.address, spec.pages)
         for k in range(c["unique"]):
-            o = (u0 + k) * PAGE
+            o = lay.offset(u0 + k)
             head = struct.unpack_from("<QQQ", data, o)
             if k < spec.fill_pages:
                 assert head == gp.os_header(gp.fill_os_id(k, w.fill_mod()))
-                assert data[o:o + PAGE] == data[(os0 + head[2]) * PAGE:(os0 + head[2] + 1) * PAGE]
+                src = lay.offset(os0 + head[2])
+                assert data[o:o + PAGE] == data[src:src + PAGE]
             else:
                 assert head[0] == gp.UNIQUE
     finally:

@@ -69,6 +69,7 @@ class GuestSpec:
     trickle_rate: float = 0.05    # share of the trickle pages rewritten per second
     fill: float = 0.0             # share of its pages (taken from its unique pages) turned into os copies over time
     fill_rate: float = 0.0        # share of its pages turned per second, from when it is ready, until `fill`
+    scatter: bool = False         # its plan's pages spread through its memory (guest_proc.Layout), not kind after kind
 
     @property
     def pages(self) -> int:
@@ -210,12 +211,15 @@ def fill_workload(base: Optional[WorkloadSpec] = None, rate: float = FILL_RATE) 
     (never mergeable), into copies of os contents that every initial guest holds, until
     FILL of its pages are. Each page filled adds one page to the achievable saving
     (AchievableCurve), and merges at ksmd's first look at it (its content has a KSM page
-    already): a trickle of genuinely new merges, which a check after the initial passes
-    finds (WorkloadSpec.fill_per_s; the report states it)."""
+    already): a trickle of genuinely new merges (WorkloadSpec.fill_per_s; the report states
+    it). The guests' pages are scattered (guest_proc.Layout), as page cache is through a
+    guest's RAM: laid out kind after kind, the fill's pages would sit in the unique pages
+    at the end of each guest, and the 2 s check after a pass, which scans the start of
+    ksmd's list (the first guest's zero and os pages), would never see one."""
     base = base or default_workload()
 
     def filled(g: GuestSpec) -> GuestSpec:
-        return replace(g, fill=FILL, fill_rate=rate)
+        return replace(g, fill=FILL, fill_rate=rate, scatter=True)
     return replace(base, guests=[filled(g) for g in base.guests], growth=[filled(g) for g in base.growth])
 
 
@@ -314,7 +318,7 @@ class Guest:
                      str(c["zero"]), str(c["os"]), str(c["app"]), str(c["within"]), str(spec.within_pool),
                      str(c["churn"]), str(c["unique"]), "%g" % spec.churn_rate,
                      str(trickle[0]), str(trickle[1]), "%r" % spec.trickle_per_s,
-                     str(spec.fill_pages), str(fill_mod), "%r" % spec.fill_per_s]
+                     str(spec.fill_pages), str(fill_mod), "%r" % spec.fill_per_s, "1" if spec.scatter else "0"]
         self.proc: Optional[subprocess.Popen] = None
         self.address: Optional[int] = None   # of its memory, once ready
         self.clock: Optional[float] = None   # time.monotonic() when its rewrites and fill began
