@@ -20,7 +20,7 @@ from ksm_bench import guest_proc as gp  # noqa: E402
 from ksm_bench import report  # noqa: E402
 from ksm_bench.metrics import Phases, summarize  # noqa: E402
 from ksm_bench.run import add_achievable  # noqa: E402
-from ksm_bench.workload import (FILL, PAGE, WORKLOADS, AchievableCurve, Guest, GuestSpec,  # noqa: E402
+from ksm_bench.workload import (FILL, FILL_RATE, FILL_RATE_QUICK, PAGE, WORKLOADS, AchievableCurve, Guest, GuestSpec,  # noqa: E402
                                 WorkloadSpec, achievable_pages, content_copies, default_workload, fill_workload,
                                 quick_workload)
 
@@ -41,21 +41,26 @@ def test_fill_takes_unique_pages_and_leaves_the_plan_as_it_was():
         # every initial guest holds the os contents the fill cycles through
         assert filled.fill_mod() == min(g.counts()["os"] for g in filled.guests) > 0
     assert WORKLOADS["fill"][0]() == fill_workload()
-    assert WORKLOADS["fill"][1]() == fill_workload(quick_workload())
+    assert WORKLOADS["fill"][1]() == fill_workload(quick_workload(), FILL_RATE_QUICK)
     with pytest.raises(ValueError):   # more than its unique pages
         GuestSpec(4, zero=0.1, os=0.5, app=0.1, within=0.1, churn=0.0, fill=0.3).counts()
 
 
 def test_fill_rates_as_stated():
     """The rates the README states: the share of every guest's pages per second, summed."""
-    w, q = fill_workload(), fill_workload(quick_workload())
-    rate = w.guests[0].fill_rate
-    assert all(g.fill_rate == rate for g in w.guests + w.growth + q.guests + q.growth)
+    w, q = WORKLOADS["fill"][0](), WORKLOADS["fill"][1]()
+    assert all(g.fill_rate == FILL_RATE for g in w.guests + w.growth)
+    assert all(g.fill_rate == FILL_RATE_QUICK for g in q.guests + q.growth)
     pages = sum(g.pages for g in w.guests)
-    assert w.fill_per_s(growth=False) == pytest.approx(pages * rate)
-    assert w.fill_per_s(growth=False) * PAGE / MIB == pytest.approx(4.3 * 1024 * rate, rel=0.01)
-    # the cap is reached only after the longest controller's run (about 300 s from ready)
-    assert min(g.fill_pages / g.fill_per_s for g in w.guests) > 240
+    assert w.fill_per_s(growth=False) == pytest.approx(pages * FILL_RATE)
+    # 0.07% of 4416 MiB per second: 791 pages/s (3.09 MiB/s), 3.90 MiB/s with the new guests;
+    # 0.15% of the quick workload's 320 MiB, 0.48 MiB/s, 0.62 with its new guest
+    assert w.fill_per_s(growth=False) * PAGE / MIB == pytest.approx(3.09, abs=0.01)
+    assert w.fill_per_s() * PAGE / MIB == pytest.approx(3.90, abs=0.01)
+    assert q.fill_per_s(growth=False) * PAGE / MIB == pytest.approx(0.48, abs=0.01)
+    # the cap is reached 257 s after a guest is ready: after every controller's pressure
+    # phase (ksmtuned's ends about 240 s after its guests are ready)
+    assert min(g.fill_pages / g.fill_per_s for g in w.guests) == pytest.approx(257, abs=1)
 
 
 @pytest.mark.parametrize("make", [lambda: fill_workload(quick_workload()), fill_workload])

@@ -201,7 +201,12 @@ def trickle_workload(base: Optional[WorkloadSpec] = None) -> WorkloadSpec:
     return replace(base, guests=[trickled(g) for g in base.guests], growth=[trickled(g) for g in base.growth])
 
 
-FILL, FILL_RATE = 0.15, 4.5e-4
+# A check after the passes finds about 1000 x rate x (the time since ksmd last saw the stretch
+# it checks: about one pass) new merges per 1000 pages; idle_yield (1) comes first, then
+# min_pass_yield (5% of the phase's saving per CPU-second: about 3 per 1000 on the full
+# workload, 7 on the quick one). Passes take about 3 s on the full workload, 2 s on the quick
+# one: so a larger share per second in --quick (bench/README.md: the runs that sized them).
+FILL, FILL_RATE, FILL_RATE_QUICK = 0.18, 7e-4, 1.5e-3
 
 
 def fill_workload(base: Optional[WorkloadSpec] = None, rate: float = FILL_RATE) -> WorkloadSpec:
@@ -226,7 +231,8 @@ def fill_workload(base: Optional[WorkloadSpec] = None, rate: float = FILL_RATE) 
 WORKLOADS = {"default": (default_workload, quick_workload),
              "churn": (lambda: churn_workload(default_workload()), lambda: churn_workload(quick_workload())),
              "trickle": (lambda: trickle_workload(default_workload()), lambda: trickle_workload(quick_workload())),
-             "fill": (lambda: fill_workload(default_workload()), lambda: fill_workload(quick_workload()))}
+             "fill": (lambda: fill_workload(default_workload()),
+                      lambda: fill_workload(quick_workload(), FILL_RATE_QUICK))}
 
 
 def _saving(copies: int, max_page_sharing: int) -> int:
