@@ -14,7 +14,8 @@ achievable_initial and achievable_all), A0 and A1 are functions of time: a time 
 fraction of the achievable is the first moment the saving reaches that fraction of what is
 achievable at that moment; the peak compares the saving with what is achievable at the end
 of its phase (A0 when the new guests start, A1 at release), so a saving that stops
-following a growing achievable shows there; and the lag is A0(t) - saving(t).
+following a growing achievable shows there; and the lag is A0(t) - saving(t), when the new
+guests start and on average over the second half of the pressure phase.
 """
 from __future__ import annotations
 
@@ -192,17 +193,18 @@ def summarize(samples: Sequence[dict], ph: Phases, a0_pages: int, a1_pages: int,
     at_release = value_at(ts, sb, ph.release)
     m["release_fraction"] = at_release / a1_end if (at_release is not None and a1_end > 0) else None
     # A growing achievable: the saving's lag behind it (MiB) when the new guests start, and its
-    # mean from the moment the saving first reached 99% of it (the initial passes done) to then.
+    # mean over the second half of the pressure phase (the initial passes long done, for the
+    # controllers that merge at all; the same window for every controller with the same phase).
     m["achievable_growth_mib"] = m["lag_end_mib"] = m["lag_mean_mib"] = None
     if grows and ts:
         m["achievable_growth_mib"] = (a0_end - ach0(ph.onset)) / MIB  # type: ignore[misc]
         at_growth = value_at(ts, sb, ph.growth)
         m["lag_end_mib"] = (a0_end - at_growth) / MIB if at_growth is not None else None
-        if m["t99_s"] is not None:
-            lt = [ph.onset + m["t99_s"]] + [t for t in ts if ph.onset + m["t99_s"] < t < ph.growth] + [ph.growth]
-            lag = [ach0(t) - (value_at(ts, sb, t) or 0.0) for t in lt]  # type: ignore[misc]
-            mean = mean_over(lt, lag, lt[0], lt[-1])
-            m["lag_mean_mib"] = None if mean is None else mean / MIB
+        half = (ph.onset + ph.growth) / 2.0
+        lt = [half] + [t for t in ts if half < t < ph.growth] + [ph.growth]
+        lag = [ach0(t) - (value_at(ts, sb, t) or 0.0) for t in lt]  # type: ignore[misc]
+        mean = mean_over(lt, lag, lt[0], lt[-1])
+        m["lag_mean_mib"] = None if mean is None else mean / MIB
     m["peak_gib"] = peak_bytes / GIB
     p_cpu = delta(cts, cpu, ph.onset, ph.release)
     m["cpu_pressure_all_s"] = p_cpu

@@ -28,7 +28,7 @@ def table(result: dict) -> str:
             "resume after new guests s | new guests: t90 s | controller CPU-s |" % (w, w, w))
     grows = _grows(result)
     if grows:
-        head += " lag MiB: end of pressure / mean after t99 |"
+        head += " lag MiB: end of pressure / mean over its second half |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in _runs(result):
         m = r["metrics"]
@@ -175,7 +175,7 @@ def variants(result: dict, policy: str = "ksmctl default") -> List[str]:
                        _n(_pct(d.get("release_fraction")), "%.1f"), _n(_pct(v.get("release_fraction")), "%.1f")))
         if d.get("lag_end_mib") is not None and v.get("lag_end_mib") is not None:
             out[-1] += ("; the saving's lag behind the growing achievable at the end of pressure %s vs %s MiB, "
-                        "its mean after t99 %s vs %s MiB" % (_n(d["lag_end_mib"]), _n(v["lag_end_mib"]),
+                        "its mean over the pressure phase's second half %s vs %s MiB" % (_n(d["lag_end_mib"]), _n(v["lag_end_mib"]),
                                                             _n(d.get("lag_mean_mib")), _n(v.get("lag_mean_mib"))))
     return out
 
@@ -228,7 +228,7 @@ def markdown(result: dict, plot_name: str, elapsed: Optional[float] = None) -> s
                          "achievable at that moment; peak %% compares the saving with what is achievable at the end "
                          "of its phase (the initial guests' when the new guests start, all guests' at release); "
                          "the lag is the achievable less the saving, at the end of the pressure phase and on "
-                         "average from t99 to then." % (
+                         "average over its second half." % (
                              100 * max(g.get("fill_rate", 0.0) for g in wl["guests"]),
                              100 * max(g.get("fill", 0.0) for g in wl["guests"]), init, init * page / MIB,
                              fill * page / MIB))
@@ -259,7 +259,7 @@ def markdown(result: dict, plot_name: str, elapsed: Optional[float] = None) -> s
                              st["stale_max_pages"], st["stale_max_pages"] * page / MIB))
         if st.get("lag_end_mib") is not None:
             notes.append("achievable grew by %.0f MiB in the pressure phase; the saving's lag behind it at the end of "
-                         "pressure %.0f MiB, mean from t99 %s MiB" % (
+                         "pressure %.0f MiB, mean over the phase's second half %s MiB" % (
                              st["achievable_growth_mib"], st["lag_end_mib"], _n(st.get("lag_mean_mib"))))
         ds = decision_summary(r)
         if ds is not None:
