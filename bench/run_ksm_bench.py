@@ -1,7 +1,7 @@
 """ksmctl against what hosts run today, side by side on this machine's real KSM.
 
     sudo .venv/bin/python bench/run_ksm_bench.py [--quick] [--controllers a,b,...] [--out DIR]
-                                                 [--workload default,churn,trickle]
+                                                 [--workload default,churn,trickle,fill]
 
 Runs every controller (ksmctl with each shipped policy, ksmtuned with its defaults and
 with a 10 s interval, the kernel's advisor, the kernel's defaults, KSM off) one after
@@ -12,8 +12,9 @@ Prints its expected and its actual duration. --quick: small guests, short phases
 controllers (about 2 minutes). --workload: one or more of default (1-4% of guest pages
 rewritten continuously), churn (a fifth of them: pages_volatile well above zero) and
 trickle (2% of guest pages rewritten with the contents they hold: merges broken and made
-again); with more than one, each workload's results go to DIR/<workload>/ and every
-workload's targets are printed. The "floor" controller is ksmd at full pace for exactly
+again) and fill (guests keep turning unique pages into copies of OS contents: the achievable
+saving grows at a known rate, a trickle of new merges); with more than one, each workload's
+results go to DIR/<workload>/ and every workload's targets are printed. The "floor" controller is ksmd at full pace for exactly
 two passes from pressure onset (and from new guests): the cost of the merges themselves.
 A ksmctl policy with a setting changed runs as e.g. ksmctl:default:min_pass_yield=0.
 """
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ksm_bench import controllers as ctl  # noqa: E402
 from ksm_bench import report  # noqa: E402
 from ksm_bench.run import Params, estimate_seconds, run_all  # noqa: E402
-from ksm_bench.workload import WORKLOADS  # noqa: E402
+from ksm_bench.workload import FILL_RATE, WORKLOADS  # noqa: E402
 
 QUICK_CONTROLLERS = ["ksmctl:default", "floor", "ksmtuned:10", "advisor", "kernel-defaults"]
 
@@ -50,6 +51,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="results directory")
     ap.add_argument("--workload", default="default", help="comma-separated: %s" % ",".join(WORKLOADS))
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every guest's size")
+    ap.add_argument("--fill-rate", type=float, help="fill workload: the share of every guest's pages filled per "
+                    "second (default %g)" % FILL_RATE)
     for name in ("calm", "pressure", "growth", "release", "window", "pressure_free", "floor_gib"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, help="override the phase/pressure parameter")
     args = ap.parse_args(argv)
@@ -93,6 +96,10 @@ def _run_workloads(names, args, p, summary) -> None:
             from dataclasses import replace
             spec = replace(spec, guests=[replace(g, mib=int(g.mib * args.scale)) for g in spec.guests],
                            growth=[replace(g, mib=int(g.mib * args.scale)) for g in spec.growth])
+        if args.fill_rate is not None and spec.fill_per_s() > 0:
+            from dataclasses import replace
+            spec = replace(spec, guests=[replace(g, fill_rate=args.fill_rate) for g in spec.guests],
+                           growth=[replace(g, fill_rate=args.fill_rate) for g in spec.growth])
         out = Path(args.out) if len(names) == 1 else Path(args.out) / wname
         print("== workload %s" % wname, flush=True)
         t1 = time.monotonic()

@@ -3,6 +3,7 @@ the kernel's defaults, and KSM off. Each starts from a clean KSM state (see kern
 and must leave nothing running when stopped."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -137,9 +138,10 @@ class KsmctlController(Controller):
         if self.overrides:
             self.path = workdir / ("%s.yaml" % self.policy)
             self.path.write_text(self.text)
+        self.trace = workdir / "trace.jsonl"
         cfg = {"policy": str(self.path), "state_file": str(workdir / "state.json"),
                "state_dir": str(workdir), "exporter": {"enabled": False}, "libvirt": False,
-               "log_level": "info", "trace": {"path": str(workdir / "trace.jsonl")}}
+               "log_level": "info", "trace": {"path": str(self.trace)}}
         (workdir / "config.yaml").write_text(yaml.safe_dump(cfg))
         self.log = open(workdir / "daemon.log", "w")
         env = dict(os.environ)
@@ -152,6 +154,24 @@ class KsmctlController(Controller):
         if self.proc is not None and self.proc.poll() is None:
             self._cpu = _proc_cpu(self.proc.pid)
         return self._cpu
+
+    def decisions(self) -> List[Dict[str, object]]:
+        """Every tick's decision from the daemon's trace (the work directory's trace.jsonl,
+        read before the run's work directories go): mono (the tick's time.monotonic()),
+        scan_rule, run_rule and the reasons, e.g. "another full pass is not worth it"."""
+        out: List[Dict[str, object]] = []
+        trace = getattr(self, "trace", None)
+        if trace is None or not trace.exists():
+            return out
+        for line in trace.read_text().splitlines():
+            try:
+                d = json.loads(line)
+                dec = d["decision"]
+                out.append({"mono": float(d["readings"]["monotonic"]), "scan_rule": dec["scan_rule"],
+                            "run_rule": dec["run_rule"], "reasons": list(dec["reasons"])})
+            except (ValueError, KeyError, TypeError):
+                continue
+        return out
 
     def stop(self) -> None:
         if self.proc is None:

@@ -8,11 +8,19 @@ phase boundaries in seconds since the run started:
 `growth` is when more guests start (still under pressure). A0 is the achievable saving
 (pages) of the initial guests, A1 of all guests. The comparison window is
 [onset, onset + window]: the same length for every controller.
+
+On workloads whose achievable saving grows (guests filling pages: the samples' fields
+achievable_initial and achievable_all), A0 and A1 are functions of time: a time to a
+fraction of the achievable is the first moment the saving reaches that fraction of what is
+achievable at that moment; the peak compares the saving with what is achievable at the end
+of its phase (A0 when the new guests start, A1 at release), so a saving that stops
+following a growing achievable shows there; and the lag is A0(t) - saving(t), when the new
+guests start and on average over the second half of the pressure phase.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -77,12 +85,14 @@ def integral(ts: Sequence[float], vs: Sequence[float], a: float, b: float) -> fl
                for i in range(len(pts) - 1))
 
 
-def first_reaching(ts: Sequence[float], vs: Sequence[float], level: float, a: float, b: float) -> Optional[float]:
-    """First sample time in [a, b] whose value is >= level (a value reached before a counts at a)."""
+def first_reaching(ts: Sequence[float], vs: Sequence[float], level: Union[float, Callable[[float], float]],
+                   a: float, b: float) -> Optional[float]:
+    """First sample time in [a, b] whose value is >= level (a value reached before a counts at
+    a); level may be a function of time (the level at each sample's time)."""
     for t, v in zip(ts, vs):
         if t > b:
             break
-        if v >= level:
+        if v >= (level(t) if callable(level) else level):
             return max(t, a)
     return None
 
@@ -138,9 +148,16 @@ def summarize(samples: Sequence[dict], ph: Phases, a0_pages: int, a1_pages: int,
     cts, cpu = series(samples, "ksmd_cpu")
     a0, a1 = a0_pages * page_size, a1_pages * page_size
     m: Dict[str, Optional[float]] = {}
+    # The achievable (bytes) at time t: constant, or the samples' series where it grows.
+    ach0, ach1 = achievable_at(samples, "achievable_initial", page_size), achievable_at(samples, "achievable_all",
+                                                                                       page_size)
+    grows = ach0 is not None
+    a0_end = ach0(ph.growth) if ach0 else a0      # the initial guests' achievable at the end of pressure
+    a1_end = ach1(ph.release) if ach1 else a1     # all guests' achievable at release
 
     def reach(frac: float) -> Optional[float]:
-        t = first_reaching(ts, sb, frac * a0, ph.onset, ph.growth)
+        level = (lambda t: frac * ach0(t)) if ach0 else frac * a0  # type: ignore[misc]
+        t = first_reaching(ts, sb, level, ph.onset, ph.growth)
         return None if t is None else t - ph.onset
 
     m["t50_s"] = reach(0.5)
@@ -167,14 +184,27 @@ def summarize(samples: Sequence[dict], ph: Phases, a0_pages: int, a1_pages: int,
     for t, v in zip(ts, sb):
         if t < ph.onset or t > ph.release:
             continue
-        ach = a0 if t < ph.growth else a1
+        ach = a0_end if t < ph.growth else a1_end
         if ach > 0:
             peak_frac = max(peak_frac, v / ach)
         peak_bytes = max(peak_bytes, v)
     m["peak_fraction"] = peak_frac if ts else None
     # The peak may come before the new guests: what is merged when pressure ends, of all guests' achievable.
     at_release = value_at(ts, sb, ph.release)
-    m["release_fraction"] = at_release / a1 if (at_release is not None and a1 > 0) else None
+    m["release_fraction"] = at_release / a1_end if (at_release is not None and a1_end > 0) else None
+    # A growing achievable: the saving's lag behind it (MiB) when the new guests start, and its
+    # mean over the second half of the pressure phase (the initial passes long done, for the
+    # controllers that merge at all; the same window for every controller with the same phase).
+    m["achievable_growth_mib"] = m["lag_end_mib"] = m["lag_mean_mib"] = None
+    if grows and ts:
+        m["achievable_growth_mib"] = (a0_end - ach0(ph.onset)) / MIB  # type: ignore[misc]
+        at_growth = value_at(ts, sb, ph.growth)
+        m["lag_end_mib"] = (a0_end - at_growth) / MIB if at_growth is not None else None
+        half = (ph.onset + ph.growth) / 2.0
+        lt = [half] + [t for t in ts if half < t < ph.growth] + [ph.growth]
+        lag = [ach0(t) - (value_at(ts, sb, t) or 0.0) for t in lt]  # type: ignore[misc]
+        mean = mean_over(lt, lag, lt[0], lt[-1])
+        m["lag_mean_mib"] = None if mean is None else mean / MIB
     m["peak_gib"] = peak_bytes / GIB
     p_cpu = delta(cts, cpu, ph.onset, ph.release)
     m["cpu_pressure_all_s"] = p_cpu
@@ -215,6 +245,18 @@ def summarize(samples: Sequence[dict], ph: Phases, a0_pages: int, a1_pages: int,
             if ph.growth < t <= ph.release and v >= 0.5 * peak_pct:
                 m["resume_s"] = t - ph.growth
                 break
-    g90 = first_reaching(ts, sb, 0.9 * a1, ph.growth, ph.release)
+    g90 = first_reaching(ts, sb, (lambda t: 0.9 * ach1(t)) if ach1 else 0.9 * a1,  # type: ignore[misc]
+                         ph.growth, ph.release)
     m["growth_t90_s"] = None if g90 is None else g90 - ph.growth
     return m
+
+
+def achievable_at(samples: Sequence[dict], key: str, page_size: int) -> Optional[Callable[[float], float]]:
+    """The achievable saving (bytes) as a function of time from the samples' `key` (pages),
+    interpolated between samples; None when the samples have no such series (the achievable
+    is a constant)."""
+    ts, vs = series(samples, key)
+    if not ts:
+        return None
+    bs = [v * page_size for v in vs]
+    return lambda t: value_at(ts, bs, t)  # type: ignore[return-value]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from .metrics import at_most, cpu_percent_series, series, value_at
 
@@ -26,10 +26,14 @@ def table(result: dict) -> str:
             "MiB per ksmd CPU-s | ksmd CPU-s calm / pressure / growth / release / total | "
             "ksmd CPU-s per GiB of peak | ksmd %% no pressure | idle after merges done s | "
             "resume after new guests s | new guests: t90 s | controller CPU-s |" % (w, w, w))
+    grows = _grows(result)
+    if grows:
+        head += " lag MiB: end of pressure / mean over its second half |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in _runs(result):
         m = r["metrics"]
         ph = r["phases"]
+        lag = " %s / %s |" % (_n(m.get("lag_end_mib")), _n(m.get("lag_mean_mib"))) if grows else ""
         lines.append("| %s | %.0f | %s | %s | %s | %s | %s | %s | %s | %s | %s / %s / %s / %s / %s | %s | %s | %s | %s | %s | %s |" % (
             r["controller"]["name"], ph["growth"] - ph["onset"],
             _n(m["t50_s"]), _n(m["t90_s"]), _n(m["t99_s"]),
@@ -40,8 +44,35 @@ def table(result: dict) -> str:
             _n(m["cpu_release_s"], "%.1f"), _n(m["cpu_total_s"], "%.1f"),
             _n(m["cpu_s_per_gib_peak"], "%.1f"), _n(m["cpu_no_pressure_percent"], "%.1f"),
             _n(m["quiet_after_done_s"]), _n(m["resume_s"]), _n(m["growth_t90_s"]),
-            _n(m.get("controller_cpu_s"), "%.1f")))
+            _n(m.get("controller_cpu_s"), "%.1f")) + lag)
     return "\n".join(lines)
+
+
+def _grows(result: dict) -> bool:
+    """Whether the achievable saving grew during the runs (guests filling pages)."""
+    return any(r["metrics"].get("lag_end_mib") is not None for r in _runs(result))
+
+
+DECLINED = "another full pass is not worth it"
+ONE_MORE = "one more pass at full pace"
+CHECKING = "checking at"
+
+
+def decision_summary(run: dict) -> Optional[Dict[str, Any]]:
+    """What a ksmctl run's daemon decided after the passes every page needs (its trace):
+    how many checks, how many more passes, how many declined by min_pass_yield, each with
+    the first one's time (s since pressure onset) and reason. None for other controllers."""
+    ds = run.get("decisions")
+    if ds is None:
+        return None
+    on = run["phases"]["onset"]
+    out: Dict[str, Any] = {}
+    for key, phrase in (("checks", CHECKING), ("more_passes", ONE_MORE), ("declined", DECLINED)):
+        hits = [(d["t"], r) for d in ds for r in d["reasons"] if phrase in r]
+        out[key] = len(hits)
+        out[key + "_first_s"] = hits[0][0] - on if hits else None
+        out[key + "_first_reason"] = hits[0][1] if hits else None
+    return out
 
 
 def _by(result: dict, name: str) -> Optional[dict]:
@@ -79,7 +110,9 @@ def targets(result: dict, policy: str = "ksmctl default") -> List[str]:
             row(ratio >= 6, "90%% at least 6x sooner than ksmtuned default: %.0f s vs %.0f s (%.1fx)"
                 % (d["t90_s"], kt["t90_s"], ratio))
     row(d["peak_fraction"] is not None and d["peak_fraction"] >= 0.99,
-        "peak >= 99%% of the achievable: %.1f%%" % (100 * (d["peak_fraction"] or 0)))
+        "peak >= 99%% of the achievable%s: %.1f%%" % (
+            " (as it is at the end of each phase)" if d.get("lag_end_mib") is not None else "",
+            100 * (d["peak_fraction"] or 0)))
     rf = d.get("release_fraction")
     if rf is not None:
         row(rf >= 0.99, "new guests merged too: at release, %.1f%% of the achievable with all guests" % (100 * rf))
@@ -140,6 +173,10 @@ def variants(result: dict, policy: str = "ksmctl default") -> List[str]:
                        _n(v["cpu_pressure_all_s"], "%.1f"), _n(diff, "%+.1f"), setting,
                        _n(_pct(d["peak_fraction"]), "%.1f"), _n(_pct(v["peak_fraction"]), "%.1f"),
                        _n(_pct(d.get("release_fraction")), "%.1f"), _n(_pct(v.get("release_fraction")), "%.1f")))
+        if d.get("lag_end_mib") is not None and v.get("lag_end_mib") is not None:
+            out[-1] += ("; the saving's lag behind the growing achievable at the end of pressure %s vs %s MiB, "
+                        "its mean over the pressure phase's second half %s vs %s MiB" % (_n(d["lag_end_mib"]), _n(v["lag_end_mib"]),
+                                                            _n(d.get("lag_mean_mib")), _n(v.get("lag_mean_mib"))))
     return out
 
 
@@ -180,6 +217,22 @@ def markdown(result: dict, plot_name: str, elapsed: Optional[float] = None) -> s
                          "merges the guests had lost at that moment (stale: counted, no longer mapped)."
                          % (per_s, per_s * page / MIB))
             parts.append("")
+        fill = result.get("fill_pages_per_s")
+        if fill:
+            init = result.get("fill_pages_per_s_initial") or 0.0
+            parts.append("Fill: from when it is ready, every guest turns %.2g%% of its pages per second (from its "
+                         "unique pages, until %.0f%% of its pages are) into copies of OS contents the other guests "
+                         "hold: the achievable saving grows by %.0f pages per second (%.2f MiB/s) from the initial "
+                         "guests, %.2f MiB/s with the new ones (achievable_initial and achievable_all in the "
+                         "samples). t50/t90/t99 are the first moment the saving reaches that share of what is "
+                         "achievable at that moment; peak %% compares the saving with what is achievable at the end "
+                         "of its phase (the initial guests' when the new guests start, all guests' at release); "
+                         "the lag is the achievable less the saving, at the end of the pressure phase and on "
+                         "average over its second half." % (
+                             100 * max(g.get("fill_rate", 0.0) for g in wl["guests"]),
+                             100 * max(g.get("fill", 0.0) for g in wl["guests"]), init, init * page / MIB,
+                             fill * page / MIB))
+            parts.append("")
         parts.append("Phases: calm %gs, pressure %gs (at least %gx the controller's interval), new guests "
                      "%gs, release %gs. Window for the per-window columns: the first %gs of pressure." % (
                          p["calm"], p["pressure"], p["slow_factor"], p["growth"], p["release"], p["window"]))
@@ -204,6 +257,16 @@ def markdown(result: dict, plot_name: str, elapsed: Optional[float] = None) -> s
                              st["stale_mean_pages"], st["stale_mean_pages"] * page / MIB,
                              st["stale_at_growth_pages"], st["stale_at_growth_pages"] * page / MIB,
                              st["stale_max_pages"], st["stale_max_pages"] * page / MIB))
+        if st.get("lag_end_mib") is not None:
+            notes.append("achievable grew by %.0f MiB in the pressure phase; the saving's lag behind it at the end of "
+                         "pressure %.0f MiB, mean over the phase's second half %s MiB" % (
+                             st["achievable_growth_mib"], st["lag_end_mib"], _n(st.get("lag_mean_mib"))))
+        ds = decision_summary(r)
+        if ds is not None:
+            notes.append("after the passes: %d checks, %d more passes, %d declined by min_pass_yield%s" % (
+                ds["checks"], ds["more_passes"], ds["declined"],
+                "" if ds["declined_first_s"] is None else " (first %.0f s after onset: \"%s\")" % (
+                    ds["declined_first_s"], ds["declined_first_reason"])))
         parts.append("- %s (%s): %s" % (r["controller"]["name"], r["controller"]["description"], "; ".join(notes)))
     parts.append("")
     return "\n".join(parts)
@@ -241,8 +304,18 @@ def plot(result: dict, path: Path) -> None:
         r0 = _runs(result)[0]
         a0 = r0["achievable_pages"]["initial"] * page / GIB
         a1 = r0["achievable_pages"]["all"] * page / GIB
-        ax1.axhline(a0, color="k", linestyle="--", linewidth=0.8, label="achievable (initial guests)")
-        ax1.axhline(a1, color="gray", linestyle="--", linewidth=0.8, label="achievable (all guests)")
+        on, gr = r0["phases"]["onset"], r0["phases"]["growth"]
+        t0, v0 = series(r0["samples"], "achievable_initial")
+        t1, v1 = series(r0["samples"], "achievable_all")
+        if t0:   # growing (guests fill pages): the first run's, the others' differ by their setup times
+            ax1.plot([t - on for t in t0 if t < gr], [v * page / GIB for t, v in zip(t0, v0) if t < gr], color="k",
+                     linestyle="--", linewidth=0.8,
+                     label="achievable (initial guests; %s's run)" % r0["controller"]["name"])
+            ax1.plot([t - on for t in t1 if t >= gr], [v * page / GIB for t, v in zip(t1, v1) if t >= gr],
+                     color="gray", linestyle="--", linewidth=0.8, label="achievable (all guests)")
+        else:
+            ax1.axhline(a0, color="k", linestyle="--", linewidth=0.8, label="achievable (initial guests)")
+            ax1.axhline(a1, color="gray", linestyle="--", linewidth=0.8, label="achievable (all guests)")
     ax1.axvline(0, color="k", linewidth=0.8)
     ax2.axvline(0, color="k", linewidth=0.8)
     ax1.set_ylabel("saving (GiB): pages_sharing + ksm_zero_pages\n(dotted: less the stale merges)")
@@ -262,10 +335,12 @@ def write(result: dict, out: Path, elapsed: Optional[float] = None) -> Dict[str,
     plot(result, png)
     md = out / "results.md"
     md.write_text(markdown(result, png.name, elapsed))
-    meta = {k: result[k] for k in ("params", "workload", "machine", "page_size", "trickle_pages_per_s") if k in result}
+    meta = {k: result[k] for k in ("params", "workload", "machine", "page_size", "trickle_pages_per_s",
+                                   "fill_pages_per_s", "fill_pages_per_s_initial") if k in result}
     meta["ksm_found"] = result.get("ksm_found")
     meta["elapsed_s"] = elapsed
     meta["summary"] = [{"controller": r["controller"], "phases": r["phases"], "metrics": r["metrics"],
-                        "achievable_pages": r["achievable_pages"]} for r in _runs(result)]
+                        "achievable_pages": r["achievable_pages"], "decisions": decision_summary(r)}
+                       for r in _runs(result)]
     (out / "params.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
     return {"md": md, "png": png, "json": out / "params.json"}

@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 from . import controllers as ctl
 from .metrics import Phases, summarize
 from .sampler import Sampler
-from .workload import (MIB, PAGE, Ballast, Guest, WorkloadSpec, achievable_pages, ksm_pages, meminfo,
-                       start_guests)
+from .workload import (MIB, PAGE, AchievableCurve, Ballast, Guest, WorkloadSpec, achievable_pages, ksm_pages,
+                       meminfo, start_guests)
 
 GIB = 1024 * MIB
 
@@ -175,12 +175,36 @@ def run_one(c: ctl.Controller, spec: WorkloadSpec, p: Params, workdir: Path, log
     mps = int(samples[0].get("max_page_sharing") or 256)
     a0 = achievable_pages(spec.guests, spec.families, uzp, mps)
     a1 = achievable_pages(spec.guests + spec.growth, spec.families, uzp, mps)
+    if spec.fill_per_s() > 0:
+        add_achievable(samples, spec, guests, uzp, mps)
     m = summarize(samples, ph, a0, a1, PAGE, p.window)
     m["controller_cpu_s"] = own_cpu
     min_avail = min(int(s["mem_available"]) for s in samples)  # type: ignore[arg-type]
-    return {"controller": c.info(), "phases": asdict(ph), "achievable_pages": {"initial": a0, "all": a1},
-            "use_zero_pages": uzp, "max_page_sharing": mps, "foreign_mergeable_bytes": foreign,
-            "min_mem_available": min_avail, "metrics": m, "samples": samples}
+    out = {"controller": c.info(), "phases": asdict(ph), "achievable_pages": {"initial": a0, "all": a1},
+           "use_zero_pages": uzp, "max_page_sharing": mps, "foreign_mergeable_bytes": foreign,
+           "min_mem_available": min_avail, "metrics": m, "samples": samples}
+    decisions = getattr(c, "decisions", None)
+    if decisions is not None:
+        t0 = float(samples[0]["mono"]) - float(samples[0]["t"])  # type: ignore[arg-type]
+        out["decisions"] = [dict(d, t=round(d["mono"] - t0, 3)) for d in decisions()]
+    return out
+
+
+def add_achievable(samples: List[Dict[str, object]], spec: WorkloadSpec, guests: List[Guest], uzp: bool,
+                   mps: int) -> None:
+    """The achievable saving at each sample when guests fill pages (fill workload): fields
+    achievable_initial (the initial guests) and achievable_all (all guests; the growth
+    guests' fill counts from when each was ready), in pages, from each guest's own clock."""
+    mod = spec.fill_mod()
+    c0 = AchievableCurve.of(spec.guests, mod, spec.families, uzp, mps)
+    c1 = AchievableCurve.of(spec.guests + spec.growth, mod, spec.families, uzp, mps)
+    t0 = float(samples[0]["mono"]) - float(samples[0]["t"])  # type: ignore[arg-type]
+    starts: List[Optional[float]] = [None if g.clock is None else g.clock - t0 for g in guests]
+    starts += [None] * (len(spec.guests) + len(spec.growth) - len(starts))
+    for s in samples:
+        t = float(s["t"])  # type: ignore[arg-type]
+        s["achievable_initial"] = c0.at(t, starts[:len(spec.guests)])
+        s["achievable_all"] = c1.at(t, starts)
 
 
 def ksm_guard(lock: bool = True):
@@ -206,7 +230,9 @@ def run_all(spec: WorkloadSpec, p: Params, out: Path, log=print, lock: bool = Tr
     (lock=False: the caller already holds it) and restores the knobs found."""
     out.mkdir(parents=True, exist_ok=True)
     result: Dict[str, object] = {"params": asdict(p), "workload": spec.to_dict(), "machine": machine(),
-                                 "page_size": PAGE, "trickle_pages_per_s": spec.trickle_per_s(), "runs": []}
+                                 "page_size": PAGE, "trickle_pages_per_s": spec.trickle_per_s(),
+                                 "fill_pages_per_s": spec.fill_per_s(),
+                                 "fill_pages_per_s_initial": spec.fill_per_s(growth=False), "runs": []}
     guard = ksm_guard(lock)
     with guard as found, tempfile.TemporaryDirectory(prefix="ksm-bench-") as tmp:
         result["ksm_found"] = found

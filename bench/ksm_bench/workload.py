@@ -15,6 +15,11 @@ closes. The plan's page kinds:
 Trickle pages are not a kind: they are some of a guest's os pages (`trickle_ranges`), and
 rewriting them leaves their contents, hence the achievable saving, as they were.
 
+Fill pages are not a kind either: they are a guest's first unique pages, turned one by one
+after it is ready into copies of os contents (guest_proc.fill_os_id, at the rate of
+guest_proc.filled_pages), so the achievable saving grows by one page per page filled
+(AchievableCurve, which checks that it does).
+
 Because every content is known, the achievable saving is exact: a content present in
 c pages saves c - ceil(c / max_page_sharing) pages (KSM chains a content into stable
 nodes of at most max_page_sharing sharers); zero pages with use_zero_pages=1 map to the
@@ -37,9 +42,11 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tests.mergeable import release  # the repo root is on sys.path (run_ksm_bench.py, pytest)
+
+from .guest_proc import fill_os_id, filled_pages
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
@@ -60,10 +67,22 @@ class GuestSpec:
     churn_rate: float = 0.5       # share of the churn pages rewritten per second
     trickle: float = 0.0          # share of its pages (taken from its os pages) rewritten with their own contents
     trickle_rate: float = 0.05    # share of the trickle pages rewritten per second
+    fill: float = 0.0             # share of its pages (taken from its unique pages) turned into os copies over time
+    fill_rate: float = 0.0        # share of its pages turned per second, from when it is ready, until `fill`
+    scatter: bool = False         # its plan's pages spread through its memory (guest_proc.Layout), not kind after kind
 
     @property
     def pages(self) -> int:
         return self.mib * MIB // PAGE
+
+    @property
+    def fill_pages(self) -> int:
+        return int(self.pages * self.fill)
+
+    @property
+    def fill_per_s(self) -> float:
+        """Unique pages turned into os copies per second (until fill_pages are)."""
+        return self.pages * self.fill_rate if self.fill_pages else 0.0
 
     @property
     def trickle_pages(self) -> int:
@@ -80,6 +99,8 @@ class GuestSpec:
         c["unique"] = n - sum(c.values())
         if c["unique"] < 0:
             raise ValueError("guest shares add up to more than 1: %r" % (self,))
+        if self.fill_pages > c["unique"]:
+            raise ValueError("fill pages %d are more than the unique pages of %r" % (self.fill_pages, self))
         return c
 
 
@@ -109,6 +130,16 @@ class WorkloadSpec:
     def trickle_per_s(self, growth: bool = True) -> float:
         """Pages rewritten with their own contents per second, by the initial guests (and the growth guests)."""
         return sum(g.trickle_per_s for g in self.guests + (self.growth if growth else []))
+
+    def fill_mod(self) -> int:
+        """How many os contents the filled pages cycle through (guest_proc.fill_os_id): those
+        every initial guest holds, so each has copies to merge with from the start."""
+        return min(g.counts()["os"] for g in self.guests) if self.guests else 0
+
+    def fill_per_s(self, growth: bool = True) -> float:
+        """Unique pages turned into os copies per second, by the initial guests (and the growth
+        guests), while none has reached its fill_pages."""
+        return sum(g.fill_per_s for g in self.guests + (self.growth if growth else []))
 
 
 def default_workload() -> WorkloadSpec:
@@ -170,19 +201,55 @@ def trickle_workload(base: Optional[WorkloadSpec] = None) -> WorkloadSpec:
     return replace(base, guests=[trickled(g) for g in base.guests], growth=[trickled(g) for g in base.growth])
 
 
+# A check after the passes finds about 1000 x rate x (the time since ksmd last saw the stretch
+# it checks: about one pass) new merges per 1000 pages; idle_yield (1) comes first, then
+# min_pass_yield (5% of the phase's saving per CPU-second: about 3 per 1000 on the full
+# workload, 7 on the quick one). Passes take about 3 s on the full workload, 2 s on the quick
+# one: so a larger share per second in --quick (bench/README.md: the runs that sized them).
+FILL, FILL_RATE, FILL_RATE_QUICK = 0.18, 7e-4, 1.5e-3
+
+
+def fill_workload(base: Optional[WorkloadSpec] = None, rate: float = FILL_RATE) -> WorkloadSpec:
+    """`base` (the default workload) with guests whose achievable saving keeps growing, as
+    guests do that keep reading more of the same OS image into page cache: from when it is
+    ready, each guest turns `rate` of its pages per second, taken from its unique pages
+    (never mergeable), into copies of os contents that every initial guest holds, until
+    FILL of its pages are. Each page filled adds one page to the achievable saving
+    (AchievableCurve), and merges at ksmd's first look at it (its content has a KSM page
+    already): a trickle of genuinely new merges (WorkloadSpec.fill_per_s; the report states
+    it). The guests' pages are scattered (guest_proc.Layout), as page cache is through a
+    guest's RAM: laid out kind after kind, the fill's pages would sit in the unique pages
+    at the end of each guest, and the 2 s check after a pass, which scans the start of
+    ksmd's list (the first guest's zero and os pages), would never see one."""
+    base = base or default_workload()
+
+    def filled(g: GuestSpec) -> GuestSpec:
+        return replace(g, fill=FILL, fill_rate=rate, scatter=True)
+    return replace(base, guests=[filled(g) for g in base.guests], growth=[filled(g) for g in base.growth])
+
+
 WORKLOADS = {"default": (default_workload, quick_workload),
              "churn": (lambda: churn_workload(default_workload()), lambda: churn_workload(quick_workload())),
-             "trickle": (lambda: trickle_workload(default_workload()), lambda: trickle_workload(quick_workload()))}
+             "trickle": (lambda: trickle_workload(default_workload()), lambda: trickle_workload(quick_workload())),
+             "fill": (lambda: fill_workload(default_workload()),
+                      lambda: fill_workload(quick_workload(), FILL_RATE_QUICK))}
 
 
 def _saving(copies: int, max_page_sharing: int) -> int:
     return copies - int(math.ceil(copies / max_page_sharing)) if copies > 0 else 0
 
 
-def content_copies(guests: Iterable[GuestSpec], families: int) -> Counter:
-    """How many pages hold each mergeable content (zero pages under key 'zero')."""
+def content_copies(guests: Iterable[GuestSpec], families: int, filled: Sequence[int] = (),
+                   fill_mod: int = 1) -> Counter:
+    """How many pages hold each mergeable content (zero pages under key 'zero'); filled[g]:
+    how many of guest g's unique pages have become os copies (guest_proc.fill_os_id)."""
     copies: Counter = Counter()
     guests = list(guests)
+    for g, n in enumerate(filled):
+        if n > guests[g].fill_pages:
+            raise ValueError("guest %d fills at most %d pages, not %d" % (g, guests[g].fill_pages, n))
+        for k in range(n):
+            copies[("os", fill_os_id(k, fill_mod))] += 1
     for g, spec in enumerate(guests):
         c = spec.counts()
         copies["zero"] += c["zero"]
@@ -197,13 +264,49 @@ def content_copies(guests: Iterable[GuestSpec], families: int) -> Counter:
 
 
 def achievable_pages(guests: Iterable[GuestSpec], families: int = 2, use_zero_pages: bool = False,
-                     max_page_sharing: int = 256) -> int:
-    """The saving (pages) that merging everything mergeable in these guests gives."""
-    copies = content_copies(guests, families)
+                     max_page_sharing: int = 256, filled: Sequence[int] = (), fill_mod: int = 1) -> int:
+    """The saving (pages) that merging everything mergeable in these guests gives (with
+    filled[g] of guest g's pages filled, see content_copies)."""
+    copies = content_copies(guests, families, filled, fill_mod)
     zero = copies.pop("zero", 0)
     total = sum(_saving(c, max_page_sharing) for c in copies.values())
     total += zero if use_zero_pages else _saving(zero, max_page_sharing)
     return total
+
+
+@dataclass(frozen=True)
+class AchievableCurve:
+    """The achievable saving of some guests as a function of time, when they fill pages
+    (fill_workload): the saving with nothing filled, plus one page per page filled, which
+    `of` checks once for every guest filled to its cap (every increment of a content's
+    saving c - ceil(c / max_page_sharing) is 0 or 1, so if the whole fill adds one page per
+    page, every part of it does). Without fill pages it is the constant achievable_pages."""
+
+    base: int
+    per_s: Tuple[float, ...]   # pages filled per second, per guest
+    caps: Tuple[int, ...]      # pages filled at most, per guest
+
+    @classmethod
+    def of(cls, guests: Sequence[GuestSpec], fill_mod: int, families: int = 2, use_zero_pages: bool = False,
+           max_page_sharing: int = 256) -> "AchievableCurve":
+        guests = list(guests)
+        base = achievable_pages(guests, families, use_zero_pages, max_page_sharing)
+        caps = tuple(g.fill_pages for g in guests)
+        if any(caps):
+            full = achievable_pages(guests, families, use_zero_pages, max_page_sharing, caps, fill_mod)
+            if full != base + sum(caps):
+                raise ValueError("filling %d pages adds %d to the achievable saving, not one page each"
+                                 % (sum(caps), full - base))
+        return cls(base, tuple(g.fill_per_s for g in guests), caps)
+
+    def filled(self, t: float, starts: Sequence[Optional[float]]) -> int:
+        """Pages filled by time t, when guest g's fill clock started at starts[g] (None: not
+        started, e.g. a growth guest before it is ready)."""
+        return sum(filled_pages(t - s, r, c) for s, r, c in zip(starts, self.per_s, self.caps) if s is not None)
+
+    def at(self, t: float, starts: Sequence[Optional[float]]) -> int:
+        """The achievable saving (pages) at time t (the same clock as starts)."""
+        return self.base + self.filled(t, starts)
 
 
 # -- the guest process --------------------------------------------------------------------
@@ -214,15 +317,17 @@ BALLAST_CHILD = HERE / "ballast_proc.py"
 
 class Guest:
     def __init__(self, index: int, spec: GuestSpec, families: int, nonce: int,
-                 trickle: Tuple[int, int] = (0, 0)) -> None:
+                 trickle: Tuple[int, int] = (0, 0), fill_mod: int = 1) -> None:
         self.index, self.spec = index, spec
         c = spec.counts()
         self.argv = [sys.executable, str(GUEST_CHILD), str(index), str(index % families), str(nonce),
                      str(c["zero"]), str(c["os"]), str(c["app"]), str(c["within"]), str(spec.within_pool),
                      str(c["churn"]), str(c["unique"]), "%g" % spec.churn_rate,
-                     str(trickle[0]), str(trickle[1]), "%r" % spec.trickle_per_s]
+                     str(trickle[0]), str(trickle[1]), "%r" % spec.trickle_per_s,
+                     str(spec.fill_pages), str(fill_mod), "%r" % spec.fill_per_s, "1" if spec.scatter else "0"]
         self.proc: Optional[subprocess.Popen] = None
         self.address: Optional[int] = None   # of its memory, once ready
+        self.clock: Optional[float] = None   # time.monotonic() when its rewrites and fill began
 
     def start(self) -> "Guest":
         self.proc = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -234,6 +339,7 @@ class Guest:
         if not line.startswith("ready"):
             raise RuntimeError("guest %d did not start: %r" % (self.index, line))
         self.address = int(line.split()[2], 16)
+        self.clock = float(line.split()[3])
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -245,7 +351,8 @@ def start_guests(spec: WorkloadSpec, growth: bool, nonce: int) -> List[Guest]:
     first = len(spec.guests) if growth else 0
     specs = spec.growth if growth else spec.guests
     ranges = spec.trickle_ranges()[first:first + len(specs)]
-    guests = [Guest(first + i, s, spec.families, nonce, r).start() for i, (s, r) in enumerate(zip(specs, ranges))]
+    mod = spec.fill_mod()
+    guests = [Guest(first + i, s, spec.families, nonce, r, mod).start() for i, (s, r) in enumerate(zip(specs, ranges))]
     for g in guests:
         g.wait_ready()
     return guests
