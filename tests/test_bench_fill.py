@@ -5,6 +5,7 @@ guest process keeping to the plan, the metrics against a growing achievable (tim
 lag), and the report of the daemon's decisions after the passes."""
 from __future__ import annotations
 
+import json
 import mmap
 import struct
 import sys
@@ -16,6 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
+from ksm_bench import controllers as ctl  # noqa: E402
 from ksm_bench import guest_proc as gp  # noqa: E402
 from ksm_bench import report  # noqa: E402
 from ksm_bench.metrics import Phases, summarize  # noqa: E402
@@ -312,3 +314,16 @@ def test_report_shows_the_lag_and_the_decisions(tmp_path):
     lines = report.targets(result)
     assert any("**MISSED** peak >= 99% of the achievable (as it is at the end of each phase): 87.0%" in x
                for x in lines), lines
+
+
+def test_a_ksmctl_controller_reads_its_decisions_from_its_trace(tmp_path):
+    c = ctl.make("ksmctl:default")
+    assert c.decisions() == []    # not started: no trace
+    c.trace = tmp_path / "trace.jsonl"
+    lines = [{"readings": {"monotonic": 100.0 + i}, "decision": {"scan_rule": d["scan_rule"], "run_rule": "keep_running",
+                                                                 "reasons": d["reasons"]}}
+             for i, d in enumerate(DECISIONS)]
+    c.trace.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
+    got = c.decisions()
+    assert [d["mono"] for d in got] == [100.0, 101.0, 102.0, 103.0]
+    assert got[2]["scan_rule"] == "idle" and got[2]["reasons"] == DECISIONS[2]["reasons"]
