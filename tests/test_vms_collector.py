@@ -501,6 +501,7 @@ def test_balloon_due_follows_the_guests_statistics_period():
            "<memoryBacking><nosharepages/></memoryBacking></domain>")
     assert xml_facts(xml % "5") == (True, 5)
     assert xml_facts(xml % "zero") == (True, None) and xml_facts(xml % "0") == (True, None)
+    assert xml_facts(xml % "-5") == (True, None)  # else a negative wait: fetched every tick
     assert xml_facts("<domain/>") == (False, None) and xml_facts("<domain") == (False, None)
 
 

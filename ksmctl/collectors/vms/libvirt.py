@@ -125,8 +125,10 @@ def xml_facts(xml: str) -> Tuple[bool, Optional[int]]:
     stats = root.find("./devices/memballoon/stats")
     if stats is not None:
         try:
-            period = int(stats.get("period", "")) or None
+            period = int(stats.get("period", ""))
         except ValueError:
+            period = None
+        if period is not None and period <= 0:  # 0 is libvirt's "off"; below it is not a period
             period = None
     return root.find("./memoryBacking/nosharepages") is not None, period
 
