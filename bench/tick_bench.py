@@ -11,7 +11,11 @@ interpreter, so its resident memory is its own: a real Daemon (read, decide, wri
 generated sysfs, state file) with the exporter's observer (metrics counted and rendered
 once per tick, as with the exporter on). Times `rounds` rounds of `timed` ticks, then
 `ticks` ticks for growth, then one round in which every guest's ksm_stat changes before
-each tick (KSM merging everywhere: nothing cached holds; informational, no target).
+each tick (KSM merging everywhere: nothing cached holds; informational, no target), and
+with libvirt a round with the domains listed every tick against one listed as the daemon
+does (on lifecycle events and every 30 s). The collector's clock advances by the policy's
+interval per tick, so what it does every so many seconds happens every so many ticks, as
+in the daemon.
 
 Targets (issue #16): tick median <= 50 ms, daemon RSS <= 150 MiB, RSS growth over the
 growth run < 1 MiB. Each is printed with HOLDS or MISSED. Nothing is asserted. This
@@ -59,8 +63,22 @@ def make_ksmd(proc_root: Path) -> None:
         "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n")
 
 
+class TickClock:
+    """The collector's clock, advanced by the policy's interval before each tick: what
+    the collector does every so many seconds (list the domains, fetch balloon figures)
+    then happens every so many ticks, as in the daemon, though the bench's ticks run back
+    to back."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval, self.now = interval, 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def build_daemon(tmp: Path, uri: str, proc_root: Path, run_root: Path, sys_root: Path):
-    """A real Daemon over the generated trees, with the exporter's per-tick observer."""
+    """A real Daemon over the generated trees, with the exporter's per-tick observer;
+    returns it, its VM collector and a function that runs one tick."""
     from ksmctl.collectors.host import HostCollector
     from ksmctl.collectors.procfs import ProcFs
     from ksmctl.collectors.vms import VmCollector
@@ -76,16 +94,23 @@ def build_daemon(tmp: Path, uri: str, proc_root: Path, run_root: Path, sys_root:
                     sys_root=str(sys_root), proc_root=str(proc_root), exporter={"enabled": False})
     procfs = ProcFs(str(proc_root))
     sysfs = KsmSysfs(str(sys_root))
-    # As the daemon: with events, balloon statistics are fetched on change only.
-    vms = VmCollector(uri, proc=procfs, run_root=str(run_root), events=True)
+    policy = load_policy(config.policy)  # a LoadedPolicy
+    clock = TickClock(policy.policy.interval)
+    # As the daemon: with events, the domains are listed and balloon statistics fetched
+    # on change only.
+    vms = VmCollector(uri, proc=procfs, run_root=str(run_root), events=True, clock=clock)
     metrics = MetricsCollector(CollectorRegistry(auto_describe=False))
 
     def exporter(rec: Any) -> None:  # what Exporter.observer does with a server running
         metrics.observe(rec)
         render_text(metrics)
 
-    return Daemon(config, load_policy(config.policy), HostCollector(sysfs, procfs, vms=vms),
-                  KsmWriter(sysfs), observers=[exporter]), vms
+    daemon = Daemon(config, policy, HostCollector(sysfs, procfs, vms=vms), KsmWriter(sysfs), observers=[exporter])
+
+    def tick() -> Any:
+        clock.now += clock.interval
+        return daemon.tick()
+    return daemon, vms, tick
 
 
 def timed(fn: Callable[[], Any], n: int, before: Optional[Callable[[], None]] = None,
@@ -146,9 +171,9 @@ def child(n: int, source: str, args: argparse.Namespace) -> Dict[str, Any]:
         sys_root = make_sys(tmp / "sys", {"pages_shared": "100000", "pages_sharing": "400000",
                                           "pages_unshared": "3000", "general_profit": "1610000000",
                                           "ksm_zero_pages": "0"})
-        daemon, vms = build_daemon(tmp, uri if source == "libvirt" else "none", proc_root, run_root, sys_root)
+        daemon, vms, tick = build_daemon(tmp, uri if source == "libvirt" else "none", proc_root, run_root, sys_root)
         t0 = time.perf_counter()
-        rec = daemon.tick()
+        rec = tick()
         out["first_ms"] = (time.perf_counter() - t0) * 1000
         assert rec.readings is not None and len(rec.readings.vms) == n, rec.errors
         assert vms.source == source, (vms.source, source)
@@ -157,25 +182,32 @@ def child(n: int, source: str, args: argparse.Namespace) -> Dict[str, Any]:
         rounds, refs = [], []
         for _ in range(args.rounds):
             refs.append(reference_ms())
-            rounds.append(timed(daemon.tick, args.timed, cpu=cpu))
+            rounds.append(timed(tick, args.timed, cpu=cpu))
         out["reference_ms"] = refs
         out["cpu_median"] = statistics.median(cpu)
         out["round_medians"] = [statistics.median(r) for r in rounds]
         out["round_p95"] = [sorted(r)[max(0, int(len(r) * 0.95) - 1)] for r in rounds]
         for _ in range(200):
-            daemon.tick()
+            tick()
         gc.collect()
         rss0 = rss_bytes()
         t0 = time.perf_counter()
         for _ in range(args.ticks):
-            daemon.tick()
+            tick()
         gc.collect()
         out["growth_ticks"], out["growth_s"] = args.ticks, time.perf_counter() - t0
         out["growth_kib"] = (rss_bytes() - rss0) / 1024
         out["rss_mib"] = rss_bytes() / 2 ** 20
         out["peak_rss_mib"] = max(out["rss_mib"], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        ch = timed(daemon.tick, max(10, args.timed // 2), churn(guests, proc_root))
+        ch = timed(tick, max(10, args.timed // 2), churn(guests, proc_root))
         out["churn_median"] = statistics.median(ch)
+        # Side by side: the domains listed every tick, as before lifecycle events did it.
+        impl = vms._impl
+        relist, impl.relist_max_age = impl.relist_max_age, 0.0
+        out["list_every_tick_median"] = statistics.median(timed(tick, args.timed))
+        impl.relist_max_age = relist
+        out["relist_s"] = relist
+        out["steady_median"] = statistics.median(timed(tick, args.timed))
         vms.close()
     return out
 
@@ -202,6 +234,11 @@ def report(results: List[Dict[str, Any]]) -> None:
         print("  (info) CPU per tick median %.1f ms; first tick %.0f ms; every guest's ksm_stat changed before "
               "each tick: median %.1f ms; %d files kept open (RLIMIT_NOFILE %d) [%s]"
               % (r["cpu_median"], r["first_ms"], r["churn_median"], r["kept_files"], r["nofile"], what))
+        if r["source"] == "libvirt":
+            print("  (info) domains listed every tick: median %.1f ms, against %.1f ms listed on lifecycle events "
+                  "and every %.0f s (%.2fx), timed one after the other [%s]"
+                  % (r["list_every_tick_median"], r["steady_median"], r["relist_s"],
+                     r["list_every_tick_median"] / r["steady_median"], what))
 
 
 def main() -> None:

@@ -421,6 +421,72 @@ def test_lifecycle_events_mark_the_list_changed(tmp_path):
         c.close()
 
 
+# ---- the listing: on lifecycle events, and at most relist_max_age apart -----------------
+def listings(lv: "Libvirt") -> int:
+    """How many getAllDomainStats calls since the last look."""
+    n = sum(1 for kind, _stats, _n in lv.calls if kind == "all")
+    lv.calls.clear()
+    return n
+
+
+def test_listing_reused_until_a_lifecycle_event_or_its_max_age(host3):
+    clock = FakeClock()
+    lv = Libvirt()
+    c = collector(host3, lv, events=True, clock=clock, relist_max_age=30)
+    try:
+        first = by_name(c.collect())
+        assert c._lifecycle_events and listings(lv) == 1
+        clock.now += 29
+        again = by_name(c.collect())
+        assert listings(lv) == 0 and again == first  # still read: pids, ksm_stat, statm
+        assert again["vm0001"].state is VmState.RUNNING
+        # A real lifecycle event from the test driver (suspend on the collector's own connection).
+        lv.conns[-1].lookupByName("vm0001").suspend()
+        from tests.support import wait_for
+        wait_for(c.changed.is_set, 10, "the suspend's lifecycle event")
+        vms = by_name(c.collect())
+        assert listings(lv) == 1 and vms["vm0001"].state is VmState.PAUSED
+        assert vms["vm0000"].state is VmState.RUNNING
+        c.collect()
+        assert listings(lv) == 0
+        clock.now += 30  # the max age: listed again, event or not
+        c.collect()
+        assert listings(lv) == 1
+    finally:
+        c.close()
+
+
+def test_reused_listing_skips_a_guest_gone_before_its_event_and_lists_again(host3):
+    lv = Libvirt()
+    c = collector(host3, lv, events=True)
+    try:
+        assert by_name(c.collect())["vm0001"].pid == 1001
+        listings(lv)
+        # QEMU exited and libvirt removed its pid file; its event has not arrived.
+        shutil.rmtree(str(host3[1] / "1001"))
+        (host3[2] / "libvirt/qemu/vm0001.pid").unlink()
+        vms = by_name(c.collect())
+        assert set(vms) == {"vm0000", "vm0002"} and listings(lv) == 0 and c.errors == []
+        # The next tick lists again instead of showing the domain without its process.
+        vms = by_name(c.collect())
+        assert listings(lv) == 1 and "vm0001" in vms and vms["vm0001"].pid is None  # libvirt still lists it
+    finally:
+        c.close()
+
+
+def test_listing_after_a_reconnect_is_new(host3):
+    lv = Libvirt()
+    c = collector(host3, lv, events=True, backoff_initial=0)
+    try:
+        c.collect()
+        listings(lv)
+        c._on_close(None, 0, None)  # libvirtd closed the connection
+        vms = by_name(c.collect())
+        assert lv.opens == 2 and listings(lv) == 1 and set(vms) == {"vm0000", "vm0001", "vm0002"}
+    finally:
+        c.close()
+
+
 # ---- balloon statistics: fetched when they can have changed ------------------------------
 BALLOON = 4  # VIR_DOMAIN_STATS_BALLOON
 
