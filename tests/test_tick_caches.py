@@ -141,25 +141,31 @@ def host3(tmp_path):
     return proctree.host(tmp_path, 3, others=5)
 
 
-def lv_collector(host, kept: int = 1000) -> LibvirtCollector:
+def lv_collector(host, kept: int = 1000, events: bool = False) -> LibvirtCollector:
     from tests.test_vms_collector import Libvirt  # opens read-write, so a test may stop a domain
     uri, proc_root, run_root, _ = host
     return LibvirtCollector(uri, proc=ProcFs(str(proc_root), kept_files=kept), run_root=str(run_root),
-                            events=False, libvirt_module=Libvirt())
+                            events=events, libvirt_module=Libvirt())
 
 
 @pytest.mark.parametrize("kept", [1000, 0])
-def test_libvirt_sees_a_changed_figure_at_the_next_tick(host3, kept):
+@pytest.mark.parametrize("events", [False, True])  # True: the listing is reused (the hot path)
+def test_libvirt_sees_a_changed_figure_at_the_next_tick(host3, kept, events):
     proc_root = host3[1]
-    c = lv_collector(host3, kept)
-    first = by_name(c.collect())
-    assert by_name(c.collect())["vm0001"] is first["vm0001"]
-    rewrite_ksm_stat(proc_root, 1001, 4321)
-    rewrite_statm(proc_root, 1002, 777)
-    now = by_name(c.collect())
-    assert now["vm0001"].ksm.merging_pages == 4321 and now["vm0001"] is not first["vm0001"]
-    assert now["vm0002"].rss == 777 * PAGE
-    assert now["vm0000"] is first["vm0000"]
+    c = lv_collector(host3, kept, events)
+    try:
+        first = by_name(c.collect())
+        assert by_name(c.collect())["vm0001"] is first["vm0001"]
+        rewrite_ksm_stat(proc_root, 1001, 4321)
+        rewrite_statm(proc_root, 1002, 777)
+        now = by_name(c.collect())
+        assert now["vm0001"].ksm.merging_pages == 4321 and now["vm0001"] is not first["vm0001"]
+        assert now["vm0002"].rss == 777 * PAGE and now["vm0002"] is not first["vm0002"]
+        assert now["vm0000"] is first["vm0000"]
+        rewrite_statm(proc_root, 1002, 778)  # statm alone, with ksm_stat as it was
+        assert by_name(c.collect())["vm0002"].rss == 778 * PAGE
+    finally:
+        c.close()
 
 
 def test_libvirt_releases_files_of_guests_that_stop(host3):

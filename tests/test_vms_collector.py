@@ -224,13 +224,14 @@ def test_stale_or_reused_pid_is_never_attributed(host3, content, why):
     assert [s for s, m in c.errors if "vm0000" in m and why in m] == [ErrorSource.PROC], c.errors
 
 
-def test_pid_reused_after_verification_is_noticed(host3):
+@pytest.mark.parametrize("events", [False, True])  # True: the listing is reused (the hot path)
+def test_pid_reused_after_verification_is_noticed(host3, events):
     """Once verified, a guest's pid is only re-checked by the identity of the ksm_stat it
     reads; a new process under the same pid (a new /proc/<pid> directory) must still be
     caught, not attributed."""
     import shutil
     proc_root = host3[1]
-    c = collector(host3)
+    c = collector(host3, events=events)
     v = by_name(c.collect())["vm0000"]
     assert v.pid is not None and v.ksm is not None and v.ksm.merging_pages
     for _ in range(2):   # steady state: identity unchanged, same readings

@@ -470,22 +470,37 @@ class LibvirtCollector:
 
     def _domain(self, dom: Any, params: Dict[str, Any], uuid: str, name: str, lazy: bool) -> Optional[VmReading]:
         known = self._known.get(uuid)
+        read: Optional[Tuple[bytes, Ident]] = None
+        statm: Optional[bytes] = None
         if known is None:
             known = self._known[uuid] = _Known()
-        pid, args, raw = self._pid(uuid, name, known)
+        elif known.pid is not None and known.ident is not None:
+            read = self._files.read(known.pid, "ksm_stat")
+            if read is not None and read[1] == known.ident:
+                statm = self._files.read_bytes(known.pid, "statm", verify=False)
+                # The hot path (a verified guest, the same listing): when its two files
+                # read what they did last time, every input of its reading is unchanged.
+                if (statm is not None and params is known.params and read[0] == known.ksm_raw
+                        and statm == known.statm_raw and known.xml_pid == known.pid
+                        and known.reading is not None):
+                    return known.reading
+        pid, args, raw = self._pid(uuid, name, known, read)
         excluded_xml = self._xml_excluded(dom, uuid, name, pid, known)
         excluded = bool(excluded_xml) or bool(args is not None and args.mem_merge_off)
         ksm = known.ksm_stat(raw) if pid is not None else None
-        if params != known.params:  # a new dict each tick; equal values, same fields
+        if params is not known.params:
+            if params != known.params:  # a listing's new dict: equal values, same fields
+                fields = _params_fields({**params, **known.balloon} if lazy and known.balloon else params)
+                if fields != known.fields:  # else keep the object the last reading was built with
+                    known.fields = fields
             known.params = params
-            fields = _params_fields({**params, **known.balloon} if lazy and known.balloon else params)
-            if fields != known.fields:  # else keep the object the last reading was built with
-                known.fields = fields
         fields = known.fields
         rss = None
         if pid is not None:
-            # Read right after ksm_stat proved the pid is this guest's (unless it has none).
-            rss = known.rss_from(self._files.read_bytes(pid, "statm", verify=known.ident is None), self.proc)
+            if statm is None:  # (read above when ksm_stat proved the pid still this guest's)
+                # Read right after ksm_stat proved the pid is this guest's (unless it has none).
+                statm = self._files.read_bytes(pid, "statm", verify=known.ident is None)
+            rss = known.rss_from(statm, self.proc)
         return known.reading_for((name, pid, ksm, rss, excluded, fields), lambda: VmReading(
             uuid=uuid, name=name, pid=pid, source=VmSource.LIBVIRT, rss=rss, ksm=ksm, excluded=excluded, **fields))
 
@@ -506,13 +521,15 @@ class LibvirtCollector:
             known.argv_raw, known.args = raw, args
         return args, ""
 
-    def _pid(self, uuid: str, name: str,
-             known: _Known) -> Tuple[Optional[int], Optional[QemuArgs], Optional[bytes]]:
+    def _pid(self, uuid: str, name: str, known: _Known, got: Optional[Tuple[bytes, Ident]] = None,
+             ) -> Tuple[Optional[int], Optional[QemuArgs], Optional[bytes]]:
         """The guest's QEMU pid, verified against /proc/<pid>/cmdline, and its ksm_stat
         bytes; (None, None, None) if unknown. Once verified, a tick only checks that the
-        ksm_stat it reads is still that process's (KeptFiles.read)."""
+        ksm_stat it reads (`got`, when the caller read it already) is still that
+        process's (KeptFiles.read)."""
         if known.pid is not None:
-            got = self._files.read(known.pid, "ksm_stat")
+            if got is None:
+                got = self._files.read(known.pid, "ksm_stat")
             if got is not None and known.ident is not None and got[1] == known.ident:
                 return known.pid, known.args, got[0]
             args, _ = self._check_pid(known.pid, uuid, name, known)
