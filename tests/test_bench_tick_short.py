@@ -26,3 +26,6 @@ def test_tick_bench_prints_every_target_for_both_sources():
         assert re.search(r"machine speed: reference loop [\d.]+ ms .*\[%s\]" % re.escape(what), out), out
         # Every guest was read: 2 files kept open per guest (ksm_stat, statm).
         assert re.search(r"40 files kept open .*\[%s\]" % re.escape(what), out), out
+    # With libvirt, the side-by-side figure of listing every tick.
+    assert re.search(r"domains listed every tick: median [\d.]+ ms, against [\d.]+ ms listed on lifecycle events "
+                     r"and every 30 s \([\d.]+x\).*\[20 guests, libvirt\]", out), out

@@ -1,0 +1,28 @@
+"""A short run of bench/unstable_tree_probe.py on the real KSM (small sizes), to keep it
+working and to hold what its comparison rests on: with no rewrites, or rewrites of the
+pages' last bytes only, two passes merge every pair. (What header rewrites cost is a
+probability; the bench prints it, the test does not judge it.)"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support import need_root
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_probe_merges_every_pair_when_no_header_is_rewritten():
+    need_root()
+    done = subprocess.run([sys.executable, str(ROOT / "bench/unstable_tree_probe.py"), "--pairs", "2000",
+                           "--unique", "6000", "--rate", "20000", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    for way in ("none", "tail"):
+        assert re.search(r"^  %s run 1: 2000 of 2000 pairs merged \(0\.0%% missed\)" % way, out, re.M), out
+    assert re.search(r"^  head run 1: \d+ of 2000 pairs merged", out, re.M), out
+    assert re.search(r"^head\s+\| [\d.]+%$", out, re.M), out
