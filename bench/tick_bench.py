@@ -9,7 +9,8 @@ QEMU processes (cmdline, statm, ksm_stat) plus 200 unrelated processes, libvirt 
 and a /sys/kernel/mm/ksm tree, all generated. Each (count, source) runs in a fresh
 interpreter, so its resident memory is its own: a real Daemon (read, decide, write to the
 generated sysfs, state file) with the exporter's observer (metrics counted and rendered
-once per tick, as with the exporter on). Times `rounds` rounds of `timed` ticks, then
+once per tick, as with the exporter on). Its kept files read with one pread each, as on
+the real /proc (ProcFs link_check=False: no process of the tree goes away). Times `rounds` rounds of `timed` ticks, then
 `ticks` ticks for growth, then one round in which every guest's ksm_stat changes before
 each tick (KSM merging everywhere: nothing cached holds; informational, no target), and
 with libvirt a round with the domains listed every tick against one listed as the daemon
@@ -92,7 +93,10 @@ def build_daemon(tmp: Path, uri: str, proc_root: Path, run_root: Path, sys_root:
 
     config = Config(state_file=str(tmp / "state.json"), libvirt_uri=uri, run_root=str(run_root),
                     sys_root=str(sys_root), proc_root=str(proc_root), exporter={"enabled": False})
-    procfs = ProcFs(str(proc_root))
+    # The generated tree's processes never go away, so its kept files need not check their
+    # link count (the fixture trees' stand-in for the real /proc's ESRCH): the reads then
+    # cost what they cost on the real /proc, one pread each.
+    procfs = ProcFs(str(proc_root), link_check=False)
     sysfs = KsmSysfs(str(sys_root))
     policy = load_policy(config.policy)  # a LoadedPolicy
     clock = TickClock(policy.policy.interval)

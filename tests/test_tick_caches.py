@@ -115,6 +115,20 @@ def test_kept_files_stay_within_the_budget(tmp_path):
     assert s.proc._budget.free == 2
 
 
+def test_link_check_is_the_fixture_trees_stand_in_for_esrch(tmp_path):
+    """Fixture trees check a kept file's link count (a removed file stays readable there);
+    link_check=False, which the tick bench uses, reads as the real /proc costs: one pread."""
+    proctree.add_process(tmp_path, 101, proctree.qemu_argv("g0", "00000000-0000-4000-8000-000000000000"))
+    checked, unchecked = ProcFs(str(tmp_path)).kept_files(), ProcFs(str(tmp_path), link_check=False).kept_files()
+    assert checked.read(101, "statm") is not None and unchecked.read(101, "statm") is not None
+    assert checked._check_links and not unchecked._check_links
+    shutil.rmtree(tmp_path / "101")
+    assert checked.read(101, "statm") is None  # gone, as ESRCH says it on the real /proc
+    assert unchecked.read(101, "statm") is not None  # the removed file still reads: no check
+    checked.close()
+    unchecked.close()
+
+
 def test_kept_file_of_an_exited_process_never_reads_again():
     """The contract KeptFiles relies on, on the real /proc: a file opened for a process
     fails once that process is gone, so a pid reused later cannot be read through it."""

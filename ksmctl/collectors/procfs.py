@@ -139,11 +139,15 @@ class ProcFs:
     Per-process reads return None when the process is gone (or hides the file from us):
     processes exit between the listing and the read all the time, that is no error."""
 
-    def __init__(self, proc_root: str = "/proc", kept_files: Optional[int] = None) -> None:
+    def __init__(self, proc_root: str = "/proc", kept_files: Optional[int] = None,
+                 link_check: Optional[bool] = None) -> None:
+        """link_check: whether kept files check their link count (KeptFiles); None: only
+        where the root is not this namespace's procfs. False suits only a tree whose
+        processes never go away (bench/tick_bench.py), to cost what the real /proc does."""
         self.root = Path(proc_root)
         self._root = str(self.root)  # per-process paths are formatted, not joined: hot path
         self._budget = FileBudget(default_kept_files() if kept_files is None else kept_files)
-        self._is_procfs: Optional[bool] = None
+        self._link_check = link_check
         self._ksmd_pid: Optional[int] = None
         self.clock_ticks = os.sysconf("SC_CLK_TCK")
         self.page_size = os.sysconf("SC_PAGE_SIZE")
@@ -241,9 +245,9 @@ class ProcFs:
     def kept_files(self) -> KeptFiles:
         """A new set of kept-open per-process files, for one collector (it releases the
         pids it stops tracking); all of a ProcFs's share one budget."""
-        if self._is_procfs is None:
-            self._is_procfs = is_procfs(self._root)
-        return KeptFiles(self._root, self._budget, check_links=not self._is_procfs)
+        if self._link_check is None:
+            self._link_check = not is_procfs(self._root)
+        return KeptFiles(self._root, self._budget, check_links=self._link_check)
 
     def rss_bytes(self, pid: int) -> Optional[int]:
         """Resident memory from /proc/<pid>/statm; None when gone or garbled."""
