@@ -423,11 +423,16 @@ def test_lifecycle_events_mark_the_list_changed(tmp_path):
 
 
 # ---- the listing: on lifecycle events, and at most relist_max_age apart -----------------
-def listings(lv: "Libvirt") -> int:
-    """How many getAllDomainStats calls since the last look."""
-    n = sum(1 for kind, _stats, _n in lv.calls if kind == "all")
+def calls(lv: "Libvirt", which: str) -> list:
+    """Since the last look (which it forgets): for each call of one kind, "all"
+    (getAllDomainStats) or "list" (domainListGetStats), the domains it asked for."""
+    out = [n for kind, _stats, n in lv.calls if kind == which]
     lv.calls.clear()
-    return n
+    return out
+
+
+def listings(lv: "Libvirt") -> int:
+    return len(calls(lv, "all"))
 
 
 def test_listing_reused_until_a_lifecycle_event_or_its_max_age(host3):
@@ -493,10 +498,7 @@ BALLOON = 4  # VIR_DOMAIN_STATS_BALLOON
 
 
 def lists(lv: "Libvirt") -> List[int]:
-    """How many domains each domainListGetStats call since the last look asked for."""
-    out = [n for kind, _stats, n in lv.calls if kind == "list"]
-    lv.calls.clear()
-    return out
+    return calls(lv, "list")
 
 
 def test_balloon_fetched_at_start_on_events_and_at_max_age(host3):
