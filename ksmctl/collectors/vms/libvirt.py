@@ -497,8 +497,8 @@ class LibvirtCollector:
         fields = known.fields
         rss = None
         if pid is not None:
-            if statm is None:  # (read above when ksm_stat proved the pid still this guest's)
-                # Read right after ksm_stat proved the pid is this guest's (unless it has none).
+            if statm is None:  # not read on the hot path's way: read it now, right after
+                # ksm_stat proved the pid is this guest's (unless it has none)
                 statm = self._files.read_bytes(pid, "statm", verify=known.ident is None)
             rss = known.rss_from(statm, self.proc)
         return known.reading_for((name, pid, ksm, rss, excluded, fields), lambda: VmReading(
