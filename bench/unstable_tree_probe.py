@@ -22,8 +22,10 @@ among the pairs' headers (as the benchmark's fill workload turns unique pages in
 of OS content), so the page now sorts among the pairs while it sits among the unique pages. It prints, per way, the
 pairs merged after the two passes (pages_shared: nothing else merges) out of `pairs`.
 
-Needs root, writes /sys/kernel/mm/ksm and restores what it found (run 0 unless it was
-running, then its values); takes the KSM test lock. Informational: nothing is asserted.
+Needs root, writes /sys/kernel/mm/ksm and puts back the run, pages_to_scan and
+sleep_millisecs it found; takes the KSM test lock. Each run starts from run=2 (unmerge),
+which it refuses when the pages KSM saves would not fit in half of MemAvailable.
+Informational: nothing is asserted.
 """
 from __future__ import annotations
 
@@ -92,7 +94,20 @@ def ksm_set(name: str, value: str) -> None:
     (KSM / name).write_text(value)
 
 
+def mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def reset() -> None:
+    """Unmerge everything (run=2) for a fresh start, only when the host can take the
+    pages back: what pages_sharing saves must fit in half of MemAvailable."""
+    sharing = int(ksm("pages_sharing")) + int(ksm("ksm_zero_pages") if (KSM / "ksm_zero_pages").exists() else 0)
+    if sharing * PS > mem_available() // 2:
+        raise SystemExit("not unmerging: KSM saves %d MiB here, more than half of MemAvailable (%d MiB)"
+                         % (sharing * PS >> 20, mem_available() >> 20))
     ksm_set("run", "2")
     end = time.monotonic() + 120
     while int(ksm("pages_shared")) or int(ksm("pages_sharing")):
