@@ -200,6 +200,17 @@ def test_targets_cpu_per_gib_of_peak_against_ksmtuned_and_the_floor(ours, verdic
     assert ("**%s**" % verdicts[1]) in fl[0] and "%.1f vs 7.0" % ours in fl[0]
 
 
+@pytest.mark.parametrize("ours,verdict", [(8.4, "HOLDS"), (8.5, "MISSED")])  # 1.2 x 7 = 8.4
+def test_real_guest_targets_weigh_the_floor_when_it_ran(ours, verdict):
+    from ksm_bench import guests as gb
+    result = {"params": {"window": 40.0}, "runs": [_run("ksmctl default", 2.0, ours), _run("floor", 1.0, 7.0)]}
+    fl = [x for x in gb.targets(result) if "the floor's" in x]
+    assert len(fl) == 1 and ("**%s**" % verdict) in fl[0] and "%.1f vs 7.0" % ours in fl[0], fl
+    # Without a floor run there is no floor line (nothing to compare with).
+    result["runs"].pop()
+    assert not [x for x in gb.targets(result) if "floor" in x]
+
+
 def test_release_fraction_counts_the_new_guests():
     # At release (90 s) the saving is 1500 pages of the 1500 achievable with all guests.
     m = summarize(SAMPLES, PHASES, 1000, 1500, PS, 40.0)
