@@ -484,18 +484,17 @@ def targets(result: dict, policy: str = "ksmctl default") -> List[str]:
     else:
         row(None, "MiB per ksmd CPU-s: neither ksmtuned nor the advisor ran ksmd in the window "
             "(%s: %s)" % (policy, report._n(d["mib_per_cpu_s"])))
-    for n, kt in tuned + [("ksmtuned 10s", _metrics(result, "ksmtuned 10s"))]:
-        if kt and kt["cpu_s_per_gib_peak"] and d["cpu_s_per_gib_peak"]:
-            row(d["cpu_s_per_gib_peak"] <= 0.9 * kt["cpu_s_per_gib_peak"], "ksmd CPU-s per GiB of peak saving at "
-                "most 0.9x %s's: %.1f vs %.1f (%.2fx)" % (n, d["cpu_s_per_gib_peak"], kt["cpu_s_per_gib_peak"],
-                                                       d["cpu_s_per_gib_peak"] / kt["cpu_s_per_gib_peak"]))
-    # The merges themselves (controllers.FloorController: two passes at the default policy's
-    # full pace from pressure onset and from the new guests' start), when it was run.
-    fl = _metrics(result, "floor")
-    if fl and fl["cpu_s_per_gib_peak"] and d["cpu_s_per_gib_peak"]:
-        row(at_most(d["cpu_s_per_gib_peak"], fl["cpu_s_per_gib_peak"], 1.2), "ksmd CPU-s per GiB of peak saving at "
-            "most 1.2x the floor's (two full passes at full pace): %.1f vs %.1f (%.2fx)"
-            % (d["cpu_s_per_gib_peak"], fl["cpu_s_per_gib_peak"], d["cpu_s_per_gib_peak"] / fl["cpu_s_per_gib_peak"]))
+    # CPU per GiB of peak: at most 0.9x ksmtuned's, and at most 1.2x the merges themselves
+    # (controllers.FloorController: two passes at the default policy's full pace from
+    # pressure onset and from the new guests' start), for whichever of them was run.
+    bounds = [("%s's" % n, kt, 0.9) for n, kt in tuned + [("ksmtuned 10s", _metrics(result, "ksmtuned 10s"))]]
+    bounds.append(("the floor's (two full passes at full pace)", _metrics(result, "floor"), 1.2))
+    for label, x, factor in bounds:
+        if x and x["cpu_s_per_gib_peak"] and d["cpu_s_per_gib_peak"]:
+            row(at_most(d["cpu_s_per_gib_peak"], x["cpu_s_per_gib_peak"], factor), "ksmd CPU-s per GiB of peak "
+                "saving at most %gx %s: %.1f vs %.1f (%.2fx)" % (factor, label, d["cpu_s_per_gib_peak"],
+                                                               x["cpu_s_per_gib_peak"],
+                                                               d["cpu_s_per_gib_peak"] / x["cpu_s_per_gib_peak"]))
     interval = next(r["controller"]["interval"] for r in result["runs"] if r["controller"]["name"] == policy)
     q = d["quiet_after_done_s"]
     row(q is not None and q <= 2 * interval + 1, "ksmd under 1%% of a core within two intervals (%gs, +1 s "
