@@ -283,6 +283,10 @@ DECISIONS = [
                  "last interval gained 3.1 MiB saved per ksmd CPU-second (1.8%), the merging phase 170 on average; "
                  "a pass needs 0.05 of it (min_pass_yield): idle, whose slow scan still merges the trickle"]},
     {"t": 34.0, "scan_rule": "idle", "reasons": ["no new merges to find; idle scan"]},
+    {"t": 40.0, "scan_rule": "merging",
+     "reasons": ["still 9.00 new merges per 1000 pages while checking: one more pass at full pace (the last "
+                 "interval gained 40 MiB saved per ksmd CPU-second (23.5%), the merging phase 170 on average; a "
+                 "pass needs 0.2 of it)"]},
 ]
 
 
@@ -293,7 +297,8 @@ def test_report_shows_the_lag_and_the_decisions(tmp_path):
            "achievable_pages": {"initial": 1000, "all": 1500}, "use_zero_pages": True, "max_page_sharing": 256,
            "samples": _growing(), "decisions": DECISIONS}
     ds = report.decision_summary(run)
-    assert ds["checks"] == 1 and ds["more_passes"] == 0 and ds["declined"] == 1
+    assert ds["checks"] == 1 and ds["more_passes"] == 1 and ds["declined"] == 1
+    assert ds["weighed"] == [(22.0, "1.8", False), (30.0, "23.5", True)]
     assert ds["declined_first_s"] == 22.0 and "another full pass is not worth it" in ds["declined_first_reason"]
     assert report.decision_summary({"phases": PH.__dict__}) is None
     g = GuestSpec(1, fill=0.15, fill_rate=6e-4)
@@ -310,6 +315,8 @@ def test_report_shows_the_lag_and_the_decisions(tmp_path):
     assert "turns 0.06% of its pages per second" in text and "until 15% of its pages are" in text
     assert "grows by 10 pages per second (0.04 MiB/s)" in text
     assert "1 declined by min_pass_yield (first 22 s after onset: \"still 2.10" in text
+    assert "(checks weighed, s after onset and share of the phase's yield; 22 s: 1.8% declined; 30 s: 23.5% ran " \
+        "a pass)" in text
     assert "the saving's lag behind it at the end of pressure 2 MiB" in text
     lines = report.targets(result)
     assert any("**MISSED** peak >= 99% of the achievable (as it is at the end of each phase): 87.0%" in x
@@ -325,5 +332,5 @@ def test_a_ksmctl_controller_reads_its_decisions_from_its_trace(tmp_path):
              for i, d in enumerate(DECISIONS)]
     c.trace.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
     got = c.decisions()
-    assert [d["mono"] for d in got] == [100.0, 101.0, 102.0, 103.0]
+    assert [d["mono"] for d in got] == [100.0, 101.0, 102.0, 103.0, 104.0]
     assert got[2]["scan_rule"] == "idle" and got[2]["reasons"] == DECISIONS[2]["reasons"]

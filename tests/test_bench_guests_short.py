@@ -7,6 +7,7 @@ row, every domain gone afterwards. Never timing targets."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,8 +77,12 @@ def test_short_guest_benchmark(tmp_path):
     assert {"calm", "pressure", "growth", "release"} <= {s["phase"] for s in run["samples"]}
     assert min(s["mem_available"] for s in run["samples"]) > 2.5 * GIB
     assert run["growth_guests_ready_s"] is not None
+    # The daemon's decisions are kept, timed on the samples' clock, and the notes count them.
+    ph = run["phases"]
+    assert any(ph["onset"] <= d["t"] <= ph["end"] for d in run["decisions"]), run["decisions"][:3]
     text = files["md"].read_text()
     assert "| ksmctl default |" in text
+    assert re.search(r"- ksmctl default \(.*after the passes: \d+ checks, \d+ more passes", text), text
     assert "**HOLDS**" in text or "**MISSED**" in text
     assert any(line.startswith("| ksmctl default |") for line in report.table(result).splitlines())
     assert files["png"].stat().st_size > 10000 and files["json"].exists()

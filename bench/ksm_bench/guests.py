@@ -47,7 +47,7 @@ from tests.lab.lab import INIT_PREAMBLE, Guest, Lab, build_initramfs, ensure_ker
 from . import controllers as ctl
 from . import report
 from .metrics import at_most, summarize
-from .run import GIB, Params, drive, ksm_guard, lead_for, machine
+from .run import GIB, Params, drive, ksm_guard, lead_for, machine, with_decisions
 from .workload import MIB, PAGE, Ballast, meminfo
 
 PREFIX = "ksmbench"
@@ -317,11 +317,12 @@ def run_one(c: ctl.Controller, pool: GuestPool, initial: List[Guest], p: Params,
     min_avail = min(int(s["mem_available"]) for s in samples)  # type: ignore[arg-type]
     growth_ready = next((float(s["t"]) - growth for s in samples  # type: ignore[arg-type]
                          if s.get("growth_ready") == len(more) and float(s["t"]) >= growth), None)  # type: ignore[arg-type]
-    return {"controller": c.info(), "phases": asdict(ph), "achievable_pages": {"initial": a0, "all": a1},
-            "estimate": {"initial": est0, "all": est1, "initial_scan_s": round(setup_s, 1)},
-            "growth_guests_ready_s": growth_ready, "growth_guest_uptime_at_ready_s": new_ready,
-            "use_zero_pages": uzp, "max_page_sharing": mps, "foreign_mergeable_bytes": 0,
-            "min_mem_available": min_avail, "metrics": m, "samples": samples}
+    out = {"controller": c.info(), "phases": asdict(ph), "achievable_pages": {"initial": a0, "all": a1},
+           "estimate": {"initial": est0, "all": est1, "initial_scan_s": round(setup_s, 1)},
+           "growth_guests_ready_s": growth_ready, "growth_guest_uptime_at_ready_s": new_ready,
+           "use_zero_pages": uzp, "max_page_sharing": mps, "foreign_mergeable_bytes": 0,
+           "min_mem_available": min_avail, "metrics": m, "samples": samples}
+    return with_decisions(out, c, samples)
 
 
 THP = Path("/sys/kernel/mm/transparent_hugepage")
@@ -561,6 +562,9 @@ def markdown(result: dict, plot_name: str, elapsed: Optional[float] = None) -> s
         notes = ["MemAvailable min %.1f GiB" % (r["min_mem_available"] / GIB)]
         if r.get("growth_guests_ready_s") is not None:
             notes.append("new guests loaded %.0f s after they started" % r["growth_guests_ready_s"])
+        decided = report.decision_note(r)
+        if decided is not None:
+            notes.append(decided)
         parts.append("- %s (%s): %s" % (r["controller"]["name"], r["controller"]["description"], "; ".join(notes)))
     parts.append("")
     return "\n".join(parts)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -56,6 +57,7 @@ def _grows(result: dict) -> bool:
 DECLINED = "another full pass is not worth it"
 ONE_MORE = "one more pass at full pace"
 CHECKING = "checking at"
+WEIGHED = re.compile(r"\(([0-9.]+)%\), the merging phase")  # worth.Worth.describe's share
 
 
 def decision_summary(run: dict) -> Optional[Dict[str, Any]]:
@@ -72,7 +74,24 @@ def decision_summary(run: dict) -> Optional[Dict[str, Any]]:
         out[key] = len(hits)
         out[key + "_first_s"] = hits[0][0] - on if hits else None
         out[key + "_first_reason"] = hits[0][1] if hits else None
+    out["weighed"] = [(d["t"] - on, m.group(1), ONE_MORE in r) for d in ds for r in d["reasons"]
+                      if (ONE_MORE in r or DECLINED in r) for m in [WEIGHED.search(r)] if m]
     return out
+
+
+def decision_note(run: dict) -> Optional[str]:
+    """The notes' line on what the daemon decided after the passes, with every check that
+    weighed a pass: its share of the merging phase's yield, and whether the pass ran."""
+    ds = decision_summary(run)
+    if ds is None:
+        return None
+    weighed = "".join("; %.0f s: %s%% %s" % (t, share, "ran a pass" if ran else "declined")
+                      for t, share, ran in ds["weighed"])
+    return "after the passes: %d checks, %d more passes, %d declined by min_pass_yield%s%s" % (
+        ds["checks"], ds["more_passes"], ds["declined"],
+        "" if ds["declined_first_s"] is None else " (first %.0f s after onset: \"%s\")" % (
+            ds["declined_first_s"], ds["declined_first_reason"]),
+        "" if not weighed else " (checks weighed, s after onset and share of the phase's yield%s)" % weighed)
 
 
 def _by(result: dict, name: str) -> Optional[dict]:
@@ -261,12 +280,9 @@ def markdown(result: dict, plot_name: str, elapsed: Optional[float] = None) -> s
             notes.append("achievable grew by %.0f MiB in the pressure phase; the saving's lag behind it at the end of "
                          "pressure %.0f MiB, mean over the phase's second half %s MiB" % (
                              st["achievable_growth_mib"], st["lag_end_mib"], _n(st.get("lag_mean_mib"))))
-        ds = decision_summary(r)
-        if ds is not None:
-            notes.append("after the passes: %d checks, %d more passes, %d declined by min_pass_yield%s" % (
-                ds["checks"], ds["more_passes"], ds["declined"],
-                "" if ds["declined_first_s"] is None else " (first %.0f s after onset: \"%s\")" % (
-                    ds["declined_first_s"], ds["declined_first_reason"])))
+        decided = decision_note(r)
+        if decided is not None:
+            notes.append(decided)
         parts.append("- %s (%s): %s" % (r["controller"]["name"], r["controller"]["description"], "; ".join(notes)))
     parts.append("")
     return "\n".join(parts)

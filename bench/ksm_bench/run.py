@@ -183,6 +183,12 @@ def run_one(c: ctl.Controller, spec: WorkloadSpec, p: Params, workdir: Path, log
     out = {"controller": c.info(), "phases": asdict(ph), "achievable_pages": {"initial": a0, "all": a1},
            "use_zero_pages": uzp, "max_page_sharing": mps, "foreign_mergeable_bytes": foreign,
            "min_mem_available": min_avail, "metrics": m, "samples": samples}
+    return with_decisions(out, c, samples)
+
+
+def with_decisions(out: Dict[str, object], c: ctl.Controller, samples: List[Dict[str, object]]) -> Dict[str, object]:
+    """`out` with the ksmctl daemon's decisions (its trace), each timed on the samples'
+    clock, when the controller keeps one; what the report's decision note reads."""
     decisions = getattr(c, "decisions", None)
     if decisions is not None:
         t0 = float(samples[0]["mono"]) - float(samples[0]["t"])  # type: ignore[arg-type]
