@@ -211,7 +211,7 @@ def test_a_policy_with_a_setting_changed_is_a_controller():
     assert "scan.adaptive.min_pass_yield=0" in c.description
     shipped = parse_policy((ctl.REPO / "policies" / "default.yaml").read_text())
     changed = parse_policy(c.text)
-    assert changed.scan.adaptive.min_pass_yield == 0 and shipped.scan.adaptive.min_pass_yield == 0.05
+    assert changed.scan.adaptive.min_pass_yield == 0 and shipped.scan.adaptive.min_pass_yield == 0.2
     a, b = shipped.model_dump(), changed.model_dump()
     a["scan"]["adaptive"].pop("min_pass_yield")
     b["scan"]["adaptive"].pop("min_pass_yield")

@@ -376,6 +376,24 @@ def test_a_high_yield_while_checking_is_worth_another_pass():
     assert "one more pass at full pace" in d.reason and "(50.0%)" in d.reason
 
 
+def test_the_default_policy_runs_a_pass_for_a_fifth_of_the_phase_yield_and_not_for_less():
+    """policies/default.yaml's min_pass_yield (0.2): on the bench's fill workload checks at 13%
+    and 16% ran passes that gained 6 to 7% of the phase's yield (bench/README.md)."""
+    share = load_policy("default").policy.scan.adaptive.min_pass_yield
+    assert share == 0.2
+    policy = parse_policy(ADAPTIVE_TEXT.replace("resume_growth: 64MiB", "resume_growth: 64MiB, min_pass_yield: %g"
+                                                % share))
+    merge = 400 * MIB
+    # The phase: 78.1 MiB per CPU-s. 320 merges for 0.1 CPU-s: 12.5 MiB per CPU-s, 16%.
+    d, _ = decide(policy, reading(t=12, mergeable=merge, full_scans=2, pages_scanned=217600, pages_sharing=40320,
+                                  ksmd_cpu=2.1), _two_passes_then_check(policy, merge))
+    assert d.scan_rule == "idle" and "(16.0%)" in d.reason and "a pass needs 0.2 of it" in d.reason
+    # 1280 merges: 50 MiB per CPU-s, 64%: the pass runs.
+    d, st = decide(policy, reading(t=12, mergeable=merge, full_scans=2, pages_scanned=217600, pages_sharing=41280,
+                                   ksmd_cpu=2.1), _two_passes_then_check(policy, merge))
+    assert d.scan_rule == "merging" and st.adaptive.need_passes == 3 and "(64.0%)" in d.reason
+
+
 def test_a_guest_starting_after_a_trickle_brings_full_pace_back():
     merge = 400 * MIB
     st = _two_passes_then_check(ADAPTIVE, merge)
