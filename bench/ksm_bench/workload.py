@@ -205,8 +205,8 @@ def trickle_workload(base: Optional[WorkloadSpec] = None) -> WorkloadSpec:
 # it checks: about one pass) new merges per 1000 pages; idle_yield (1) comes first, then
 # min_pass_yield (5% of the phase's saving per CPU-second when these were sized: about 3 per
 # 1000 on the full workload, 7 on the quick one; the default policy has asked 20% since).
-# Passes take about 3 s on the full workload, 2 s on the quick
-# one: so a larger share per second in --quick (bench/README.md: the runs that sized them).
+# Passes take about 3 s on the full workload, 2 s on the quick one: so a larger share per
+# second in --quick (bench/README.md: the runs that sized them).
 FILL, FILL_RATE, FILL_RATE_QUICK = 0.18, 7e-4, 1.5e-3
 
 
