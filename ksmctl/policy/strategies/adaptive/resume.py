@@ -3,7 +3,8 @@ memory grows by resume_growth. Either way one pass more when ksmd already holds 
 (its cursor is part-way through a pass): on a restart, pages behind the cursor changed
 unseen; on growth, the kernel adds a new process just behind the cursor (mm/ksm.c
 __ksm_enter, "insert just behind the scanning cursor"), so the first boundary after it
-started comes before ksmd has seen its memory at all."""
+started comes before ksmd has seen its memory at all (tests/test_kernel_list_order.py
+shows it on the real kernel)."""
 from __future__ import annotations
 
 from dataclasses import replace
