@@ -3,25 +3,46 @@
 The adaptive strategy's resume rule (policy/strategies/adaptive/resume.py) counts one
 pass more when guests start while ksmd is part-way through a pass. mm/ksm.c
 `__ksm_enter` inserts a new process just behind the scanning cursor, so the first pass
-boundary after it starts ends a pass that never saw it. After a pass and an idle crawl
-the cursor sits in the first process, so the new one becomes the start of ksmd's list.
-That is also why the check after the growth phase's passes scans the newest guests
-(bench/README.md, "Why min_pass_yield is 0.2"). This test holds both facts: the new
-process has no rmap items when the next boundary comes, and it is the first process
-scanned after that boundary."""
+boundary after it starts ends a pass that never saw it. Early in a pass (as after an
+idle crawl) the cursor is in the first process, so the new one becomes the start of
+ksmd's list. That is also why the check after the growth phase's passes scans the newest
+guests (bench/README.md, "Why min_pass_yield is 0.2"). This test holds both facts: a
+process that registers just after a boundary has no rmap items at the next one, and it
+is the first process scanned after that. Other mergeable processes on the host (a lab
+guest) are part of ksmd's list too: the pace is set from the list's measured size."""
 from __future__ import annotations
 
+import math
+import subprocess
+import sys
 import time
 
 import pytest
 
 from tests.ksmlock import KSM, ksm_exclusive
-from tests.mergeable import Holder
+from tests.mergeable import Holder, release
 from tests.support import need_root
 
 pytestmark = pytest.mark.kernel
 
-PAGES = 4096   # 16 MiB per process
+PAGES = 4096   # 16 MiB per process of ours
+POLL = 0.005
+
+# Fills its memory, then registers it with KSM (madvise) only when told: the moment it
+# joins ksmd's list is the test's to choose.
+LATE = r"""
+import mmap, sys
+PS = mmap.PAGESIZE
+n = int(sys.argv[1])
+m = mmap.mmap(-1, n * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for i in range(n):
+    m[i * PS:(i + 1) * PS] = bytes([i % 64 + 1]) * PS
+print("filled", flush=True)
+sys.stdin.readline()
+m.madvise(mmap.MADV_MERGEABLE)
+print("ready", flush=True)
+sys.stdin.read()
+"""
 
 
 def _read(name: str) -> int:
@@ -40,45 +61,61 @@ def _rmap_items(pid: int) -> int:
     raise AssertionError("/proc/%d/ksm_stat has no ksm_rmap_items on this kernel" % pid)
 
 
-def _until(cond, deadline_s: float, what: str, poll_s: float = 0.005):
+def _until(cond, deadline_s: float, what: str):
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
         got = cond()
         if got:
             return got
-        time.sleep(poll_s)
+        time.sleep(POLL)
     raise AssertionError("not within %gs: %s" % (deadline_s, what))
 
 
-def test_a_process_that_starts_after_a_pass_is_first_in_ksmds_list():
+def _boundary(after: int, deadline_s: float, what: str) -> int:
+    """Waits for full_scans to pass `after`; pages_scanned at that moment."""
+    def crossed():
+        return _read("full_scans") > after and _read("pages_scanned")
+    return _until(crossed, deadline_s, what)
+
+
+def test_a_process_that_starts_early_in_a_pass_is_first_in_ksmds_list():
     need_root()
     with ksm_exclusive():
         _write("run", 0)
-        with Holder(PAGES, 64, count=2) as old:
-            _write("pages_to_scan", 100)   # 10k pages/s: a pass of 0.8 s, 0.4 s in the first process
-            _write("sleep_millisecs", 10)
-            _write("run", 1)
-            start = _read("full_scans")
-            _until(lambda: _read("full_scans") >= start + 2, 60, "two passes over the first two processes")
-            assert all(_rmap_items(p.pid) == PAGES for p in old.procs)
-            # The idle crawl: the cursor moves into the first process and stays there.
-            _write("pages_to_scan", 10)
-            _write("sleep_millisecs", 100)
-            time.sleep(0.5)
-            with Holder(PAGES, 64) as new:
-                pid = new.procs[0].pid
-                boundary = _read("full_scans")
-                # A steady pace: the rest of the list takes seconds, the new process 2 s.
-                _write("pages_to_scan", 20)
+        late = subprocess.Popen([sys.executable, "-c", LATE, str(PAGES)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert late.stdout.readline().strip() == "filled"
+            with Holder(PAGES, 64, count=2):
+                # Two passes at speed; the second measures ksmd's whole list (ours and any other).
                 _write("sleep_millisecs", 10)
-
-                def at_boundary():
-                    return _read("full_scans") > boundary and (_read("pages_scanned"), _rmap_items(pid))
-                scanned_at, seen_at = _until(at_boundary, 60, "the next pass boundary")
-                assert seen_at == 0, "ksmd saw the new process before the boundary: %d rmap items" % seen_at
-                # The first pages ksmd scans after the boundary are the new process's.
-                _until(lambda: _rmap_items(pid) > 0, 30, "ksmd reaching the new process")
-                since = _read("pages_scanned") - scanned_at
-                assert since < PAGES // 4, "%d pages scanned after the boundary before the new process" % since
-                _until(lambda: _rmap_items(pid) == PAGES, 30, "ksmd scanning the whole new process")
-                assert _read("full_scans") == boundary + 1, "the new process was scanned in the next pass"
+                _write("pages_to_scan", 2000)
+                _write("run", 1)
+                fs = _read("full_scans")
+                first = _boundary(fs, 120, "a first pass boundary")
+                second = _boundary(fs + 1, 120, "a second pass boundary")
+                listed = max(second - first, 2 * PAGES)
+                # A pass in about 4 s, at least 2000 pages/s: our first process takes 1 s or more.
+                rate = max(2000.0, listed / 4.0)
+                _write("pages_to_scan", int(math.ceil(rate / 100)))
+                batch = int(math.ceil(rate / 100))
+                fs = _read("full_scans")
+                started = _boundary(fs, 30, "the boundary that starts a paced pass")
+                # Until ksmd's next batch the cursor is the list head, where a newcomer would
+                # go to the end: wait for the pass to be under way, in the first process.
+                _until(lambda: _read("pages_scanned") >= started + batch, 5, "the paced pass under way")
+                late.stdin.write("go\n")
+                late.stdin.flush()
+                assert late.stdout.readline().strip() == "ready"
+                joined = _read("full_scans")
+                at = _boundary(joined, 30, "the boundary after the new process joined")
+                assert _rmap_items(late.pid) == 0, "ksmd saw the new process in the pass it joined"
+                # The first pages ksmd scans after that boundary are the new process's.
+                _until(lambda: _rmap_items(late.pid) > 0, 30, "ksmd reaching the new process")
+                since = _read("pages_scanned") - at
+                slack = rate * 4 * POLL   # the poll's own granularity
+                assert since < PAGES // 4 + slack, "%d pages scanned after the boundary before the new process" % since
+                _until(lambda: _rmap_items(late.pid) == PAGES, 30, "ksmd scanning the whole new process")
+                assert _read("full_scans") == joined + 1, "the new process was scanned in the next pass"
+        finally:
+            release([late])
