@@ -2,7 +2,9 @@
 
 Run as `python -m tests.mergeable PAGES DISTINCT`: it maps PAGES anonymous pages,
 fills them cyclically with DISTINCT different contents, marks them mergeable, prints
-'ready <pid>' and holds the memory until stdin closes.
+'ready <pid>' and holds the memory until stdin closes. With a third argument `late` it
+prints 'filled' first and marks the memory mergeable only once a line arrives on stdin:
+when it joins ksmd's list is then the caller's to choose.
 """
 from __future__ import annotations
 
@@ -14,11 +16,15 @@ from typing import Iterable, List
 PAGE = mmap.PAGESIZE
 
 
-def hold(pages: int, distinct: int) -> None:
+def hold(pages: int, distinct: int, late: bool = False) -> None:
     m = mmap.mmap(-1, pages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     patterns = [bytes([(i * 37 + 1) % 251 + 1]) * PAGE for i in range(distinct)]
     for i in range(pages):
         m[i * PAGE:(i + 1) * PAGE] = patterns[i % distinct]
+    if late:
+        sys.stdout.write("filled\n")
+        sys.stdout.flush()
+        sys.stdin.readline()
     m.madvise(mmap.MADV_MERGEABLE)
     sys.stdout.write("ready %d\n" % __import__("os").getpid())
     sys.stdout.flush()
@@ -70,4 +76,4 @@ class Holder:
 
 
 if __name__ == "__main__":
-    hold(int(sys.argv[1]), int(sys.argv[2]))
+    hold(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3:] == ["late"])

@@ -15,34 +15,21 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import time
+from pathlib import Path
 
 import pytest
 
+from ksmctl.collectors.procfs import parse_ksm_stat
 from tests.ksmlock import KSM, ksm_exclusive
 from tests.mergeable import Holder, release
-from tests.support import need_root
+from tests.support import need_root, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.kernel
 
 PAGES = 4096   # 16 MiB per process of ours
 POLL = 0.005
-
-# Fills its memory, then registers it with KSM (madvise) only when told: the moment it
-# joins ksmd's list is the test's to choose.
-LATE = r"""
-import mmap, sys
-PS = mmap.PAGESIZE
-n = int(sys.argv[1])
-m = mmap.mmap(-1, n * PS, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-for i in range(n):
-    m[i * PS:(i + 1) * PS] = bytes([i % 64 + 1]) * PS
-print("filled", flush=True)
-sys.stdin.readline()
-m.madvise(mmap.MADV_MERGEABLE)
-print("ready", flush=True)
-sys.stdin.read()
-"""
 
 
 def _read(name: str) -> int:
@@ -55,35 +42,25 @@ def _write(name: str, value: int) -> None:
 
 def _rmap_items(pid: int) -> int:
     """ksm_rmap_items in /proc/PID/ksm_stat: the pages of it ksmd has seen."""
-    for line in open("/proc/%d/ksm_stat" % pid):
-        if line.startswith("ksm_rmap_items"):
-            return int(line.split()[1])
-    raise AssertionError("/proc/%d/ksm_stat has no ksm_rmap_items on this kernel" % pid)
-
-
-def _until(cond, deadline_s: float, what: str):
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(POLL)
-    raise AssertionError("not within %gs: %s" % (deadline_s, what))
+    with open("/proc/%d/ksm_stat" % pid) as f:
+        items = parse_ksm_stat(f.read()).rmap_items
+    assert items is not None, "/proc/%d/ksm_stat has no ksm_rmap_items on this kernel" % pid
+    return items
 
 
 def _boundary(after: int, deadline_s: float, what: str) -> int:
     """Waits for full_scans to pass `after`; pages_scanned at that moment."""
     def crossed():
         return _read("full_scans") > after and _read("pages_scanned")
-    return _until(crossed, deadline_s, what)
+    return wait_for(crossed, deadline_s, what, interval=POLL)
 
 
 def test_a_process_that_starts_early_in_a_pass_is_first_in_ksmds_list():
     need_root()
     with ksm_exclusive():
         _write("run", 0)
-        late = subprocess.Popen([sys.executable, "-c", LATE, str(PAGES)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, text=True)
+        late = subprocess.Popen([sys.executable, "-m", "tests.mergeable", str(PAGES), "64", "late"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
         try:
             assert late.stdout.readline().strip() == "filled"
             with Holder(PAGES, 64, count=2):
@@ -97,25 +74,27 @@ def test_a_process_that_starts_early_in_a_pass_is_first_in_ksmds_list():
                 listed = max(second - first, 2 * PAGES)
                 # A pass in about 4 s, at least 2000 pages/s: our first process takes 1 s or more.
                 rate = max(2000.0, listed / 4.0)
-                _write("pages_to_scan", int(math.ceil(rate / 100)))
-                batch = int(math.ceil(rate / 100))
+                batch = int(math.ceil(rate / 100))   # pages per 10 ms
+                _write("pages_to_scan", batch)
                 fs = _read("full_scans")
                 started = _boundary(fs, 30, "the boundary that starts a paced pass")
                 # Until ksmd's next batch the cursor is the list head, where a newcomer would
                 # go to the end: wait for the pass to be under way, in the first process.
-                _until(lambda: _read("pages_scanned") >= started + batch, 5, "the paced pass under way")
+                wait_for(lambda: _read("pages_scanned") >= started + batch, 5, "the paced pass under way",
+                         interval=POLL)
                 late.stdin.write("go\n")
                 late.stdin.flush()
-                assert late.stdout.readline().strip() == "ready"
+                assert late.stdout.readline().startswith("ready")
                 joined = _read("full_scans")
                 at = _boundary(joined, 30, "the boundary after the new process joined")
                 assert _rmap_items(late.pid) == 0, "ksmd saw the new process in the pass it joined"
                 # The first pages ksmd scans after that boundary are the new process's.
-                _until(lambda: _rmap_items(late.pid) > 0, 30, "ksmd reaching the new process")
+                wait_for(lambda: _rmap_items(late.pid) > 0, 30, "ksmd reaching the new process", interval=POLL)
                 since = _read("pages_scanned") - at
                 slack = rate * 4 * POLL   # the poll's own granularity
                 assert since < PAGES // 4 + slack, "%d pages scanned after the boundary before the new process" % since
-                _until(lambda: _rmap_items(late.pid) == PAGES, 30, "ksmd scanning the whole new process")
+                wait_for(lambda: _rmap_items(late.pid) == PAGES, 30, "ksmd scanning the whole new process",
+                         interval=POLL)
                 assert _read("full_scans") == joined + 1, "the new process was scanned in the next pass"
         finally:
             release([late])
