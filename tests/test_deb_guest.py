@@ -249,6 +249,35 @@ def test_journal_gets_one_line_per_change_with_priority(guest):
     wait_for(lambda: knobs(g, "pages_to_scan")["pages_to_scan"] != 77, 20, "pages_to_scan re-asserted")
 
 
+def test_adaptive_goes_idle_on_a_kernel_without_pages_scanned(guest):
+    """The guest's kernel (Debian 12's 6.1, as RHEL 9's 5.14) has no pages_scanned: Linux 6.7
+    added it. The adaptive strategy judges whole passes there; before, every interval looked
+    empty and it scanned at full pace forever. A process with duplicate pages joins, merges,
+    and the lab policy (aggressive) drops to its idle scan point."""
+    g = guest
+    assert g.run(["test", "-e", KSM + "/pages_scanned"]).rc == 1, "the guest kernel counts pages scanned"
+    wait_active(g)
+    shutil.copy(str(REPO / "tests" / "mergeable.py"), str(g.share / "mergeable.py"))
+    before = knobs(g, "pages_sharing")["pages_sharing"]
+    # 64 MiB (above the policy's resume_growth of 32 MiB) of 16 contents, held while `sleep` runs.
+    g.sh("(sleep 900 | python3 %s/mergeable.py 16384 16) >/tmp/mergeable.out 2>&1 </dev/null &" % SHARE_MOUNT)
+    try:
+        wait_for(lambda: "ready" in g.read_file("/tmp/mergeable.out"), 60, "the mergeable process", interval=0.5)
+
+        def idle_after_merging():
+            d = state(g)["decision"]
+            merged = knobs(g, "pages_sharing")["pages_sharing"] - before
+            if d["scan_rule"] == "idle" and merged > 15000 and any(
+                    "full passes since merging started" in r for r in d["reasons"]):
+                return d, merged
+            return None
+        d, merged = wait_for(idle_after_merging, 240, "idle after the passes (pages_scanned absent)", interval=1)
+        assert knobs(g, "pages_to_scan", "sleep_millisecs") == {"pages_to_scan": 1000, "sleep_millisecs": 200}
+        assert any("new merges per 1000 pages" in r for r in d["reasons"]), d
+    finally:
+        g.sh("pkill -f '[m]ergeable.py'; pkill -f '[s]leep 900'; true")
+
+
 def test_reload_keeps_old_policy_on_error_and_switches_on_good_one(guest):
     g = guest
     s0 = wait_active(g)

@@ -412,6 +412,52 @@ def test_a_guest_starting_after_a_trickle_brings_full_pace_back():
     assert st.adaptive.phase_start is not None and st.adaptive.phase_start.saved_pages == 40062
 
 
+def _pre_6_7(t: float, **values) -> Readings:
+    """Readings as a kernel before Linux 6.7 gives them (RHEL 9's 5.14, Debian 12's 6.1):
+    no pages_scanned file at all, so no per-interval page count."""
+    r = reading(t=t, **values)
+    del r.ksm.values["pages_scanned"]
+    return r
+
+
+def test_a_kernel_without_pages_scanned_judges_whole_passes_and_idles():
+    """Before the counter existed every interval looked empty (0 pages scanned), and the
+    adaptive strategy merged at full pace forever. Without it, a pass is judged whole, at the
+    tick that sees its boundary, with the list as its page count."""
+    merge = 400 * MIB   # 102400 pages; one pass per 5 s, ticks every 2.5 s
+    sharing = {0: 0, 1: 0, 2: 50000, 3: 50025}
+    st, rules = EngineState(), []
+    for i in range(8):
+        fs = i // 2
+        d, st = decide(ADAPTIVE, _pre_6_7(2.5 * i, mergeable=merge, full_scans=fs, ksmd_cpu=0.2 * i,
+                                          pages_sharing=sharing.get(fs, 50025)), st)
+        rules.append(d.scan_rule)
+        if i == 4:   # two passes: the second merged 50000 (a pass's worth): one more, judged on itself
+            assert d.scan_rule == "merging" and st.adaptive.need_passes == 3
+            assert "still 488.28 new merges per 1000 pages over the last pass (5s)" in d.reason
+            assert "the last pass gained" in d.reason
+        if i == 6:   # the third found 25 in 102400 pages: 0.24 per 1000 < idle_yield 1
+            assert d.scan_rule == "idle" and "3 full passes since merging started" in d.reason
+            assert "found 0.24 new merges per 1000 pages" in d.reason
+    assert rules == ["merging"] * 6 + ["idle"] * 2
+
+
+def test_a_kernel_without_pages_scanned_declines_a_pass_for_a_trickle():
+    """Guests rewriting memory: the third pass still finds 4 per 1000 pages (above idle_yield),
+    but gains 1.6% of the merging phase's yield per CPU-second (3.91 MiB against 244): idle,
+    not a fourth pass."""
+    merge = 400 * MIB
+    sharing = {0: 0, 1: 0, 2: 50000, 3: 50400}
+    st = EngineState()
+    for i in range(7):
+        fs = i // 2
+        d, st = decide(ADAPTIVE, _pre_6_7(2.5 * i, mergeable=merge, full_scans=fs, ksmd_cpu=0.2 * i,
+                                          pages_sharing=sharing[fs]), st)
+    assert d.scan_rule == "idle" and "over the last pass" in d.reason and "not worth it" in d.reason
+    assert "3.91 MiB saved per ksmd CPU-second (1.6%), the merging phase 244" in d.reason
+    assert st.adaptive.need_passes == 3
+
+
 # -- every accepted setting is enforced or refused -----------------------------------------
 # Any policy the loader accepts, on any readings, decides only targets the writer accepts:
 # a policy that validates is a policy whose every write the kernel takes.
@@ -501,8 +547,8 @@ def mutated(draw):
 big = hs.integers(0, 2 ** 45)
 counters = hs.fixed_dictionaries({"run": hs.sampled_from([0, 1, 2]), "pages_to_scan": big, "sleep_millisecs": big,
                                   **{k: big for k in ("pages_shared", "pages_sharing", "pages_unshared",
-                                                      "pages_volatile", "pages_scanned", "full_scans",
-                                                      "ksm_zero_pages")}})
+                                                      "pages_volatile", "full_scans", "ksm_zero_pages")}},
+                                 optional={"pages_scanned": big})   # absent before Linux 6.7
 meminfos = hs.builds(MemInfo, total=hs.integers(1, 2 ** 45), available=big, free=big, buffers=big, cached=big)
 psis = hs.builds(Psi, *[hs.floats(0, 100)] * 4)
 vms = hs.lists(hs.builds(VmReading, uuid=hs.text(max_size=3), name=hs.just("g"), rss=hs.one_of(hs.none(), big),

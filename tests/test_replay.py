@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 from ksmctl.cli import cli
@@ -124,6 +125,24 @@ def test_traces_written_before_the_strategy_split_still_replay_and_round_trip():
                      .read_text().splitlines()[1])
     # same keys, same order; the adaptive phase's start is appended once it has one
     assert [k for k in new["state_before"] if k != "phase_start"] == list(records[0]["state_before"])
+
+
+def test_a_state_from_a_kernel_without_pages_scanned_round_trips():
+    """pass_start, and a Mark whose pages_scanned is null (kernels before 6.7), come back as
+    they went, so a replay of such a host judges its passes as the daemon did; a count
+    that is not a whole number is refused."""
+    from ksmctl.policy.signals import Mark
+    from ksmctl.policy.state import EngineState
+    from ksmctl.policy.strategies.adaptive.state import AdaptiveState
+    from ksmctl.service.trace import state_from_dict, state_to_dict
+    m = Mark(10.0, 2, None, 50000, 0.8)
+    s = EngineState(adaptive=AdaptiveState(passes=2, need_passes=3, phase_start=Mark(0.0, 0, None, 0, 0.0),
+                                           pass_start=m), last=m)
+    d = json.loads(json.dumps(state_to_dict(s)))
+    assert d["pass_start"]["pages_scanned"] is None
+    assert state_from_dict(d) == s
+    with pytest.raises(ValueError, match="pages_scanned|whole number"):
+        state_from_dict({**d, "pass_start": {**d["pass_start"], "pages_scanned": "many"}})
 
 
 def test_bad_state_value_in_a_trace_is_named(tmp_path):

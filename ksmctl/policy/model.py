@@ -256,7 +256,9 @@ class Adaptive(Model):
     (guests rewriting memory leave a trickle of merges) it goes idle, whose slow scan
     still reaches the trickle (at the idle pace: hours per pass on a large host). 0 always runs the pass.
     It resumes when mergeable memory grows by resume_growth (new guests: min_passes
-    again), or when the start conditions become newly true."""
+    again), or when the start conditions become newly true. Kernels before Linux 6.7
+    count no pages scanned: there each whole pass is judged at its boundary, and the last
+    pass is the check (no verify_rate interval)."""
 
     target_pass_seconds: float = Field(default=10.0, gt=0, le=86400)
     idle_yield: float = Field(default=1.0, ge=0, le=1000)

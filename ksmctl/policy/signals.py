@@ -23,14 +23,14 @@ class Mark:
 
     monotonic: float
     full_scans: int
-    pages_scanned: int
+    pages_scanned: Optional[int]   # None: the kernel has no counter (before Linux 6.7)
     saved_pages: int
     ksmd_cpu: Optional[float]
 
 
 def mark(r: Readings) -> Mark:
     k = r.ksm
-    return Mark(r.monotonic, k.get("full_scans", 0) or 0, k.get("pages_scanned", 0) or 0,
+    return Mark(r.monotonic, k.get("full_scans", 0) or 0, k.get("pages_scanned"),
                 k.saved_pages, r.ksmd_cpu_seconds)
 
 

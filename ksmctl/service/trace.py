@@ -51,6 +51,8 @@ def state_to_dict(s: EngineState) -> Dict[str, Any]:
            "cpu_scale": s.budget.cpu_scale}
     if ad.phase_start is not None:   # a key of later traces only: older ones round-trip unchanged
         out["phase_start"] = asdict(ad.phase_start)
+    if ad.pass_start is not None:
+        out["pass_start"] = asdict(ad.pass_start)
     return out
 
 
@@ -81,8 +83,8 @@ def _bool(v: Any) -> bool:
 
 
 def _mark(v: Any) -> Mark:
-    return Mark(_num(v["monotonic"]), _int(v["full_scans"]), _int(v["pages_scanned"]), _int(v["saved_pages"]),
-                _field(v, "ksmd_cpu", _num, None))
+    return Mark(_num(v["monotonic"]), _int(v["full_scans"]), _field(v, "pages_scanned", _int, None),
+                _int(v["saved_pages"]), _field(v, "ksmd_cpu", _num, None))
 
 
 def state_from_dict(d: Dict[str, Any]) -> EngineState:
@@ -94,7 +96,7 @@ def state_from_dict(d: Dict[str, Any]) -> EngineState:
         ad = AdaptiveState(AdaptiveMode(_field(d, "mode", str, "merging")), _field(d, "passes", _int, 0),
                            _field(d, "last_pass_yield", _num, None), _field(d, "need_passes", _int, 0),
                            _field(d, "verifying", _bool, False), _field(d, "idle_mergeable", _int, None),
-                           _field(d, "phase_start", _mark, None))
+                           _field(d, "phase_start", _mark, None), _field(d, "pass_start", _mark, None))
         history = tuple((_num(t), _int(v)) for t, v in d.get("available_history") or ())
         return EngineState(run=RunState(_field(d, "active", _bool, None)),
                            step=StepState(_field(d, "npages", _int, None)), adaptive=ad,

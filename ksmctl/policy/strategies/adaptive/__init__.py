@@ -26,7 +26,7 @@ def adaptive(ad: Adaptive, pts: PagesToScan, tick: Tick, sleep: int,
         st = replace(st, idle_mergeable=low)
     if rule is ScanRule.idle:
         return Pace(rule, ad.idle.pages_to_scan, ad.idle.sleep_millisecs, reasons), st
-    pages_total = max((tick.mergeable or 0) // tick.page_size, tick.rmap_pages, 1)
+    pages_total = tick.list_pages()
     npages = _pace(ad, pts, pages_total, sleep, st.verifying)
     reasons += ("merging: %d mergeable pages, one pass per %gs -> %d pages per %d ms; %d of %d passes%s"
                 % (pages_total, ad.target_pass_seconds, npages, sleep, min(st.passes, st.need_passes),

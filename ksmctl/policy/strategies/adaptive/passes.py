@@ -2,7 +2,9 @@
 been seen twice and merged if it could be; from then on the first tick whose interval
 found fewer than idle_yield new merges per 1000 pages scanned goes idle. If that interval
 still merged (the end of the last pass falls in it), the next runs at verify_rate of the
-pace and decides: idle, or one more pass at full pace when it is worth it (worth.py)."""
+pace and decides: idle, or one more pass at full pace when it is worth it (worth.py).
+Kernels before Linux 6.7 do not count pages scanned: there the yield is judged over each
+whole pass, at the tick that sees its boundary, and the last pass itself is the check."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -14,35 +16,45 @@ from ksmctl.policy.strategies.adaptive.worth import pass_worth
 
 
 def count(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Step:
-    last = tick.last
+    now, last = tick.now, tick.last
     assert last is not None, "resume.restart() handles the first tick"
-    passes = state.passes + max(0, tick.now.full_scans - last.full_scans)
-    st = replace(state, passes=passes, last_pass_yield=None)
-    scanned = tick.now.pages_scanned - last.pages_scanned
+    boundary = now.full_scans > last.full_scans
+    passes = state.passes + max(0, now.full_scans - last.full_scans)
+    st = replace(state, passes=passes, last_pass_yield=None, pass_start=now if boundary else state.pass_start)
+    counted = now.pages_scanned is not None and last.pages_scanned is not None
+    if counted:
+        since = last
+    elif boundary and state.pass_start is not None:
+        since = state.pass_start   # no page counter: judge the pass that just ended, as a whole
+    else:
+        return st, ScanRule.merging, ()
+    scanned = tick.scanned(since, now)
     if scanned <= 0:
         return st, ScanRule.merging, ()
-    y = 1000.0 * (tick.now.saved_pages - last.saved_pages) / scanned
+    y = 1000.0 * (now.saved_pages - since.saved_pages) / scanned
     st = replace(st, last_pass_yield=y)
-    span = round(tick.now.monotonic - last.monotonic, 1)
+    span = round(now.monotonic - since.monotonic, 1)
     done = passes >= st.need_passes
     if done and y < ad.idle_yield:
         why = ("%d full passes since merging started, and the last %gs found %.2f new merges per 1000 pages "
                "scanned (< %g): idle" % (passes, span, y, ad.idle_yield))
         return _idle(replace(st, verifying=False), tick), ScanRule.idle, (why,)
-    if done and not st.verifying:
+    if done and counted and not st.verifying:
         why = ("%d full passes done, the last %gs still found %.2f new merges per 1000 pages: checking at %g "
                "of the pace" % (passes, span, y, ad.verify_rate))
         return replace(st, verifying=True), ScanRule.merging, (why,)
-    if st.verifying:
-        w = pass_worth(tick, st)
+    if st.verifying or done:   # the checking interval, or (no page counter) the last whole pass
+        where = "while checking" if counted else "over the last pass (%gs)" % span
+        judged = "the last interval" if counted else "the last pass"
+        w = pass_worth(tick, st, since)
         if w is not None and not w.enough(ad.min_pass_yield):
-            why = ("still %.2f new merges per 1000 pages while checking, but another full pass is not worth it: "
+            why = ("still %.2f new merges per 1000 pages %s, but another full pass is not worth it: "
                    "%s (min_pass_yield): idle, whose slow scan still merges the trickle"
-                   % (y, w.describe(ad.min_pass_yield)))
+                   % (y, where, w.describe(ad.min_pass_yield, judged)))
             return _idle(replace(st, verifying=False), tick), ScanRule.idle, (why,)
-        why = "still %.2f new merges per 1000 pages while checking: one more pass at full pace" % y
+        why = "still %.2f new merges per 1000 pages %s: one more pass at full pace" % (y, where)
         if w is not None:
-            why += " (%s)" % w.describe(ad.min_pass_yield)
+            why += " (%s)" % w.describe(ad.min_pass_yield, judged)
         return replace(st, verifying=False, need_passes=passes + 1), ScanRule.merging, (why,)
     return st, ScanRule.merging, ()
 

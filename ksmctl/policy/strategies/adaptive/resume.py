@@ -19,7 +19,7 @@ from ksmctl.units import format_bytes
 def restart(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Optional[Step]:
     """The phase after a (re)start or growth; None when neither happened."""
     fresh = replace(state, passes=0, verifying=False, last_pass_yield=None, idle_mergeable=tick.mergeable,
-                    phase_start=tick.now)
+                    phase_start=tick.now, pass_start=tick.now)
     behind = 1 if tick.rmap_pages > 0 else 0   # the cursor is somewhere in a pass
     if tick.restarted or tick.last is None:
         need = ad.min_passes + behind

@@ -17,11 +17,12 @@ class AdaptiveState:
     verifying: bool = False                  # passes done, checking one interval at verify_rate
     idle_mergeable: Optional[int] = None     # mergeable memory's low-water mark since passes were counted from 0
     phase_start: Optional[Mark] = None       # the counters when passes were counted from 0 (worth.py)
+    pass_start: Optional[Mark] = None        # the counters at the tick that saw the last pass boundary
 
     def stopped(self) -> "AdaptiveState":
         """While KSM is stopped: merging again from pass 0 when it restarts."""
         return AdaptiveState(AdaptiveMode.merging, 0, self.last_pass_yield, self.need_passes, self.verifying,
-                             self.idle_mergeable, self.phase_start)
+                             self.idle_mergeable, self.phase_start, self.pass_start)
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,19 @@ class Tick:
     page_size: int
     restarted: bool              # KSM starts this tick or was stopped by the policy before
     resumed: bool                # a restart after earlier ticks (not the very first tick)
+
+    def list_pages(self) -> int:
+        """The pages one full pass covers: ksmd's list, or the mergeable memory when larger
+        (pages not yet faulted in)."""
+        return max((self.mergeable or 0) // self.page_size, self.rmap_pages, 1)
+
+    def scanned(self, a: Mark, b: Mark) -> int:
+        """Pages ksmd scanned from a to b: its counter, or where the kernel has none (before
+        Linux 6.7) the passes completed times the list, which is right when a and b are
+        both ticks that saw a pass boundary (passes.py only asks for those)."""
+        if a.pages_scanned is not None and b.pages_scanned is not None:
+            return b.pages_scanned - a.pages_scanned
+        return (b.full_scans - a.full_scans) * self.list_pages()
 
     def grown(self, state: AdaptiveState) -> Optional[int]:
         """Growth of mergeable memory over its low-water mark; None when unknown."""
