@@ -207,6 +207,38 @@ def test_mergeable_memory_takes_guests_from_vm_readings(tmp_path):
     assert (ErrorSource.LIBVIRT, "domain x vanished") in r.errors and r.vm_source is VmSource.LIBVIRT
 
 
+def test_guests_count_as_mergeable_from_their_configuration_where_the_kernel_does_not_say(tmp_path):
+    """Before ksm_stat said ksm_mergeable (2025), and without ksm_stat at all (before 6.1),
+    a guest that ksmd has not reached yet counted as nothing: one started while ksmctl was
+    idle stayed unseen until the idle crawl reached it, hours on a large host. Now its
+    configuration decides (QEMU marks guest RAM mergeable unless mem-merge=off or
+    nosharepages), and the kernel's word, where it gives one, wins. A fixture /proc: this
+    host's kernel writes ksm_mergeable, and the 6.1 guest of test_deb_guest.py runs no QEMU."""
+    from ksmctl.collectors.host import guest_mergeable
+    from ksmctl.readings import VmReading
+    page = os.sysconf("SC_PAGE_SIZE")
+    old_stat = KsmStat(rmap_items=0, merging_pages=0)            # 6.1: no ksm_mergeable line
+    guests = (VmReading(uuid="a", name="new-on-6.1", pid=100, rss=100 * page, ksm=old_stat),
+              VmReading(uuid="b", name="on-5.14", pid=101, rss=20 * page, ksm=None),
+              VmReading(uuid="c", name="nosharepages", pid=102, rss=3000 * page, ksm=old_stat, excluded=True),
+              VmReading(uuid="d", name="kernel-says-no", pid=103, rss=5000 * page, ksm=KsmStat(mergeable=False)),
+              VmReading(uuid="e", name="seen", pid=104, rss=4 * page, ksm=KsmStat(rmap_items=9), excluded=True))
+    assert [guest_mergeable(v) for v in guests] == [True, True, False, False, True]
+
+    class Vms:
+        errors: list = []
+        source = VmSource.PROC
+
+        def collect(self):
+            return guests
+
+    # The 5.14 guest's pid has no ksm_stat in /proc: it must not be looked up there too.
+    procs = {pid: {"statm": "5000 77 10 1 0 900 0\n"} for pid in (100, 101, 102, 103, 104)}
+    sysfs = KsmSysfs(str(make_sys(tmp_path / "sys")))
+    r = HostCollector(sysfs, ProcFs(str(make_proc(tmp_path / "proc", processes=procs))), vms=Vms()).collect()
+    assert r.mergeable_rss == (100 + 20 + 4) * page
+
+
 def test_vm_table_round_trips_to_the_dicts_traces_hold():
     """The state file's VM table decodes to exactly what Readings.to_dict writes for traces."""
     from ksmctl.readings import KsmStat, KsmState, Readings, VmReading, vm_dicts, vms_table

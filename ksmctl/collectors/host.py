@@ -12,7 +12,7 @@ import time
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, TypeVar
 
 from ksmctl.errors import ErrorSource, KsmctlError, ReadError
-from ksmctl.readings import EstimateSummary, KsmStat, Readings, VmReading, VmSource
+from ksmctl.readings import EstimateSummary, Readings, VmReading, VmSource
 from ksmctl.collectors.procfs import ProcFs
 from ksmctl.kernel.sysfs import KsmSysfs
 
@@ -87,13 +87,11 @@ class HostCollector:
 
     def _mergeable(self, vms: Optional[Tuple[VmReading, ...]], errors: Errors) -> Optional[int]:
         """Mergeable RSS of all processes; guests' own figures come from the VM readings."""
-        guests: Dict[int, Tuple[Optional[int], KsmStat]] = {
-            v.pid: (v.rss, v.ksm) for v in (vms or ()) if v.pid is not None and v.ksm is not None}
+        guests: Dict[int, VmReading] = {v.pid: v for v in (vms or ()) if v.pid is not None}
         rest = self._optional(ErrorSource.PROC, lambda: self.procfs.mergeable_rss(skip=guests), errors)
         if rest is None:
             return None
-        return rest + sum(rss or 0 for rss, k in guests.values()
-                          if k.mergeable or k.merge_any or (k.mergeable is None and k.rmap_items))
+        return rest + sum(v.rss or 0 for v in guests.values() if guest_mergeable(v))
 
     @staticmethod
     def _optional(source: ErrorSource, fn: Callable[[], T], errors: Errors) -> Optional[T]:
@@ -104,3 +102,17 @@ class HostCollector:
         except OSError as e:
             errors.append((source, "%s: %s" % (getattr(e, "filename", "") or source, e.strerror or e)))
         return None
+
+
+def guest_mergeable(v: VmReading) -> bool:
+    """The kernel's word where ksm_stat gives it (ksm_mergeable, prctl merge-any: kernels
+    from 2025 on). Before, a guest counts once ksmd has seen it, or from its configuration:
+    QEMU marks guest RAM mergeable unless mem-merge=off or <nosharepages/> said not. Waiting
+    for ksmd would hide a guest started while idle for hours: the kernel adds it just behind
+    ksmd's cursor, and the idle scan reaches it after crawling the whole list."""
+    k = v.ksm
+    if k is not None and (k.mergeable or k.merge_any):
+        return True
+    if k is not None and k.mergeable is False:
+        return False
+    return bool(k is not None and k.rmap_items) or not v.excluded

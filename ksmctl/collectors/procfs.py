@@ -113,7 +113,7 @@ _MERGEABLE_MARKS = (b"ksm_mergeable: yes", b"ksm_merge_any: yes")
 
 
 def is_mergeable(ksm_stat: bytes) -> bool:
-    """From raw ksm_stat: 'ksm_mergeable: yes' (6.10+) or prctl merge-any; on kernels
+    """From raw ksm_stat: 'ksm_mergeable: yes' (kernels from 2025 on) or prctl merge-any; on kernels
     without those fields, any rmap item means ksmd has seen mergeable memory."""
     if any(m in ksm_stat for m in _MERGEABLE_MARKS):
         return True

@@ -79,7 +79,7 @@ def describe_pid(pid: int, proc_root: str = "/proc") -> Target:
 def discover_mergeable(proc_root: str = "/proc", exclude: Iterable[int] = ()) -> List[Target]:
     """Every process with at least one mergeable VMA.
 
-    ksm_stat's `ksm_mergeable` (6.10+) is a cheap pre-filter; smaps, which walks page
+    ksm_stat's `ksm_mergeable` (kernels from 2025 on) is a cheap pre-filter; smaps, which walks page
     tables, is only read for processes that pass it (or on kernels without the field).
     """
     procfs = ProcFs(proc_root)
