@@ -250,7 +250,7 @@ def test_journal_gets_one_line_per_change_with_priority(guest):
 
 
 def test_adaptive_goes_idle_on_a_kernel_without_pages_scanned(guest):
-    """The guest's kernel (Debian 12's 6.1, as RHEL 9's 5.14) has no pages_scanned: Linux 6.7
+    """The guest's kernel (Debian 12's 6.1) has no pages_scanned: Linux 6.7
     added it. The adaptive strategy judges whole passes there; before, every interval looked
     empty and it scanned at full pace forever. A process with duplicate pages joins, merges,
     and the lab policy (aggressive) drops to its idle scan point."""

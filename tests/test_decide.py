@@ -413,7 +413,7 @@ def test_a_guest_starting_after_a_trickle_brings_full_pace_back():
 
 
 def _pre_6_7(t: float, **values) -> Readings:
-    """Readings as a kernel before Linux 6.7 gives them (RHEL 9's 5.14, Debian 12's 6.1):
+    """Readings as a kernel before Linux 6.7 gives them (e.g. Debian 12's 6.1):
     no pages_scanned file at all, so no per-interval page count."""
     r = reading(t=t, **values)
     del r.ksm.values["pages_scanned"]
