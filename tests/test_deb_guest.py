@@ -269,9 +269,9 @@ def test_adaptive_goes_idle_on_a_kernel_without_pages_scanned(guest):
             merged = knobs(g, "pages_sharing")["pages_sharing"] - before
             if d["scan_rule"] == "idle" and merged > 15000 and any(
                     "full passes since merging started" in r for r in d["reasons"]):
-                return d, merged
+                return d
             return None
-        d, merged = wait_for(idle_after_merging, 240, "idle after the passes (pages_scanned absent)", interval=1)
+        d = wait_for(idle_after_merging, 240, "idle after the passes (pages_scanned absent)", interval=1)
         assert knobs(g, "pages_to_scan", "sleep_millisecs") == {"pages_to_scan": 1000, "sleep_millisecs": 200}
         assert any("new merges per 1000 pages" in r for r in d["reasons"]), d
     finally:

@@ -44,8 +44,8 @@ def count(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Step:
                "of the pace" % (passes, span, y, ad.verify_rate))
         return replace(st, verifying=True), ScanRule.merging, (why,)
     if st.verifying or done:   # the checking interval, or (no page counter) the last whole pass
-        where = "while checking" if counted else "over the last pass (%gs)" % span
-        judged = "the last interval" if counted else "the last pass"
+        where, judged = (("while checking", "the last interval") if counted
+                         else ("over the last pass (%gs)" % span, "the last pass"))
         w = pass_worth(tick, st, since)
         if w is not None and not w.enough(ad.min_pass_yield):
             why = ("still %.2f new merges per 1000 pages %s, but another full pass is not worth it: "

@@ -42,8 +42,9 @@ class Tick:
 
     def scanned(self, a: Mark, b: Mark) -> int:
         """Pages ksmd scanned from a to b: its counter, or where the kernel has none (before
-        Linux 6.7) the passes completed times the list, which is right when a and b are
-        both ticks that saw a pass boundary (passes.py only asks for those)."""
+        Linux 6.7) the passes completed times the list. That is right to a tick when a and b
+        both saw a pass boundary (passes.py asks only for those); from a phase's start
+        (worth.py) it leaves out the part of a pass scanned before the first boundary."""
         if a.pages_scanned is not None and b.pages_scanned is not None:
             return b.pages_scanned - a.pages_scanned
         return (b.full_scans - a.full_scans) * self.list_pages()

@@ -26,7 +26,7 @@ class Worth:
     def enough(self, share: float) -> bool:
         return self.interval >= share * self.phase
 
-    def describe(self, share: float, span: str = "the last interval") -> str:
+    def describe(self, share: float, span: str) -> str:
         ratio = "" if self.phase <= 0 else " (%.1f%%)" % (100.0 * self.interval / self.phase)
         return "%s gained %.3g %s%s, the merging phase %.3g on average; a pass needs %g of it" % (
             span, self.interval, self.unit, ratio, self.phase, share)
