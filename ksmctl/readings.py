@@ -136,6 +136,7 @@ class VmReading:
     balloon_current: Optional[int] = None  # bytes
     balloon_maximum: Optional[int] = None
     rss: Optional[int] = None
+    anon_rss: Optional[int] = None          # of rss, the private anonymous pages: all KSM can merge
     guest_available: Optional[int] = None
     guest_usable: Optional[int] = None
     guest_unused: Optional[int] = None
@@ -177,7 +178,7 @@ class Readings:
     psi: Optional[Psi] = None
     ksmd_cpu_seconds: Optional[float] = None
     vms: Optional[Tuple[VmReading, ...]] = None
-    mergeable_rss: Optional[int] = None  # bytes: RSS of processes with mergeable memory
+    mergeable_rss: Optional[int] = None  # bytes: anonymous RSS of processes with mergeable memory
     estimate: Optional[EstimateSummary] = None  # the last periodic estimate, if enabled
     errors: Tuple[Tuple[ErrorSource, str], ...] = ()  # (source, message)
     vm_source: Optional[VmSource] = None  # where `vms` came from (None: no VM collector)

@@ -149,7 +149,7 @@ def test_processes_lists_user_processes_with_argv_and_comm(tmp_path):
     assert list(p.processes()) == [Process(200, ("/bin/bash", "/usr/sbin/ksmtuned"), "ksmtuned"),
                                    Process(300, ("/usr/bin/python3", "-m", "ksmctl", "daemon"), "python3")]
     assert p.cmdline(36) == () and p.cmdline(999) is None and p.comm(999) is None
-    assert p.ksm_stat(999) is None and p.rss_bytes(999) is None and p.smaps(999) is None
+    assert p.ksm_stat(999) is None and p.statm_bytes(999) is None and p.smaps(999) is None
 
 
 def test_unlistable_proc_names_the_directory(tmp_path):
@@ -157,13 +157,20 @@ def test_unlistable_proc_names_the_directory(tmp_path):
         list(ProcFs(str(tmp_path / "nope")).pids())
 
 
-def test_mergeable_rss_counts_only_mergeable_processes(tmp_path):
+def test_mergeable_rss_counts_only_mergeable_processes_and_only_their_anonymous_pages(tmp_path):
+    """KSM merges private anonymous pages only: statm's file and shmem pages (its third
+    field) are out of its reach, a guest's shared-memfd RAM (vhost-user, virtiofs) too."""
     page = os.sysconf("SC_PAGE_SIZE")
     procs = {100: {"ksm_stat": KSM_STAT_NEW, "statm": "5000 1000 10 1 0 900 0\n", "comm": "qemu\n"},
              101: {"ksm_stat": KSM_STAT_NEW.replace("ksm_mergeable: yes", "ksm_mergeable: no"),
-                   "statm": "5000 3000 10 1 0 900 0\n", "comm": "bash\n"}}
+                   "statm": "5000 3000 10 1 0 900 0\n", "comm": "bash\n"},
+             102: {"ksm_stat": KSM_STAT_NEW, "statm": "90000 70000 65000 1 0 900 0\n", "comm": "qemu\n"},
+             103: {"ksm_stat": KSM_STAT_NEW, "statm": "9 5 7 0 0 0 0\n", "comm": "odd\n"},
+             104: {"ksm_stat": KSM_STAT_NEW, "statm": "9 \xff 7\n", "comm": "garbled\n"}}
     p = ProcFs(str(make_proc(tmp_path, processes=procs)))
-    assert p.mergeable_rss() == 1000 * page
+    assert p.mergeable_rss() == (990 + 5000) * page
+    assert p.statm_bytes(102) == (70000 * page, 5000 * page)
+    assert p.statm_bytes(103).anon == 0 and p.statm_bytes(104) is None
 
 
 def test_host_collector_skips_tick_without_meminfo_but_tolerates_missing_psi(tmp_path):
@@ -191,15 +198,17 @@ def test_mergeable_memory_takes_guests_from_vm_readings(tmp_path):
     from ksmctl.readings import KsmStat, VmReading
     page = os.sysconf("SC_PAGE_SIZE")
     procs = {100: {"ksm_stat": KSM_STAT_NEW, "statm": "5000 1000 10 1 0 900 0\n"},
-             200: {"ksm_stat": KSM_STAT_NEW, "statm": "5000 7 10 1 0 900 0\n"}}
+             200: {"ksm_stat": KSM_STAT_NEW, "statm": "5000 9 2 1 0 900 0\n"}}
 
     class Vms:
         errors = [(ErrorSource.LIBVIRT, "domain x vanished")]
         source = VmSource.LIBVIRT
 
         def collect(self):
-            return (VmReading(uuid="u", name="g", pid=100, rss=123 * page, ksm=KsmStat(mergeable=True)),
-                    VmReading(uuid="v", name="off", pid=300, rss=999 * page, ksm=KsmStat(mergeable=False)))
+            return (VmReading(uuid="u", name="g", pid=100, rss=150 * page, anon_rss=123 * page,
+                              ksm=KsmStat(mergeable=True)),
+                    VmReading(uuid="v", name="off", pid=300, rss=999 * page, anon_rss=999 * page,
+                              ksm=KsmStat(mergeable=False)))
 
     sysfs = KsmSysfs(str(make_sys(tmp_path / "sys")))
     r = HostCollector(sysfs, ProcFs(str(make_proc(tmp_path / "proc", processes=procs))), vms=Vms()).collect()
@@ -218,11 +227,11 @@ def test_guests_count_as_mergeable_from_their_configuration_where_the_kernel_doe
     from ksmctl.readings import VmReading
     page = os.sysconf("SC_PAGE_SIZE")
     old_stat = KsmStat(rmap_items=0, merging_pages=0)            # 6.1: no ksm_mergeable line
-    guests = (VmReading(uuid="a", name="new-on-6.1", pid=100, rss=100 * page, ksm=old_stat),
-              VmReading(uuid="b", name="on-5.14", pid=101, rss=20 * page, ksm=None),
-              VmReading(uuid="c", name="nosharepages", pid=102, rss=3000 * page, ksm=old_stat, excluded=True),
-              VmReading(uuid="d", name="kernel-says-no", pid=103, rss=5000 * page, ksm=KsmStat(mergeable=False)),
-              VmReading(uuid="e", name="seen", pid=104, rss=4 * page, ksm=KsmStat(rmap_items=9), excluded=True))
+    guests = (VmReading(uuid="a", name="new-on-6.1", pid=100, anon_rss=100 * page, ksm=old_stat),
+              VmReading(uuid="b", name="on-5.14", pid=101, anon_rss=20 * page, ksm=None),
+              VmReading(uuid="c", name="nosharepages", pid=102, anon_rss=3000 * page, ksm=old_stat, excluded=True),
+              VmReading(uuid="d", name="kernel-says-no", pid=103, anon_rss=5000 * page, ksm=KsmStat(mergeable=False)),
+              VmReading(uuid="e", name="seen", pid=104, anon_rss=4 * page, ksm=KsmStat(rmap_items=9), excluded=True))
     assert [guest_mergeable(v) for v in guests] == [True, True, False, False, True]
 
     class Vms:

@@ -71,3 +71,28 @@ def test_doctor_names_why_each_real_guest_merges_or_not(tmp_path, lab_guests, va
     shared = variants["shared"]
     assert "shared_memory" in vms[shared.name]["unmergeable"], findings[shared.name]
     assert any("share" in e["what"] for e in findings[shared.name]["shared_memory"]["evidence"])
+
+
+def test_mergeable_memory_leaves_out_a_shared_memfd_guests_ram(lab_guests, variants):
+    """A guest whose RAM is a shared memfd (vhost-user, virtiofs) holds it as shmem, which
+    KSM cannot merge: the mergeable figure counts only anonymous RSS. Its QEMU process still
+    says ksm_mergeable (QEMU marks its other RAM blocks), so the kernel's word alone would
+    count the whole guest, as the figure did before."""
+    from ksmctl.collectors.procfs import ProcFs
+    from ksmctl.collectors.vms import VmCollector
+    from .test_lab_vms import URI
+    c = VmCollector(URI, events=False)
+    try:
+        got = {v.name: v for v in c.collect()}
+    finally:
+        c.close()
+    shared, plain = got[variants["shared"].name], got[sharing(lab_guests)[0].name]
+    assert shared.ksm is not None and shared.ksm.mergeable, shared.ksm
+    assert shared.rss - shared.anon_rss > 32 << 20, (shared.rss, shared.anon_rss)   # the guest's RAM, as shmem
+    assert plain.anon_rss > shared.anon_rss + (32 << 20), (plain.anon_rss, shared.anon_rss)
+
+    class OnlyIt(ProcFs):   # the /proc path (a process the VM collector does not know)
+        def pids(self):
+            return iter([shared.pid])
+    counted = OnlyIt().mergeable_rss()
+    assert abs(counted - shared.anon_rss) < 8 << 20 and shared.rss - counted > 32 << 20, (counted, shared)

@@ -45,7 +45,7 @@ scan:
 """
 VMS = (
     VmReading(uuid="6f1c4a52-0c4e-4b8e-9d51-0b7e3c7c0a01", name="web-1", pid=1001, balloon_current=2 << 30,
-              balloon_maximum=4 << 30, rss=(2 << 30) - 4096,
+              balloon_maximum=4 << 30, rss=(2 << 30) - 4096, anon_rss=(2 << 30) - (64 << 20),
               ksm=KsmStat(rmap_items=2048, zero_pages=3, merging_pages=1500, process_profit=5963776,
                           merge_any=False, mergeable=True)),
     VmReading(uuid="6f1c4a52-0c4e-4b8e-9d51-0b7e3c7c0a02", name="db \"primary\"", pid=1002, source="proc",

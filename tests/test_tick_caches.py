@@ -138,7 +138,7 @@ def test_kept_file_of_an_exited_process_never_reads_again():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         got = files.read(child.pid, "statm")
-        assert got is not None and proc.statm_rss(got[0])
+        assert got is not None and proc.statm(got[0])
         assert files.read(child.pid, "statm")[1] == got[1]  # same open file, same identity
         assert len(files) == 1
     finally:

@@ -86,12 +86,13 @@ class HostCollector:
                         errors=tuple(errors), vm_source=vm_source)
 
     def _mergeable(self, vms: Optional[Tuple[VmReading, ...]], errors: Errors) -> Optional[int]:
-        """Mergeable RSS of all processes; guests' own figures come from the VM readings."""
+        """Mergeable memory of all processes, as their anonymous RSS (Statm.anon); guests'
+        own figures come from the VM readings."""
         guests: Dict[int, VmReading] = {v.pid: v for v in (vms or ()) if v.pid is not None}
         rest = self._optional(ErrorSource.PROC, lambda: self.procfs.mergeable_rss(skip=guests), errors)
         if rest is None:
             return None
-        return rest + sum(v.rss or 0 for v in guests.values() if guest_mergeable(v))
+        return rest + sum(v.anon_rss or 0 for v in guests.values() if guest_mergeable(v))
 
     @staticmethod
     def _optional(source: ErrorSource, fn: Callable[[], T], errors: Errors) -> Optional[T]:

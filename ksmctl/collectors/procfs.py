@@ -133,6 +133,15 @@ class Process(NamedTuple):
     comm: str
 
 
+class Statm(NamedTuple):
+    """A process's resident memory, in bytes. KSM merges only private anonymous pages, so
+    `anon` (resident less file and shmem pages: RssAnon) is what it can reach; `resident`
+    also counts a guest's shared-memfd RAM (vhost-user, virtiofs) and QEMU's own files."""
+
+    resident: int
+    anon: int
+
+
 class ProcFs:
     """The one reader of /proc; `proc_root` lets tests point it at a fixture tree.
 
@@ -249,16 +258,20 @@ class ProcFs:
             self._link_check = not is_procfs(self._root)
         return KeptFiles(self._root, self._budget, check_links=self._link_check)
 
-    def rss_bytes(self, pid: int) -> Optional[int]:
-        """Resident memory from /proc/<pid>/statm; None when gone or garbled."""
-        return self.statm_rss(self._pid_bytes(pid, "statm"))
+    def statm_bytes(self, pid: int) -> Optional[Statm]:
+        """/proc/<pid>/statm in bytes; None when gone or garbled."""
+        return self.statm(self._pid_bytes(pid, "statm"))
 
-    def statm_rss(self, raw: Optional[bytes]) -> Optional[int]:
-        """Resident bytes from statm's text (its second field, in pages); None when garbled."""
+    def statm(self, raw: Optional[bytes]) -> Optional[Statm]:
+        """statm's text (fields in pages: size resident shared ...); None when garbled."""
         try:
-            return int(raw.split()[1]) * self.page_size if raw is not None else None
+            f = raw.split() if raw is not None else None
+            if f is None:
+                return None
+            resident, shared = int(f[1]) * self.page_size, int(f[2]) * self.page_size
         except (ValueError, IndexError):
             return None
+        return Statm(resident, max(0, resident - shared))
 
     def smaps(self, pid: int) -> Optional[str]:
         """/proc/<pid>/smaps (walks the page tables: costly, read it only when needed)."""
@@ -266,8 +279,8 @@ class ProcFs:
         return None if raw is None else raw.decode("utf-8", "replace")
 
     def mergeable_rss(self, skip: Container[int] = ()) -> int:
-        """RSS of every process that has mergeable memory (ksm_stat says mergeable),
-        except the `skip` pids (guests whose figures the VM collector already read).
+        """Anonymous RSS (Statm.anon) of every process that has mergeable memory (ksm_stat
+        says mergeable), except the `skip` pids (guests whose figures the VM collector read).
 
         Growth of this sum is how the policy notices new mergeable memory (a guest
         started) without waiting for ksmd to scan it. Kernel threads have no ksm_stat."""
@@ -277,5 +290,6 @@ class ProcFs:
                 continue
             raw = self.ksm_stat_bytes(pid)
             if raw and is_mergeable(raw):
-                total += self.rss_bytes(pid) or 0
+                m = self.statm_bytes(pid)
+                total += m.anon if m is not None else 0
         return total

@@ -282,8 +282,9 @@ class MetricsCollector(Collector):
                 f.add_metric([kind, window], val / 100.0)
             out.append(f)
         if r.mergeable_rss is not None:
-            out.append(GaugeMetricFamily("ksmctl_mergeable_memory_bytes", "RSS of processes with memory "
-                                         "marked mergeable.", value=_num(r.mergeable_rss)))
+            out.append(GaugeMetricFamily("ksmctl_mergeable_memory_bytes", "Anonymous RSS of processes "
+                                         "with memory marked mergeable (KSM merges only private "
+                                         "anonymous pages).", value=_num(r.mergeable_rss)))
         est = r.estimate  # the periodic estimator's last result, when enabled
         if est is not None:
             out.append(GaugeMetricFamily("ksmctl_merge_potential_bytes", "Estimated memory that could still "

@@ -66,6 +66,7 @@ class _VmDoc(_Doc):
     balloon_current: Optional[int] = _Int
     balloon_maximum: Optional[int] = _Int
     rss: Optional[int] = _Int
+    anon_rss: Optional[int] = _Int
     guest_available: Optional[int] = _Int
     guest_usable: Optional[int] = _Int
     guest_unused: Optional[int] = _Int

@@ -495,14 +495,15 @@ class LibvirtCollector:
                     known.fields = fields
             known.params = params
         fields = known.fields
-        rss = None
+        mem = None
         if pid is not None:
             if statm is None:  # not read on the hot path's way: read it now, right after
                 # ksm_stat proved the pid is this guest's (unless it has none)
                 statm = self._files.read_bytes(pid, "statm", verify=known.ident is None)
-            rss = known.rss_from(statm, self.proc)
-        return known.reading_for((name, pid, ksm, rss, excluded, fields), lambda: VmReading(
-            uuid=uuid, name=name, pid=pid, source=VmSource.LIBVIRT, rss=rss, ksm=ksm, excluded=excluded, **fields))
+            mem = known.statm_from(statm, self.proc)
+        return known.reading_for((name, pid, ksm, mem, excluded, fields), lambda: VmReading(
+            uuid=uuid, name=name, pid=pid, source=VmSource.LIBVIRT, rss=mem.resident if mem else None,
+            anon_rss=mem.anon if mem else None, ksm=ksm, excluded=excluded, **fields))
 
     def _check_pid(self, pid: int, uuid: str, name: str,
                    known: Optional[_Known] = None) -> Tuple[Optional[QemuArgs], str]:

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ksmctl.readings import KsmStat, VmReading, VmSource, VmState
 from ksmctl.collectors.pidfiles import Ident
-from ksmctl.collectors.procfs import ProcFs, parse_ksm_stat, split_cmdline
+from ksmctl.collectors.procfs import ProcFs, Statm, parse_ksm_stat, split_cmdline
 
 _SUFFIXES = {"": 1 << 20, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -148,13 +148,13 @@ class Derived:
     reading: Optional[VmReading] = None
 
     statm_raw: Optional[bytes] = None
-    rss: Optional[int] = None
+    statm: Optional[Statm] = None
 
-    def rss_from(self, raw: Optional[bytes], proc: ProcFs) -> Optional[int]:
-        """statm's resident bytes, parsed only when statm's bytes change."""
+    def statm_from(self, raw: Optional[bytes], proc: ProcFs) -> Optional[Statm]:
+        """statm, parsed only when its bytes change."""
         if raw != self.statm_raw:
-            self.statm_raw, self.rss = raw, proc.statm_rss(raw)
-        return self.rss
+            self.statm_raw, self.statm = raw, proc.statm(raw)
+        return self.statm
 
     def ksm_stat(self, raw: Optional[bytes]) -> Optional[KsmStat]:
         if raw is None:
@@ -228,16 +228,17 @@ class QemuProcScanner:
     def _reading(self, pid: int, entry: _Proc, ksm_raw: Optional[bytes]) -> Optional[VmReading]:
         ksm = entry.ksm_stat(ksm_raw)
         # Read right after ksm_stat proved the pid is this process (unless it has none).
-        rss = entry.rss_from(self._files.read_bytes(pid, "statm", verify=entry.ident is None), self.proc)
-        if ksm is None and rss is None:
+        statm = entry.statm_from(self._files.read_bytes(pid, "statm", verify=entry.ident is None), self.proc)
+        if ksm is None and statm is None:
             return None  # exited between the listing and now
         args = entry.args
 
         def build() -> VmReading:
             uuid, name = proc_identity(args, pid)
             return VmReading(uuid=uuid, name=name, state=VmState.RUNNING, pid=pid, source=VmSource.PROC,
-                             balloon_maximum=args.memory, rss=rss, ksm=ksm, excluded=args.mem_merge_off)
-        return entry.reading_for((ksm, rss), build)
+                             balloon_maximum=args.memory, rss=statm.resident if statm else None,
+                             anon_rss=statm.anon if statm else None, ksm=ksm, excluded=args.mem_merge_off)
+        return entry.reading_for((ksm, statm), build)
 
     def close(self) -> None:
         self._files.close()
