@@ -15,6 +15,7 @@ from ksmctl.cli import cli
 from ksmctl.collectors.memlayout import parse_cpu_list, parse_smaps, selected
 from ksmctl.collectors.vms.backends import parse_guest_ram
 from ksmctl.doctor.report import EXIT_PROBLEM
+from ksmctl.units import format_bytes
 
 from .fixtures import KSM_STAT_NEW, OLD_KERNEL_DROPS, make_proc, make_sys
 
@@ -116,6 +117,21 @@ def test_guests_that_cannot_merge_are_named_with_their_evidence(tmp_path):
                                   "source": "QEMU command line (/proc/2002/cmdline)"}
     # a guest that cannot merge gets no "merging"/"not merged yet" line
     assert "merging" not in _reasons(doc, "huge") and "not_merged_yet" not in _reasons(doc, "noshare")
+
+
+def test_stale_merges_compare_ksm_stat_with_the_ksm_lines_of_smaps(tmp_path):
+    """ksm_merging_pages 1500 (KSM_STAT_NEW), 250 pages mapping a KSM page: 1250 stale. The
+    same guest on a kernel before 6.7 (no KSM: lines) gets no such finding: nothing to tell."""
+    smaps = _smaps(GIB, "rd wr mr mw me ac mg")
+    guests = {2030: _qemu("rewrote", [], smaps.replace("Locked:", "KSM: 500 kB\nLocked:")),
+              2031: _qemu("old-kernel", [], smaps)}
+    r, doc = _doctor(_host(tmp_path, processes=guests))
+    assert r.exit_code == 0, r.output
+    f = _reasons(doc, "rewrote")["stale_merges"]
+    assert f["severity"] == "info" and f["cause"].startswith("1250 of the 1500 pages"), f
+    assert {"what": "KSM (sum over its mappings)", "value": format_bytes(1000 * 1024),
+            "source": "/proc/2030/smaps"} in f["evidence"]
+    assert "stale_merges" not in _reasons(doc, "old-kernel") and "merging" in _reasons(doc, "old-kernel")
 
 
 def test_unexplained_unmergeable_guest_is_a_problem_and_sets_the_exit_code(tmp_path):

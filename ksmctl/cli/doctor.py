@@ -147,8 +147,9 @@ def diagnose(c: CliContext, wanted: Sequence[str], cpu_window: float) -> Tuple[D
     procfs = c.procfs()
     for vm in vms:
         argv = procfs.cmdline(vm.pid) if vm.pid is not None else None
+        maps = read_smaps(c.proc_root, vm.pid) if vm.pid is not None else None
         facts = VmFacts(vm=vm, ram=parse_guest_ram(argv) if argv else None, nosharepages=xml.get(vm.uuid),
-                        mappings=read_smaps(c.proc_root, vm.pid) if vm.pid is not None else None,
+                        mappings=maps, ksm_after=procfs.ksm_stat(vm.pid) if maps is not None else None,
                         memory=vm.balloon_maximum, page_size=ksm.page_size if ksm else 4096,
                         ksm_running=bool(ksm and ksm.running))
         findings += vm_findings(facts)

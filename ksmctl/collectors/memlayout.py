@@ -89,6 +89,7 @@ class Mapping:
     anon_huge: int            # bytes of AnonHugePages
     locked: int               # bytes
     flags: Tuple[str, ...]    # VmFlags: mg mergeable, ht hugetlb, sh shared, lo locked, hg/nh THP advice
+    ksm: Optional[int] = None  # bytes mapping a KSM page now (Linux 6.7+; None: no such line)
 
     @property
     def size(self) -> int:
@@ -107,7 +108,7 @@ class Mapping:
         return "sh" in self.flags
 
 
-_SMAPS_KEYS = {"Rss:": "rss", "AnonHugePages:": "anon_huge", "Locked:": "locked"}
+_SMAPS_KEYS = {"Rss:": "rss", "AnonHugePages:": "anon_huge", "Locked:": "locked", "KSM:": "ksm"}
 
 
 def parse_smaps(text: str) -> List[Mapping]:
@@ -128,7 +129,7 @@ def parse_smaps(text: str) -> List[Mapping]:
                 continue
             parts = line.split(None, 5)
             cur = {"start": start, "end": end, "path": parts[5].strip() if len(parts) > 5 else "",
-                   "rss": 0, "anon_huge": 0, "locked": 0}
+                   "rss": 0, "anon_huge": 0, "locked": 0, "ksm": None}
         elif cur is not None and key in _SMAPS_KEYS:
             try:
                 cur[_SMAPS_KEYS[key]] = int(head[1].split()[0]) * 1024

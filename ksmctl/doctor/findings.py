@@ -53,6 +53,7 @@ class Reason(StrEnum):
     LOCKED = "locked"
     GUEST_THP = "guest_thp"
     MERGING = "merging"
+    STALE_MERGES = "stale_merges"         # counted as merged, rewritten by the guest since
     NOT_MERGED_YET = "not_merged_yet"
     POTENTIAL = "potential"
     # VM: per-VM merge control (ksmctl/guests)

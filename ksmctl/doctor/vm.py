@@ -7,12 +7,14 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ksmctl.collectors.memlayout import Mapping, guest_ram
 from ksmctl.collectors.vms.backends import GuestRam, GuestRamCache
-from ksmctl.readings import VmReading
+from ksmctl.readings import KsmStat, VmReading
 from ksmctl.units import format_bytes
 
 from .findings import Evidence, Finding, Reason, Severity, VM_UNMERGEABLE, ev
 
 THP_SHARE_NOTE = 0.5   # share of the guest RAM's RSS in huge pages worth a note
+STALE_NOTE_PAGES = 256    # stale merges worth a note: at least this many pages ...
+STALE_NOTE_SHARE = 0.01   # ... and this share of the merges the kernel counts
 
 CMDLINE = "QEMU command line (/proc/%d/cmdline)"
 XML = "libvirt domain XML"
@@ -24,6 +26,7 @@ class VmFacts:
     ram: Optional[GuestRam] = None                 # from the QEMU command line
     nosharepages: Optional[bool] = None            # from the domain XML (None: no libvirt)
     mappings: Optional[Sequence[Mapping]] = None   # /proc/<pid>/smaps
+    ksm_after: Optional[KsmStat] = None            # ksm_stat again, read right after smaps
     memory: Optional[int] = None                   # the guest's RAM size, bytes
     potential_bytes: Optional[float] = None        # estimator: what could still be saved
     page_size: int = 4096
@@ -120,10 +123,38 @@ def vm_findings(f: VmFacts) -> List[Finding]:
                 "mergeable, but nothing merged yet: %s" % (
                     "ksmd has not yet seen its pages twice, or they are unique" if f.ksm_running
                     else "KSM is not running (see the host findings)"), evid)
+        stale = _stale_merges(f)
+        if stale is not None:
+            counted, mapped = stale
+            add(Reason.STALE_MERGES, Severity.INFO,
+                "%d of the %d pages the kernel counts as merged (%s) no longer map a KSM page: the guest wrote "
+                "to them since (copy-on-write broke the merge), so they save nothing now. The kernel's counters "
+                "(its ksm_stat, and the host's pages_sharing) drop them only at ksmd's next look at each page, "
+                "in its next pass over this guest" % (counted - mapped, counted,
+                                                              format_bytes((counted - mapped) * f.page_size)),
+                [ev("ksm_merging_pages", counted, stat), ev("KSM (sum over its mappings)",
+                                                            format_bytes(mapped * f.page_size), maps_src)])
     if f.potential_bytes is not None and not blocked:
         add(Reason.POTENTIAL, Severity.INFO, "the last estimate found %s more that could merge"
             % format_bytes(f.potential_bytes), [ev("remaining", format_bytes(f.potential_bytes), "ksmctl estimate")])
     return out
+
+
+def _stale_merges(f: VmFacts) -> Optional[Tuple[int, int]]:
+    """(merges the kernel counts, pages mapping a KSM page) when the difference is worth a
+    note. The count is the lower of ksm_stat before and after smaps: a merge made while
+    smaps was walked, or a stale one dropped, must not show as stale."""
+    k, after, maps = f.vm.ksm, f.ksm_after, f.mappings
+    if k is None or after is None or maps is None or k.merging_pages is None or after.merging_pages is None:
+        return None
+    if any(m.ksm is None for m in maps) or not maps:
+        return None   # before Linux 6.7 smaps has no KSM line
+    counted = min(k.merging_pages, after.merging_pages)
+    mapped = sum(m.ksm or 0 for m in maps) // f.page_size
+    stale = counted - mapped
+    if stale < STALE_NOTE_PAGES or stale < STALE_NOTE_SHARE * counted:
+        return None
+    return counted, mapped
 
 
 def unmergeable_reasons(findings: Sequence[Finding]) -> List[Reason]:
