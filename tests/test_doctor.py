@@ -132,6 +132,11 @@ def test_stale_merges_compare_ksm_stat_with_the_ksm_lines_of_smaps(tmp_path):
     assert {"what": "KSM (sum over its mappings)", "value": format_bytes(1000 * 1024),
             "source": "/proc/2030/smaps"} in f["evidence"]
     assert "stale_merges" not in _reasons(doc, "old-kernel") and "merging" in _reasons(doc, "old-kernel")
+    assert "swapped out" not in f["cause"]
+    swapping = {2032: _qemu("swapping", [], smaps.replace("Locked:", "KSM: 500 kB\nSwap: 8192 kB\nLocked:"))}
+    r, doc = _doctor(_host(tmp_path / "swap", processes=swapping))
+    f = _reasons(doc, "swapping")["stale_merges"]
+    assert f["cause"].endswith("or they are swapped out (%s of its memory is)" % format_bytes(16384 * 1024)), f
 
 
 def test_unexplained_unmergeable_guest_is_a_problem_and_sets_the_exit_code(tmp_path):

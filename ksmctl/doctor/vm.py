@@ -126,14 +126,18 @@ def vm_findings(f: VmFacts) -> List[Finding]:
         stale = _stale_merges(f)
         if stale is not None:
             counted, mapped = stale
-            add(Reason.STALE_MERGES, Severity.INFO,
-                "%d of the %d pages the kernel counts as merged (%s) no longer map a KSM page: the guest wrote "
-                "to them since (copy-on-write broke the merge), so they save nothing now. The kernel's counters "
-                "(its ksm_stat, and the host's pages_sharing) drop them only at ksmd's next look at each page, "
-                "in its next pass over this guest" % (counted - mapped, counted,
-                                                              format_bytes((counted - mapped) * f.page_size)),
-                [ev("ksm_merging_pages", counted, stat), ev("KSM (sum over its mappings)",
-                                                            format_bytes(mapped * f.page_size), maps_src)])
+            swapped = sum(m.swap for m in f.mappings or ())
+            cause = ("%d of the %d pages the kernel counts as merged (%s) no longer map a KSM page: the guest "
+                     "wrote to them since (copy-on-write broke the merge), so they save nothing now. The "
+                     "kernel's counters (its ksm_stat, and the host's pages_sharing) drop them only at ksmd's "
+                     "next look at each page, in its next pass over this guest"
+                     % (counted - mapped, counted, format_bytes((counted - mapped) * f.page_size)))
+            evid = [ev("ksm_merging_pages", counted, stat),
+                    ev("KSM (sum over its mappings)", format_bytes(mapped * f.page_size), maps_src)]
+            if swapped:   # a merged page swapped out maps no KSM page either, and is still counted
+                cause += "; or they are swapped out (%s of its memory is)" % format_bytes(swapped)
+                evid.append(ev("Swap (sum over its mappings)", format_bytes(swapped), maps_src))
+            add(Reason.STALE_MERGES, Severity.INFO, cause, evid)
     if f.potential_bytes is not None and not blocked:
         add(Reason.POTENTIAL, Severity.INFO, "the last estimate found %s more that could merge"
             % format_bytes(f.potential_bytes), [ev("remaining", format_bytes(f.potential_bytes), "ksmctl estimate")])
