@@ -146,10 +146,13 @@ def diagnose(c: CliContext, wanted: Sequence[str], cpu_window: float) -> Tuple[D
     xml = _nosharepages(config.libvirt_uri if config.libvirt else None, vms)
     procfs = c.procfs()
     for vm in vms:
-        argv = procfs.cmdline(vm.pid) if vm.pid is not None else None
-        maps = read_smaps(c.proc_root, vm.pid) if vm.pid is not None else None
+        argv = maps = after = None
+        if vm.pid is not None:
+            argv = procfs.cmdline(vm.pid)
+            maps = read_smaps(c.proc_root, vm.pid)
+            after = procfs.ksm_stat(vm.pid) if maps is not None else None   # right after smaps
         facts = VmFacts(vm=vm, ram=parse_guest_ram(argv) if argv else None, nosharepages=xml.get(vm.uuid),
-                        mappings=maps, ksm_after=procfs.ksm_stat(vm.pid) if maps is not None else None,
+                        mappings=maps, ksm_after=after,
                         memory=vm.balloon_maximum, page_size=ksm.page_size if ksm else 4096,
                         ksm_running=bool(ksm and ksm.running))
         findings += vm_findings(facts)
