@@ -53,9 +53,11 @@ def _stale(facts):
 
 def test_parse_smaps_reads_the_ksm_line_where_the_kernel_writes_it():
     text = ("7f00-7f10 rw-p 00000000 00:00 0\nRss:  64 kB\nKSM:  40 kB\nVmFlags: rd wr mg\n"
-            "7f20-7f30 rw-p 00000000 00:00 0\nRss:  64 kB\nVmFlags: rd wr\n")
-    a, b = parse_smaps(text)
+            "7f20-7f30 rw-p 00000000 00:00 0\nRss:  64 kB\nVmFlags: rd wr\n"
+            "7f40-7f50 rw-p 00000000 00:00 0\nKSM:  nan kB\nSwap: \xff\nVmFlags: rd wr\n")
+    a, b, c = parse_smaps(text)
     assert a.ksm == 40 * 1024 and b.ksm is None
+    assert c.ksm is None and c.swap == 0     # garbled: unknown, so no stale-merge finding from it
 
 
 def test_stale_merges_noted_from_the_lower_count_and_only_above_the_threshold():

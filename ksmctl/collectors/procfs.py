@@ -264,10 +264,10 @@ class ProcFs:
 
     def statm(self, raw: Optional[bytes]) -> Optional[Statm]:
         """statm's text (fields in pages: size resident shared ...); None when garbled."""
+        if raw is None:
+            return None
         try:
-            f = raw.split() if raw is not None else None
-            if f is None:
-                return None
+            f = raw.split()
             resident, shared = int(f[1]) * self.page_size, int(f[2]) * self.page_size
         except (ValueError, IndexError):
             return None

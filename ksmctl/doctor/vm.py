@@ -151,7 +151,7 @@ def _stale_merges(f: VmFacts) -> Optional[Tuple[int, int]]:
     k, after, maps = f.vm.ksm, f.ksm_after, f.mappings
     if k is None or after is None or maps is None or k.merging_pages is None or after.merging_pages is None:
         return None
-    if any(m.ksm is None for m in maps) or not maps:
+    if not maps or any(m.ksm is None for m in maps):
         return None   # before Linux 6.7 smaps has no KSM line
     counted = min(k.merging_pages, after.merging_pages)
     mapped = sum(m.ksm or 0 for m in maps) // f.page_size
