@@ -34,6 +34,7 @@ from ksm_bench import controllers as ctl  # noqa: E402
 from ksm_bench import report  # noqa: E402
 from ksm_bench.run import Params, estimate_seconds, run_all  # noqa: E402
 from ksm_bench.workload import FILL_RATE, WORKLOADS  # noqa: E402
+from ksmctl.errors import KsmctlError  # noqa: E402
 
 QUICK_CONTROLLERS = ["ksmctl:default", "floor", "ksmtuned:10", "advisor", "kernel-defaults"]
 
@@ -71,7 +72,11 @@ def main(argv=None) -> int:
         v = getattr(args, name)
         if v is not None:
             setattr(p, name, v)
-    est = estimate_seconds(p) * len(names)
+    try:
+        est = estimate_seconds(p) * len(names)   # builds every controller: a bad name fails here
+    except (ValueError, OSError, KsmctlError) as e:
+        print("--controllers: %s" % e, file=sys.stderr)
+        return 2
     print("KSM benchmark: %d controllers on %d workload(s), expected about %.0f minutes (waits for the KSM "
           "test lock first)" % (len(p.controllers), len(names), est / 60), flush=True)
     t0 = time.monotonic()

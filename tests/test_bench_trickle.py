@@ -8,6 +8,7 @@ import ctypes
 import mmap
 import os
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -222,6 +223,27 @@ def test_a_policy_with_a_setting_changed_is_a_controller():
                 "ksmctl:default:min_pass_yield"):
         with pytest.raises(Exception):
             ctl.make(bad)
+
+
+def test_a_setting_the_policy_file_leaves_at_its_default_can_be_changed_by_its_dotted_path():
+    c = ctl.make("ksmctl:default:scan.adaptive.verify_rate=0.01")
+    assert parse_policy(c.text).scan.adaptive.verify_rate == 0.01
+    for bad, says in (("ksmctl:default:verify_rate=0.01", "give its dotted path"),
+                      ("ksmctl:default:scan.nosuch.x=1", "the policy has no scan.nosuch"),
+                      ("ksmctl:default:name.x=1", "name is not a section"),
+                      ("ksmctl:default:scan.adaptive.verify_rate=abc", "scan.adaptive.verify_rate")):
+        with pytest.raises(Exception, match=says):
+            ctl.make(bad)
+
+
+def test_the_bench_names_a_bad_controller_without_a_traceback():
+    script = ctl.REPO / "bench" / "run_ksm_bench.py"
+    for bad, says in (("ksmctl:default:scan.adaptive.verify_rate=abc", "verify_rate"),
+                      ("ksmctl:nosuch", "nosuch.yaml"), ("ksmtuned:abc", "abc"), ("bogus", "unknown controller")):
+        r = subprocess.run([sys.executable, str(script), "--workload", "fill", "--controllers", bad],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and r.stderr.startswith("--controllers: ") and says in r.stderr
 
 
 def test_targets_show_what_a_changed_setting_does():

@@ -345,13 +345,17 @@ class FloorController(Controller):
 
 
 def _policy_key(data: dict, key: str) -> List[str]:
-    """The path of `key` in a policy: a dotted path that exists, or the one place a bare key occurs."""
+    """The path of `key` in a policy: a dotted path whose parent exists (a setting the file
+    leaves at its default may be added: the policy loader then judges it), or the one place a
+    bare key occurs."""
     if "." in key:
         path, node = key.split("."), data
-        for k in path:
+        for k in path[:-1]:
             if not isinstance(node, dict) or k not in node:
-                raise ValueError("the policy has no %s" % key)
+                raise ValueError("the policy has no %s" % ".".join(path[:path.index(k) + 1]))
             node = node[k]
+        if not isinstance(node, dict):
+            raise ValueError("%s is not a section of the policy" % ".".join(path[:-1]))
         return path
     found: List[List[str]] = []
 
