@@ -3,6 +3,7 @@ out by hand from the ksmtuned script, to document the arithmetic; tests/test_ksm
 compares the policy with the real script), hysteresis, the adaptive strategy and the budget."""
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 import pytest
@@ -10,7 +11,9 @@ import pytest
 from ksmctl.policy.decide import EngineState, decide, sleep_millisecs
 from ksmctl.policy.strategies.run import RunState
 from ksmctl.policy.loader import load_policy, parse_policy
+from ksmctl.policy.rules import AdaptiveMode
 from ksmctl.readings import KsmState, MemInfo, Psi, Readings, VmReading
+from ksmctl.service.trace import state_from_dict, state_to_dict
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -374,6 +377,64 @@ def test_a_high_yield_while_checking_is_worth_another_pass():
                                      ksmd_cpu=2.1), st)
     assert d.scan_rule == "merging" and d.targets["pages_to_scan"] == 256 and st.adaptive.need_passes == 3
     assert "one more pass at full pace" in d.reason and "(50.0%)" in d.reason
+
+
+SWEEPING = parse_policy(ADAPTIVE_TEXT.replace("resume_growth: 64MiB", "resume_growth: 64MiB, sweep_cpu: 0.01"))
+
+
+def _idle_after_a_trickle(policy, cpu=True):
+    """Two passes (2 ksmd CPU-s), a check at 12 s that finds a trickle (0.1 CPU-s): idle."""
+    st = _two_passes_then_check(policy, 400 * MIB, cpu)
+    d, st = decide(policy, reading(t=12, mergeable=400 * MIB, full_scans=2, pages_scanned=217600,
+                                   pages_sharing=40060, ksmd_cpu=2.1 if cpu else None), st)
+    assert d.scan_rule == "idle"
+    return st
+
+
+def test_an_idle_sweep_comes_when_sweeps_so_spaced_cost_sweep_cpu_of_a_core():
+    st = _idle_after_a_trickle(SWEEPING)
+    assert st.adaptive.pass_cpu == pytest.approx(1.05)   # 2.1 CPU-s over the phase's 2 passes
+    # 1.05 CPU-s per pass at 0.01 of a core: a sweep every 105 s of idling.
+    d, st = decide(SWEEPING, reading(t=116, mergeable=400 * MIB, full_scans=2, pages_scanned=228000,
+                                     pages_sharing=40060, ksmd_cpu=2.2), st)
+    assert d.scan_rule == "idle" and d.targets["pages_to_scan"] == 100
+    d, st = decide(SWEEPING, reading(t=118, mergeable=400 * MIB, full_scans=2, pages_scanned=228200,
+                                     pages_sharing=40060, ksmd_cpu=2.2), st)
+    assert d.scan_rule == "sweep" and d.targets["pages_to_scan"] == 256   # the merging pace
+    assert ("sweep: idle for 106s; one pass cost 1.05 ksmd CPU-s, so a sweep every 105s costs 0.01 of a core "
+            "(sweep_cpu)") in d.reason
+    # The rest of the pass ksmd is in, then one whole pass: two boundaries before it may idle.
+    assert st.adaptive.need_passes == 2 and st.adaptive.mode is AdaptiveMode.merging
+    d, st = decide(SWEEPING, reading(t=120, mergeable=400 * MIB, full_scans=3, pages_scanned=250000,
+                                     pages_sharing=40060, ksmd_cpu=2.3), st)
+    assert d.scan_rule == "merging"
+    d, st = decide(SWEEPING, reading(t=124, mergeable=400 * MIB, full_scans=4, pages_scanned=352400,
+                                     pages_sharing=40060, ksmd_cpu=2.6), st)
+    assert d.scan_rule == "idle"
+    # The next sweep is spaced by what this one cost: 0.4 CPU-s over 2 boundaries, 20 s.
+    assert st.adaptive.pass_cpu == pytest.approx(0.2) and st.adaptive.idle_at.monotonic == 124
+    d, _ = decide(SWEEPING, reading(t=143, mergeable=400 * MIB, full_scans=4, pages_scanned=354300,
+                                    pages_sharing=40060, ksmd_cpu=2.6), st)
+    assert d.scan_rule == "idle"
+    d, _ = decide(SWEEPING, reading(t=145, mergeable=400 * MIB, full_scans=4, pages_scanned=354500,
+                                    pages_sharing=40060, ksmd_cpu=2.6), st)
+    assert d.scan_rule == "sweep"
+
+
+def test_no_sweep_when_sweep_cpu_is_0_or_ksmd_cpu_is_unknown():
+    for policy, cpu in ((ADAPTIVE, True), (SWEEPING, False)):
+        st = _idle_after_a_trickle(policy, cpu)
+        d, _ = decide(policy, reading(t=1e6, mergeable=400 * MIB, full_scans=2, pages_scanned=228000,
+                                      pages_sharing=40060, ksmd_cpu=2.2 if cpu else None), st)
+        assert d.scan_rule == "idle" and "sweep" not in d.reason
+
+
+def test_a_sweeps_state_survives_the_trace():
+    st = _idle_after_a_trickle(SWEEPING)
+    back = state_from_dict(json.loads(json.dumps(state_to_dict(st))))
+    assert back.adaptive.idle_at == st.adaptive.idle_at and back.adaptive.pass_cpu == st.adaptive.pass_cpu
+    with pytest.raises(ValueError, match="state_before: expected a finite number"):
+        state_from_dict({**state_to_dict(st), "pass_cpu": "1"})
 
 
 def test_the_default_policy_runs_a_pass_for_a_fifth_of_the_phase_yield_and_not_for_less():

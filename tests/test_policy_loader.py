@@ -104,12 +104,24 @@ INVALID += [("name: x\nscan:\n  adaptive: {min_pass_yield: [0.1]}\n",
             ("name: x\nscan:\n  adaptive: {min_pass_yield: .nan}\n",
              "p.yaml:3: scan.adaptive.min_pass_yield: .nan: NaN and infinity are not allowed, write a finite number")]
 
+_SWEEP = ("is not allowed: sweep_cpu is the share of one core that idle sweeps may cost on average: a number "
+          "from 0 to 1 (e.g. 0.01; 0: no sweeps), found ")
+INVALID += [("name: x\nscan:\n  adaptive: {sweep_cpu: %s}\n" % v,
+             "p.yaml:3: scan.adaptive.sweep_cpu: %s %s%s" % (shown, _SWEEP, found))
+            for v, shown, found in (("-0.01", "-0.01", "-0.01"), ("2", "2", "2"), ("'1%'", "'1%'", "'1%'"),
+                                    ("false", "False", "False"))]
+INVALID += [("name: x\nscan:\n  adaptive: {sweep_cpu: 1e999}\n",
+             "p.yaml:3: scan.adaptive.sweep_cpu: 1e999 is too large a number")]
+
 
 def test_min_pass_yield_accepts_shares_from_0_to_1():
     for v in (0, 0.05, 1):
         p = parse_policy("name: x\nscan:\n  adaptive: {min_pass_yield: %s}\n" % v)
         assert p.scan.adaptive.min_pass_yield == v and isinstance(p.scan.adaptive.min_pass_yield, float)
     assert parse_policy("name: x\n").scan.adaptive.min_pass_yield == 0.05
+    for v in (0, 0.01, 1):
+        assert parse_policy("name: x\nscan:\n  adaptive: {sweep_cpu: %s}\n" % v).scan.adaptive.sweep_cpu == v
+    assert parse_policy("name: x\n").scan.adaptive.sweep_cpu == 0
 
 
 @pytest.mark.parametrize("text,message", INVALID, ids=[m.split(": ", 2)[-1][:40] for _, m in INVALID])
@@ -179,3 +191,11 @@ def test_no_input_raises_anything_but_policy_error(text):
         parse_policy(text, "fuzz.yaml")
     except PolicyError as e:
         assert str(e).startswith("fuzz.yaml")
+
+
+def test_the_readme_policy_reference_is_a_policy_the_loader_accepts():
+    import re
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+                if "strategy: adaptive" in b]
+    ad = parse_policy(block, "README.md").scan.adaptive
+    assert (ad.sweep_cpu, ad.min_pass_yield, ad.target_pass_seconds) == (0.01, 0.05, 4)

@@ -239,6 +239,11 @@ class SleepMillisecs(Model):
         return self
 
 
+_SHARES = {"min_pass_yield": ("a share of the merging phase's yield per ksmd CPU-second",
+                              "e.g. 0.05; 0 always runs the pass"),
+           "sweep_cpu": ("the share of one core that idle sweeps may cost on average", "e.g. 0.01; 0: no sweeps")}
+
+
 class Adaptive(Model):
     """Scan as fast as merges are being found, and stop paying when they are not.
 
@@ -255,6 +260,12 @@ class Adaptive(Model):
     ksmd's CPU time is unknown) that the merging phase gained on average; below that
     (guests rewriting memory leave a trickle of merges) it goes idle, whose slow scan
     still reaches the trickle (at the idle pace: hours per pass on a large host). 0 always runs the pass.
+    While idle, a sweep (one full pass at the merging pace, after the end of the pass ksmd
+    is in) bounds how long the idle scan's slowness is paid for: pairs the kernel's unstable
+    tree lost in a pass, the trickle, and merges the kernel still counts after a write broke
+    them all wait for the next sweep, not for the idle scan's hours. Sweeps come as often as
+    keeps them within sweep_cpu of one core, judged by what the last phase's passes cost in
+    ksmd CPU (none where ksmd's CPU time is unknown).
     It resumes when mergeable memory grows by resume_growth (new guests: min_passes
     again), or when the start conditions become newly true. Kernels before Linux 6.7
     count no pages scanned: there each whole pass is judged at its boundary, and the last
@@ -269,14 +280,18 @@ class Adaptive(Model):
     # Another full pass only when the checking interval's saving per ksmd CPU-second is at
     # least this share of the merging phase's average (0..1; 0: always pass).
     min_pass_yield: float = Field(default=0.05, ge=0, le=1)
+    # While idle, one full pass (a sweep) whenever sweeps so spaced cost at most this share of
+    # one core on average, judged by the last phase's ksmd CPU per pass (0..1; 0: never).
+    sweep_cpu: float = Field(default=0.0, ge=0, le=1)
 
-    @field_validator("min_pass_yield", mode="before")
+    @field_validator("min_pass_yield", "sweep_cpu", mode="before")
     @classmethod
-    def _share(cls, v: Any) -> Any:
+    def _share(cls, v: Any, info: ValidationInfo) -> Any:
         """A share 0..1 written as a number; a bool or a string is a mistake, not a value."""
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:  # NaN fails 0 <= v
-            raise ValueError("min_pass_yield is a share of the merging phase's yield per ksmd CPU-second: "
-                             "a number from 0 to 1 (e.g. 0.05; 0 always runs the pass), found %r" % (v,))
+            name = info.field_name or ""
+            what, e_g = _SHARES[name]
+            raise ValueError("%s is %s: a number from 0 to 1 (%s), found %r" % (name, what, e_g, v))
         return float(v)
 
     @field_validator("resume_growth", mode="before")

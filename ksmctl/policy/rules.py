@@ -31,6 +31,7 @@ class ScanRule(Label):
     merging = "merging"
     idle = "idle"
     resume = "resume"
+    sweep = "sweep"
     cpu_cap = "cpu_cap"
     advisor = "advisor"
     background = "background"

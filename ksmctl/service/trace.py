@@ -53,6 +53,10 @@ def state_to_dict(s: EngineState) -> Dict[str, Any]:
         out["phase_start"] = asdict(ad.phase_start)
     if ad.pass_start is not None:
         out["pass_start"] = asdict(ad.pass_start)
+    if ad.idle_at is not None:
+        out["idle_at"] = asdict(ad.idle_at)
+    if ad.pass_cpu is not None:
+        out["pass_cpu"] = ad.pass_cpu
     return out
 
 
@@ -96,7 +100,8 @@ def state_from_dict(d: Dict[str, Any]) -> EngineState:
         ad = AdaptiveState(AdaptiveMode(_field(d, "mode", str, "merging")), _field(d, "passes", _int, 0),
                            _field(d, "last_pass_yield", _num, None), _field(d, "need_passes", _int, 0),
                            _field(d, "verifying", _bool, False), _field(d, "idle_mergeable", _int, None),
-                           _field(d, "phase_start", _mark, None), _field(d, "pass_start", _mark, None))
+                           _field(d, "phase_start", _mark, None), _field(d, "pass_start", _mark, None),
+                           _field(d, "idle_at", _mark, None), _field(d, "pass_cpu", _num, None))
         history = tuple((_num(t), _int(v)) for t, v in d.get("available_history") or ())
         return EngineState(run=RunState(_field(d, "active", _bool, None)),
                            step=StepState(_field(d, "npages", _int, None)), adaptive=ad,

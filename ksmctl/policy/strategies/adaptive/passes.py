@@ -12,6 +12,7 @@ from dataclasses import replace
 from ksmctl.policy.model import Adaptive
 from ksmctl.policy.rules import AdaptiveMode, ScanRule
 from ksmctl.policy.strategies.adaptive.state import AdaptiveState, Step, Tick
+from ksmctl.policy.strategies.adaptive.sweep import pass_cpu
 from ksmctl.policy.strategies.adaptive.worth import pass_worth
 
 
@@ -61,4 +62,4 @@ def count(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Step:
 
 def _idle(st: AdaptiveState, tick: Tick) -> AdaptiveState:
     low = tick.mergeable if tick.mergeable is not None else st.idle_mergeable
-    return replace(st, mode=AdaptiveMode.idle, idle_mergeable=low)
+    return replace(st, mode=AdaptiveMode.idle, idle_mergeable=low, idle_at=tick.now, pass_cpu=pass_cpu(st, tick))

@@ -1,10 +1,11 @@
-"""When the adaptive strategy counts passes from 0 again: KSM (re)starts, or mergeable
-memory grows by resume_growth. Either way one pass more when ksmd already holds pages
-(its cursor is part-way through a pass): on a restart, pages behind the cursor changed
-unseen; on growth, the kernel adds a new process just behind the cursor (mm/ksm.c
-__ksm_enter, "insert just behind the scanning cursor"), so the first boundary after it
-started comes before ksmd has seen its memory at all (tests/test_kernel_list_order.py
-shows it on the real kernel)."""
+"""When the adaptive strategy counts passes from 0 again: KSM (re)starts, mergeable
+memory grows by resume_growth, or an idle sweep is due (sweep.py). Each time one pass
+more when ksmd already holds pages (its cursor is part-way through a pass): on a
+restart, pages behind the cursor changed unseen; on growth, the kernel adds a new
+process just behind the cursor (mm/ksm.c __ksm_enter, "insert just behind the scanning
+cursor"), so the first boundary after it started comes before ksmd has seen its memory
+at all (tests/test_kernel_list_order.py shows it on the real kernel); a sweep is one
+whole pass, which starts at that boundary."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -13,6 +14,7 @@ from typing import Optional
 from ksmctl.policy.model import Adaptive
 from ksmctl.policy.rules import AdaptiveMode, ScanRule
 from ksmctl.policy.strategies.adaptive.state import AdaptiveState, Step, Tick
+from ksmctl.policy.strategies.adaptive.sweep import sweep_due
 from ksmctl.units import format_bytes
 
 
@@ -29,6 +31,9 @@ def restart(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Optional[Step]:
     grew = grown is not None and grown > ad.resume_growth
     if state.mode is AdaptiveMode.idle:
         if not grew:
+            sweep = sweep_due(ad, tick, state)
+            if sweep is not None:
+                return replace(fresh, mode=AdaptiveMode.merging, need_passes=1 + behind), ScanRule.sweep, (sweep,)
             return replace(state, verifying=False, last_pass_yield=None), ScanRule.idle, \
                 ("no new merges to find; idle scan",)
         why = "mergeable memory grew by %s since idle (> %s)" % (format_bytes(grown or 0),

@@ -1,7 +1,7 @@
 """What the adaptive strategy remembers, and what it reads from one tick."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from ksmctl.policy.rules import AdaptiveMode, ScanRule
@@ -18,11 +18,12 @@ class AdaptiveState:
     idle_mergeable: Optional[int] = None     # mergeable memory's low-water mark since passes were counted from 0
     phase_start: Optional[Mark] = None       # the counters when passes were counted from 0 (worth.py)
     pass_start: Optional[Mark] = None        # the counters at the tick that saw the last pass boundary
+    idle_at: Optional[Mark] = None           # the counters when it last went idle (sweep.py)
+    pass_cpu: Optional[float] = None         # ksmd CPU-seconds per pass of the phase before that
 
     def stopped(self) -> "AdaptiveState":
         """While KSM is stopped: merging again from pass 0 when it restarts."""
-        return AdaptiveState(AdaptiveMode.merging, 0, self.last_pass_yield, self.need_passes, self.verifying,
-                             self.idle_mergeable, self.phase_start, self.pass_start)
+        return replace(self, mode=AdaptiveMode.merging, passes=0)
 
 
 @dataclass(frozen=True)
