@@ -94,3 +94,37 @@ def test_periodic_estimate_feeds_state_and_policy_signal(tmp_path):
             assert est["achievable"] >= 2997 * 4096 and est["scanned"] >= 3000 * 4096
             wait_for(lambda: sysfs.read().get("run") == 1, 30, "merge_potential to start KSM")
             assert "merge_potential" in d.state()["decision"]["reasons"][0]
+
+
+SWEEP_POLICY = """
+name: test-sweep
+interval: 0.5s
+run:
+  mode: conditional
+  start_when: [{signal: memory_available, below: 100%}]
+  stop_when: [{signal: memory_available, above: 100%}]
+scan:
+  strategy: adaptive
+  pages_to_scan: {min: 100, max: 20000}
+  sleep_millisecs: {base: 10, floor: 10}
+  adaptive: {target_pass_seconds: 0.5, idle: {pages_to_scan: 100, sleep_millisecs: 1000}, sweep_cpu: 0.5}
+"""
+
+
+def test_an_idle_daemon_sweeps_with_one_full_pass_at_the_merging_pace(tmp_path):
+    """sweep_cpu 0.5: a sweep comes once the daemon has idled for twice what a pass cost."""
+    need_root()
+    sysfs = KsmSysfs()
+    with ksm_exclusive(), Holder(pages=20000, distinct=7):
+        with DaemonProc(tmp_path, SWEEP_POLICY) as d:
+            wait_for(lambda: sysfs.read().get("pages_sharing", 0) >= 19000, 60, "the passes to merge")
+            wait_for(lambda: (d.state() or {}).get("decision", {}).get("scan_rule") == "idle", 60, "idle")
+            idle_scans = sysfs.read().get("full_scans")
+            wait_for(lambda: (d.state() or {}).get("decision", {}).get("scan_rule") == "sweep", 60, "a sweep")
+            s = d.state()
+            assert "sweep: idle for" in " ".join(s["decision"]["reasons"]) and "(sweep_cpu)" in d.log_text()
+            assert sysfs.read().get("pages_to_scan") > 100   # the merging pace, not the idle scan's
+            # The rest of the pass ksmd was in, and one whole pass, before it idles again.
+            wait_for(lambda: (d.state() or {}).get("decision", {}).get("scan_rule") == "idle", 60, "idle again")
+            assert sysfs.read().get("full_scans") >= idle_scans + 2
+            assert sysfs.read().get("pages_sharing", 0) >= 19000
