@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ksmctl.errors import ConfigError
 from ksmctl.fsutil import read_input
 from ksmctl.units import parse_duration
-from ksmctl.yamlload import YamlProblem, load_yaml, validate
+from ksmctl.yamlload import NoBoolNumbers, YamlProblem, load_yaml, validate
 
 DEFAULT_CONFIG_PATH = "/etc/ksmctl/config.yaml"
 DEFAULT_STATE_FILE = "/run/ksmctl/state.json"
@@ -24,9 +24,23 @@ MAX_CONFIG_BYTES = 1024 * 1024
 MAX_BYTES = 2 ** 40  # a size setting beyond 1 TiB is a typo, not a size
 
 
-class _Model(BaseModel):
+class _Model(NoBoolNumbers):
     # allow_inf_nan: "nan" and "inf" (from a variable, or quoted) are not numbers of anything.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def check_path(v: Optional[str], required: bool = False, file: bool = False) -> Optional[str]:
+    """A path setting: never a NUL byte (a YAML "\\0" escape; every system call refuses it),
+    not empty when the key needs a path, and naming a file (not "/" or "dir/") when file."""
+    if v is None:
+        return v
+    if "\0" in v:
+        raise ValueError("a path cannot contain a NUL byte")
+    if required and not v.strip():
+        raise ValueError("expected a path, found an empty string")
+    if file and v.strip() and (v.endswith("/") or os.path.basename(os.path.normpath(v)) in ("", ".", "..")):
+        raise ValueError("expected the path of a file, found a directory path")
+    return v
 
 
 class ExporterConfig(_Model):
@@ -44,17 +58,27 @@ class ExporterConfig(_Model):
             raise ValueError("expected host:port (e.g. %s or :%s)" % (DEFAULT_LISTEN, DEFAULT_LISTEN.rsplit(":", 1)[1]))
         return v
 
+    @field_validator("web_config", "textfile")
+    @classmethod
+    def _paths(cls, v: Optional[str]) -> Optional[str]:
+        return check_path(v, file=True)
+
 
 class TraceConfig(_Model):
     path: Optional[str] = None             # JSON lines of readings and decisions, for replay
     max_bytes: int = Field(default=16 * 1024 * 1024, ge=4096, le=MAX_BYTES)
     backups: int = Field(default=3, ge=0, le=100)
 
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: Optional[str]) -> Optional[str]:
+        return check_path(v, file=True)
+
 
 class EstimateConfig(_Model):
     enabled: bool = False                  # periodic dedup-potential scan of guest memory
     interval: float = Field(default=3600.0, ge=60, le=366 * 86400)
-    rate_mib_s: float = Field(default=64.0, gt=0, le=1024 * 1024)
+    rate_mib_s: float = Field(default=64.0, ge=1 / 1024, le=1024 * 1024)  # 1 KiB/s .. 1 TiB/s
 
     @field_validator("interval", mode="before")
     @classmethod
@@ -77,6 +101,16 @@ class Config(_Model):
     sys_root: str = "/sys"                 # for tests and containers
     proc_root: str = "/proc"
     run_root: str = "/run"
+
+    @field_validator("state_file")
+    @classmethod
+    def _file(cls, v: str) -> str:
+        return check_path(v, required=True, file=True)  # type: ignore[return-value]
+
+    @field_validator("state_dir", "sys_root", "proc_root", "run_root")
+    @classmethod
+    def _dir(cls, v: str) -> str:
+        return check_path(v, required=True)  # type: ignore[return-value]
 
     @field_validator("interval", mode="before")
     @classmethod

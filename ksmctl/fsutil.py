@@ -61,6 +61,8 @@ def open_input(path: PathLike, what: str, error: Type[KsmctlError] = UsageError)
     by stat before open, and the open itself is non-blocking and checked again (fstat)
     in case the path was swapped in between."""
     name = os.fspath(path)
+    if not name or "\0" in name:  # os.stat would raise ValueError (NUL) or ENOENT ("")
+        raise error("%r: not a %s file path (%s)" % (name[:80], what, "empty" if not name else "a NUL byte"))
     try:
         st = os.stat(name)
         if not stat.S_ISREG(st.st_mode):

@@ -8,13 +8,35 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Dict, Iterator, List, Tuple, Type, TypeVar
+from typing import Any, Dict, Iterator, List, Tuple, Type, TypeVar, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, ValidationInfo, field_validator
 
 Path_ = Tuple[Any, ...]
 M = TypeVar("M", bound=BaseModel)
+
+
+def _numeric(annotation: Any) -> bool:
+    """int, float, or an Optional of them: a field YAML's true/false must not fill."""
+    if annotation in (int, float):
+        return True
+    args = set(get_args(annotation)) - {type(None)}
+    return get_origin(annotation) is Union and bool(args) and args <= {int, float}
+
+
+class NoBoolNumbers(BaseModel):
+    """YAML's true and false are not 1 and 0, but pydantic's lax mode takes them for any
+    int or float field (`cpu_budget: true` would be a budget of 1%). A base for every
+    model that reads a file a person writes."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool(cls, v: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(v, bool) and field is not None and _numeric(field.annotation):
+            raise ValueError("expected a number, found %s" % str(v).lower())
+        return v
 
 
 class YamlProblem(Exception):

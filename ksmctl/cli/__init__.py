@@ -2,12 +2,17 @@
 (see context.py); each command group lives in its own module here."""
 from __future__ import annotations
 
+import errno
+import os
+import sys
 from typing import Optional
 
 import click
 
 from ksmctl import __version__
 from ksmctl.config import DEFAULT_CONFIG_PATH
+from ksmctl.errors import EXIT_FAILURE
+from ksmctl.logsetup import error_text
 
 from .compat import start as compat_start, stop as compat_stop
 from .context import EXIT_CODES_HELP, CliContext, KsmctlGroup
@@ -44,5 +49,21 @@ for _command in (status, set_cmd, unmerge, policy, daemon, reload, doctor, vms, 
     cli.add_command(_command)
 
 
+# Errors of writing stdout itself (a full disk, a gone terminal) that click does not
+# handle (it handles EPIPE): a message and exit 1, not a traceback.
+_OUTPUT_ERRNOS = frozenset((errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG, errno.EPIPE, errno.EBADF))
+
+
 def main() -> None:
-    cli(prog_name="ksmctl")
+    try:
+        cli(prog_name="ksmctl")
+    except OSError as e:
+        if e.errno not in _OUTPUT_ERRNOS or e.filename is not None:
+            raise
+        try:  # what is still buffered would fail again at exit: send it nowhere
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        click.echo(error_text("ksmctl: cannot write output: %s" % (e.strerror or e)), err=True)
+        sys.exit(EXIT_FAILURE)

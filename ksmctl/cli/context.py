@@ -2,6 +2,7 @@
 class that turns KsmctlError into a message and its documented exit code."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
@@ -75,6 +76,17 @@ class CliContext:
         if with_vms:
             vms = make_vm_collector(self.config, self.procfs())
         return HostCollector(self.sysfs(), self.procfs(), vms=vms)
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange, without NaN: every comparison with NaN is false, so FloatRange
+    lets it through every bound (then time.sleep(nan) raises, a deadline never comes)."""
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> Any:
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail("%r is not a finite number" % (value,), param, ctx)
+        return rv
 
 
 class KsmctlGroup(click.Group):

@@ -21,7 +21,7 @@ from ksmctl.kernel.knobs import BY_NAME
 from ksmctl.kernel.sysfs import KsmSysfs
 from ksmctl.readings import KsmState, Readings, VmReading
 
-from .context import CliContext, pass_cli
+from .context import CliContext, FiniteFloatRange, pass_cli
 from .status import _ksmd_cpu_percent
 
 
@@ -164,7 +164,7 @@ def diagnose(c: CliContext, wanted: Sequence[str], cpu_window: float) -> Tuple[D
 @click.argument("vm_names", nargs=-1, metavar="[VM]...")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON (format: docs/doctor.md).")
 @click.option("--brief", is_flag=True, help="Causes and remedies only, without the evidence.")
-@click.option("--cpu-window", default=0.25, show_default=True, type=click.FloatRange(0, 10),
+@click.option("--cpu-window", default=0.25, show_default=True, type=FiniteFloatRange(0, 10),
               help="Seconds over which to measure ksmd's CPU use (0 to skip).")
 @pass_cli
 def doctor(c: CliContext, vm_names: Tuple[str, ...], as_json: bool, brief: bool, cpu_window: float) -> None:

@@ -11,6 +11,8 @@ import click
 from ksmctl.errors import EXIT_FAILURE, KsmctlError
 from ksmctl.estimate.discover import TargetKind, resolve_targets
 
+from .context import FiniteFloatRange
+
 if TYPE_CHECKING:
     from ksmctl.estimate.result import EstimateResult, Progress
 
@@ -159,7 +161,7 @@ def _run(vms: Sequence[str], pids: Sequence[int], rate: Optional[float], as_json
               help="QEMU guest to scan (by its -name); repeatable.")
 @click.option("--pid", "pids", multiple=True, type=click.IntRange(min=1), metavar="PID",
               help="Process to scan; repeatable. Default: every process with mergeable memory.")
-@click.option("--rate", type=click.FloatRange(min=0, min_open=True), metavar="MiB/s",
+@click.option("--rate", type=FiniteFloatRange(min=1 / 1024, max=1024 * 1024), metavar="MiB/s",
               help="Read at most this many MiB of guest memory per second.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress line on stderr.")

@@ -47,7 +47,10 @@ def _parse_assignments(pairs: Tuple[str, ...]) -> Dict[str, str]:
         key, sep, value = p.partition("=")
         if not sep or not key or not value:
             raise UsageError("expected KEY=VALUE, found %r; keys: %s" % (p, ", ".join(sorted(knobs.writable_names()))))
-        out[key.strip()] = value.strip()
+        key = key.strip()
+        if key in out:
+            raise UsageError("%s is given twice (%s=%s and %s); give each knob once" % (key, key, out[key], p))
+        out[key] = value.strip()
     return out
 
 

@@ -17,7 +17,7 @@ import click
 from ksmctl.errors import KsmctlError, PermissionDenied, UsageError
 from ksmctl.service.state import PID_MAX, dry_run_path, read_state
 
-from .context import CliContext, pass_cli
+from .context import CliContext, FiniteFloatRange, pass_cli
 
 POLL_SECONDS = 0.1
 
@@ -54,7 +54,7 @@ def _alive(pid: int) -> bool:
 @click.command("reload")
 @click.option("--pid", type=click.IntRange(1, PID_MAX), default=None,
               help="The daemon's pid (the unit passes $MAINPID) [default: the one in the state file].")
-@click.option("--timeout", type=click.FloatRange(0.1, 3600), default=90.0, show_default=True,
+@click.option("--timeout", type=FiniteFloatRange(0.1, 3600), default=90.0, show_default=True,
               help="Seconds to wait for the daemon (it reloads after its current tick).")
 @pass_cli
 def reload(c: CliContext, pid: Optional[int], timeout: float) -> None:

@@ -13,7 +13,7 @@ from ksmctl.errors import KsmctlError
 from ksmctl.readings import Readings
 from ksmctl.units import format_bytes
 
-from .context import CliContext, pass_cli
+from .context import CliContext, FiniteFloatRange, pass_cli
 
 
 def _ksmd_cpu_percent(procfs: ProcFs, seconds: float) -> Optional[float]:
@@ -48,7 +48,7 @@ def status_dict(r: Readings, cpu: Optional[float], daemon: Optional[Dict[str, An
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--cpu-window", default=0.25, show_default=True, type=click.FloatRange(0, 10),
+@click.option("--cpu-window", default=0.25, show_default=True, type=FiniteFloatRange(0, 10),
               help="Seconds over which to measure ksmd's CPU use (0 to skip).")
 @pass_cli
 def status(c: CliContext, as_json: bool, cpu_window: float) -> None:

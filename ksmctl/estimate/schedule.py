@@ -9,6 +9,7 @@ only when an estimate runs, so a daemon with estimates off never loads it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -34,8 +35,10 @@ class TokenBucket:
 
     @staticmethod
     def check_rate(rate: float) -> float:
-        if rate <= 0:
-            raise UsageError("rate limit must be positive, got %r" % rate)
+        # NaN passes `rate <= 0` and would disable the limit; a rate under a byte per second
+        # makes n / rate infinite (time.sleep(inf) raises OverflowError).
+        if not (math.isfinite(rate) and rate >= 1):
+            raise UsageError("rate limit must be a finite number of at least 1 byte/s, got %r" % rate)
         return float(rate)
 
     def consume(self, n: int) -> None:

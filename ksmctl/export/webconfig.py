@@ -25,9 +25,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ksmctl.extras import require
-from ksmctl.fsutil import read_input
+from ksmctl.fsutil import open_input, read_input
 from ksmctl.errors import ConfigError
-from ksmctl.yamlload import YamlProblem, load_yaml, validate
+from ksmctl.yamlload import NoBoolNumbers, YamlProblem, load_yaml, validate
 
 log = logging.getLogger("ksmctl.exporter")
 
@@ -73,7 +73,7 @@ _HEADER_VALUE_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _DUMMY_HASH = b"$2b$10$3Ie/DdDZ0JbUPJ1Kx4h27uSvbYzGmpcGGAiEAP5sINdLhHuzbBhSC"
 
 
-class _Model(BaseModel):
+class _Model(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -86,6 +86,15 @@ class TlsServerConfig(_Model):
     min_version: TlsVersion = TlsVersion.TLS12
     max_version: TlsVersion = TlsVersion.TLS13
     prefer_server_cipher_suites: bool = True
+
+    @field_validator("cert_file", "key_file", "client_ca_file")
+    @classmethod
+    def _path(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and "\0" in v:
+            raise ValueError("a path cannot contain a NUL byte")
+        if v is not None and not v.strip():
+            raise ValueError("expected a file path, found an empty string")
+        return v
 
 
 class HttpServerConfig(_Model):
@@ -180,6 +189,15 @@ def _check_tls(tls: TlsServerConfig, path: str) -> None:
 
 
 def ssl_context(tls: TlsServerConfig, path: str) -> ssl.SSLContext:
+    # OpenSSL opens these itself, blocking: a FIFO would hang the start (or, on a change,
+    # every connection), a device would be read without end. Regular files only.
+    for key in ("cert_file", "key_file", "client_ca_file"):
+        name = getattr(tls, key)
+        if name and os.path.lexists(name):  # a missing file: load_cert_chain's message below
+            try:
+                open_input(name, "TLS", ConfigError).close()
+            except ConfigError as e:
+                raise ConfigError("%s: tls_server_config.%s: %s" % (path, key, e.message)) from None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = tls.min_version.ssl
     ctx.maximum_version = tls.max_version.ssl

@@ -17,9 +17,10 @@ from ksmctl.kernel.knobs import BY_NAME
 from ksmctl.policy.rules import Comparison, OnExternalChange, OnStop, RunMode, Strategy
 from ksmctl.policy.vms import VmsSection
 from ksmctl.units import parse_duration, parse_size
+from ksmctl.yamlload import NoBoolNumbers
 
 
-class Model(BaseModel):
+class Model(NoBoolNumbers):
     # NaN compares false with every bound and infinity overflows int(): neither is a setting.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 

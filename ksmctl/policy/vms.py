@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ksmctl.yamlload import NoBoolNumbers
+
 # The namespace of ksmctl's element in a domain's <metadata>:
 #   virsh metadata DOM --uri METADATA_NS --key ksmctl --set '<guest tenant="a" merge="deny"/>'
 METADATA_NS = "https://ksmctl.dev/xmlns/guest/1"
@@ -25,7 +27,7 @@ METADATA_KEY = "ksmctl"
 _ATTR = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$")
 
 
-class _Model(BaseModel):
+class _Model(NoBoolNumbers):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 

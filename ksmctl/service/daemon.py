@@ -21,7 +21,7 @@ from ksmctl.collectors.host import CollectionFailed, HostCollector
 from ksmctl.config import Config, keep_restart_keys, restart_keys_changed
 from ksmctl.doctor.findings import Reason
 from ksmctl.doctor.vm import LiveReasons
-from ksmctl.errors import ErrorSource, KsmctlError, PermissionDenied
+from ksmctl.errors import ConfigError, ErrorSource, KsmctlError, PermissionDenied
 from ksmctl.kernel import knobs
 from ksmctl.kernel.knobs import Targets
 from ksmctl.kernel.ownership import KnobOwnership, OnExternalChange
@@ -261,8 +261,12 @@ class Daemon:
             log.error("cannot write state file %s: %s", self.state_file.path, e.strerror or e)
 
     def _setup_trace(self) -> None:
-        tc = self.config.trace
-        self.trace = TraceWriter(tc.path, tc.max_bytes, tc.backups) if tc.path else None
+        self.trace = self._make_trace(self.config)
+
+    @staticmethod
+    def _make_trace(config: Config) -> Optional[TraceWriter]:
+        tc = config.trace
+        return TraceWriter(tc.path, tc.max_bytes, tc.backups) if tc.path else None
 
     @property
     def interval(self) -> float:
@@ -286,11 +290,15 @@ class Daemon:
                         ", ".join(later), "it takes effect" if len(later) == 1 else "they take effect",
                         "" if len(later) == 1 else "s", "s" if len(later) == 1 else "")
         config = keep_restart_keys(self.config, config)
+        try:
+            trace = self._make_trace(config)
+        except ConfigError as e:  # e.g. trace.path under a file: refused before anything changes
+            return self._reload_failed(ErrorSource.CONFIG, e)
         if config.log_level != self.config.log_level:
             logging.getLogger().setLevel(getattr(logging, config.log_level.upper()))
         changed = loaded.sha256 != self.loaded.sha256
         self.config, self.loaded = config, loaded
-        self._setup_trace()
+        self.trace = trace
         if changed:
             self.engine = self.engine.after_policy_change()
         log.info("reloaded: policy %s from %s (sha256 %s)%s", loaded.policy.name, loaded.path,

@@ -103,6 +103,11 @@ def find_executable(exec_path: Optional[str] = None) -> str:
         path = Path(exec_path)
         if not path.is_absolute():
             raise UsageError("--exec-path %s: must be an absolute path" % exec_path)
+        # Written into ExecStart=/ExecReload=: a newline would add unit directives, a space
+        # split the command, a % be expanded by systemd as a specifier.
+        if re.search(r"[\s\x00-\x1f\x7f%\\\"';$`]", exec_path):
+            raise UsageError("--exec-path %r: must not contain whitespace, control characters or any of "
+                             "%% \\ \" ' ; $ ` (it becomes the unit's ExecStart= command)" % exec_path)
         return str(path)
     candidates = [Path(sysconfig.get_path("scripts")) / "ksmctl",
                   Path(sys.executable).parent / "ksmctl"]

@@ -188,6 +188,8 @@ def read_state(path: str, require_alive: bool = True) -> Optional[Dict[str, Any]
 
 def find_state(path: str) -> Optional[Dict[str, Any]]:
     """The service daemon's state, else a dry-run daemon's beside it (dry_run: true)."""
+    if "\0" in path or not Path(path).name:  # "", "/": no file name to put "-dry-run" in
+        raise UsageError("%r: not a state file path (expected the path of a file)" % path[:80])
     state = read_state(path)
     return state if state is not None else read_state(dry_run_path(path))
 

@@ -9,7 +9,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, Optional, TypeVar
 
-from ksmctl.errors import UsageError
+from ksmctl.errors import ConfigError, UsageError
 from ksmctl.fsutil import decode_utf8, open_input
 from ksmctl.policy.decide import Decision, EngineState, Mark
 from ksmctl.policy.rules import AdaptiveMode
@@ -123,7 +123,11 @@ class TraceWriter:
         self.path = Path(path)
         self.max_bytes = max_bytes
         self.backups = backups
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError) as e:  # a parent that is a file, read-only, a NUL byte
+            raise ConfigError("trace.path %s: cannot create its directory %s: %s"
+                              % (path, self.path.parent, getattr(e, "strerror", None) or e)) from None
 
     def record(self, policy_name: str, policy_hash: str, readings: Readings, before: EngineState,
                decision: Decision) -> None:
@@ -156,6 +160,21 @@ MAX_TRACE_LINE = 64 * 1024 * 1024  # one tick's record; ~100x that of a 500-VM h
 
 def _no_constant(name: str) -> Any:
     raise ValueError("%s is not a number a trace holds" % name)
+
+
+MAX_WALL = 1e11  # seconds since 1970 (year ~5138): beyond it no clock wrote the record
+
+
+def _check_ranges(readings: Dict[str, Any]) -> None:
+    """Values of the right type that no host records and the replay cannot use: a wall
+    time localtime() overflows on, a page size that divides by zero."""
+    wall = readings.get("wall")
+    if not isinstance(wall, (int, float)) or not 0 <= wall <= MAX_WALL:
+        raise ValueError("readings.wall: expected seconds since 1970, 0..%g" % MAX_WALL)
+    ksm = readings.get("ksm")
+    page_size = ksm.get("page_size", 4096) if isinstance(ksm, dict) else 4096
+    if not isinstance(page_size, int) or not 512 <= page_size <= 2 ** 30:
+        raise ValueError("readings.ksm.page_size: expected 512..%d bytes" % 2 ** 30)
 
 
 def read_trace(path: str, limit: Optional[int] = None) -> Iterator[Dict[str, Any]]:
@@ -197,6 +216,7 @@ def read_trace(path: str, limit: Optional[int] = None) -> Iterator[Dict[str, Any
                         err = e.errors()[0]
                         raise ValueError("%s: %s" % (".".join(str(p) for p in (key,) + tuple(err["loc"])),
                                                      err["msg"])) from None
+                _check_ranges(rec["readings"])
                 rec["readings_obj"] = readings_from_dict(rec["readings"])
                 rec["state_obj"] = state_from_dict(rec["state_before"])
             except json.JSONDecodeError as e:
