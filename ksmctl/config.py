@@ -102,6 +102,13 @@ class Config(_Model):
     proc_root: str = "/proc"
     run_root: str = "/run"
 
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("expected a shipped policy's name or a policy file's path, found an empty string")
+        return check_path(v)  # type: ignore[return-value]
+
     @field_validator("state_file")
     @classmethod
     def _file(cls, v: str) -> str:

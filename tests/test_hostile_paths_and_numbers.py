@@ -221,3 +221,26 @@ def test_yaml_true_is_not_a_number_in_the_config(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(str(f), env={})
     assert "estimate.rate_mib_s" in str(e.value) and "expected a number, found true" in str(e.value)
+
+
+def test_install_refuses_a_found_ksmctl_whose_path_would_rewrite_the_unit(tmp_path, monkeypatch):
+    import sysconfig
+    from ksmctl.service.install import find_executable
+    scripts = tmp_path / "my venv" / "bin"
+    scripts.mkdir(parents=True)
+    (scripts / "ksmctl").write_text("#!/usr/bin/python3\nfrom ksmctl.cli import main\n")
+    (scripts / "ksmctl").chmod(0o755)
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(scripts))
+    with pytest.raises(UsageError, match="the ksmctl found at .*my venv.*pass --exec-path"):
+        find_executable()
+    assert find_executable("/usr/bin/ksmctl") == "/usr/bin/ksmctl"
+
+
+@pytest.mark.parametrize("text,says", [("policy: ''\n", "found an empty string"),
+                                       ('policy: "/etc/p\\0.yaml"\n', "NUL byte")])
+def test_an_empty_or_nul_policy_setting_names_the_config_and_key(tmp_path, text, says):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(f), env={})
+    assert str(f) in str(e.value) and "policy" in str(e.value) and says in str(e.value), str(e.value)

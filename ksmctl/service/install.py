@@ -103,12 +103,7 @@ def find_executable(exec_path: Optional[str] = None) -> str:
         path = Path(exec_path)
         if not path.is_absolute():
             raise UsageError("--exec-path %s: must be an absolute path" % exec_path)
-        # Written into ExecStart=/ExecReload=: a newline would add unit directives, a space
-        # split the command, a % be expanded by systemd as a specifier.
-        if re.search(r"[\s\x00-\x1f\x7f%\\\"';$`]", exec_path):
-            raise UsageError("--exec-path %r: must not contain whitespace, control characters or any of "
-                             "%% \\ \" ' ; $ ` (it becomes the unit's ExecStart= command)" % exec_path)
-        return str(path)
+        return _unit_safe(str(path), "--exec-path %r" % exec_path)
     candidates = [Path(sysconfig.get_path("scripts")) / "ksmctl",
                   Path(sys.executable).parent / "ksmctl"]
     which = shutil.which("ksmctl")
@@ -116,9 +111,18 @@ def find_executable(exec_path: Optional[str] = None) -> str:
         candidates.append(Path(which))
     for c in candidates:
         if c.is_file() and os.access(str(c), os.X_OK) and _is_our_script(c):
-            return str(c)
+            return _unit_safe(str(c), "the ksmctl found at %r" % str(c) + " (pass --exec-path)")
     raise UsageError("cannot find the ksmctl console script (looked at %s); pass --exec-path"
                      % ", ".join(str(c) for c in candidates))
+
+
+def _unit_safe(path: str, what: str) -> str:
+    """A path written into ExecStart=/ExecReload=: a newline would add unit directives, a
+    space split the command, a % be expanded by systemd as a specifier."""
+    if re.search(r"[\s\x00-\x1f\x7f%\\\"';$`]", path):
+        raise UsageError("%s: must not contain whitespace, control characters or any of "
+                         "%% \\ \" ' ; $ ` (it becomes the unit's ExecStart= command)" % what)
+    return path
 
 
 def _is_our_script(path: Path) -> bool:
