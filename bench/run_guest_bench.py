@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from ksm_bench import guests as gb  # noqa: E402
 from ksm_bench import report  # noqa: E402
 from ksm_bench.run import Params  # noqa: E402
+from ksmctl.errors import KsmctlError  # noqa: E402
 
 QUICK_CONTROLLERS = ["ksmctl:default", "ksmtuned-widened:10"]
 
@@ -55,7 +56,11 @@ def main(argv=None) -> int:
         p.controllers = (list(gb.ALL_CONTROLLERS) if args.controllers == "all"
                          else [c.strip() for c in args.controllers.split(",") if c.strip()])
     for c in p.controllers:
-        gb.make(c)  # an unknown name fails here, before anything boots
+        try:
+            gb.make(c)  # an unknown name fails here, before anything boots
+        except (ValueError, OSError, KsmctlError) as e:
+            print("--controllers: %s" % e, file=sys.stderr)
+            return 2
     for name in ("calm", "pressure", "slow_factor", "growth", "release", "window", "pressure_free", "floor_gib"):
         v = getattr(args, name)
         if v is not None:

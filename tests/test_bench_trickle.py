@@ -236,11 +236,11 @@ def test_a_setting_the_policy_file_leaves_at_its_default_can_be_changed_by_its_d
             ctl.make(bad)
 
 
-def test_the_bench_names_a_bad_controller_without_a_traceback():
-    script = ctl.REPO / "bench" / "run_ksm_bench.py"
+@pytest.mark.parametrize("script,extra", [("run_ksm_bench.py", ["--workload", "fill"]), ("run_guest_bench.py", [])])
+def test_the_benches_name_a_bad_controller_without_a_traceback(script, extra):
     for bad, says in (("ksmctl:default:scan.adaptive.verify_rate=abc", "verify_rate"),
                       ("ksmctl:nosuch", "nosuch.yaml"), ("ksmtuned:abc", "abc"), ("bogus", "unknown controller")):
-        r = subprocess.run([sys.executable, str(script), "--workload", "fill", "--controllers", bad],
+        r = subprocess.run([sys.executable, str(ctl.REPO / "bench" / script)] + extra + ["--controllers", bad],
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2, r.stderr
         assert "Traceback" not in r.stderr and r.stderr.startswith("--controllers: ") and says in r.stderr
