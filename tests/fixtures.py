@@ -70,3 +70,15 @@ def make_proc(root: Path, meminfo: str = MEMINFO, psi: Optional[str] = PSI, ksmd
         for name, content in files.items():
             (p / name).write_text(content)
     return root
+
+
+def cli_host(tmp: Path) -> Dict[str, object]:
+    """Fixture /sys and /proc trees and a config that points every path into tmp (no
+    libvirt, no exporter): what a CLI test passes as --config, --sys-root, --proc-root."""
+    sys_root = make_sys(tmp / "sys")
+    proc_root = make_proc(tmp / "proc")
+    cfg = tmp / "config.yaml"
+    cfg.write_text("state_file: %s\nlibvirt: false\nexporter: {enabled: false}\nsys_root: %s\nproc_root: %s\n"
+                   "run_root: %s\nstate_dir: %s\n" % (tmp / "state.json", sys_root, proc_root, tmp / "run",
+                                                     tmp / "lib"))
+    return {"sys": str(sys_root), "proc": str(proc_root), "config": str(cfg), "tmp": tmp}

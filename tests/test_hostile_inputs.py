@@ -18,7 +18,7 @@ from ksmctl.cli import cli
 from ksmctl.errors import PolicyError
 from ksmctl.policy.loader import parse_policy
 
-from .fixtures import make_proc, make_sys
+from .fixtures import cli_host
 
 EXIT_CODES = {0, 1, 2, 3, 4}
 SHADOW = "root:$6$Zm9vYmFy$c2VjcmV0aGFzaA:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"
@@ -47,14 +47,7 @@ KINDS = ["fifo", "directory", "dev-zero", "sparse-100MiB", "shadow-symlink", "in
 
 @pytest.fixture
 def host(tmp_path):
-    sys_root = make_sys(tmp_path / "sys")
-    proc_root = make_proc(tmp_path / "proc")
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text("state_file: %s\nlibvirt: false\nexporter: {enabled: false}\nsys_root: %s\nproc_root: %s\n"
-                   "run_root: %s\nstate_dir: %s\n" % (tmp_path / "state.json", sys_root, proc_root,
-                                                     tmp_path / "run", tmp_path / "lib"))
-    return {"sys": str(sys_root), "proc": str(proc_root), "config": str(cfg), "tmp": tmp_path,
-            "paths": _hostile(tmp_path / "hostile")}
+    return {**cli_host(tmp_path), "paths": _hostile(tmp_path / "hostile")}
 
 
 def kernel_files(sys_root: str) -> Dict[str, str]:

@@ -26,20 +26,14 @@ from ksmctl.kernel.writer import KsmWriter
 from ksmctl.policy.loader import load_policy
 from ksmctl.service.daemon import Daemon
 
-from .fixtures import make_proc, make_sys
+from .fixtures import cli_host, make_proc, make_sys
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def host(tmp_path):
-    sys_root = make_sys(tmp_path / "sys")
-    proc_root = make_proc(tmp_path / "proc")
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text("state_file: %s\nlibvirt: false\nexporter: {enabled: false}\nsys_root: %s\nproc_root: %s\n"
-                   "run_root: %s\nstate_dir: %s\n" % (tmp_path / "state.json", sys_root, proc_root,
-                                                     tmp_path / "run", tmp_path / "lib"))
-    return {"sys": str(sys_root), "proc": str(proc_root), "config": str(cfg), "tmp": tmp_path}
+    return cli_host(tmp_path)
 
 
 def run(host, args, env=None, config=None):
