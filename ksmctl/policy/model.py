@@ -264,8 +264,8 @@ class Adaptive(Model):
     While idle, a sweep (one full pass at the merging pace, after the end of the pass ksmd
     is in) bounds how long the idle scan's slowness is paid for: pairs the kernel's unstable
     tree lost in a pass, the trickle, and merges the kernel still counts after a write broke
-    them all wait for the next sweep, not for the idle scan's hours. Sweeps come as often as
-    keeps them within sweep_cpu of one core, judged by what the last phase's passes cost in
+    them all wait for the next sweep, not for the idle scan's hours. Sweeps are spaced to
+    cost at most sweep_cpu of one core, judged by what the last phase's passes cost in
     ksmd CPU (none where ksmd's CPU time is unknown).
     It resumes when mergeable memory grows by resume_growth (new guests: min_passes
     again), or when the start conditions become newly true. Kernels before Linux 6.7
