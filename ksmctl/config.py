@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ksmctl.errors import ConfigError
-from ksmctl.fsutil import read_input
+from ksmctl.fsutil import check_path, read_input
 from ksmctl.units import parse_duration
 from ksmctl.yamlload import NoBoolNumbers, YamlProblem, load_yaml, validate
 
@@ -27,20 +27,6 @@ MAX_BYTES = 2 ** 40  # a size setting beyond 1 TiB is a typo, not a size
 class _Model(NoBoolNumbers):
     # allow_inf_nan: "nan" and "inf" (from a variable, or quoted) are not numbers of anything.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-def check_path(v: Optional[str], required: bool = False, file: bool = False) -> Optional[str]:
-    """A path setting: never a NUL byte (a YAML "\\0" escape; every system call refuses it),
-    not empty when the key needs a path, and naming a file (not "/" or "dir/") when file."""
-    if v is None:
-        return v
-    if "\0" in v:
-        raise ValueError("a path cannot contain a NUL byte")
-    if required and not v.strip():
-        raise ValueError("expected a path, found an empty string")
-    if file and v.strip() and (v.endswith("/") or os.path.basename(os.path.normpath(v)) in ("", ".", "..")):
-        raise ValueError("expected the path of a file, found a directory path")
-    return v
 
 
 class ExporterConfig(_Model):

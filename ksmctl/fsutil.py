@@ -13,7 +13,7 @@ import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Type, Union
+from typing import BinaryIO, Optional, Type, Union
 
 from ksmctl.errors import KsmctlError, UsageError
 
@@ -53,6 +53,20 @@ def format_size(n: int) -> str:
         if n >= size and n % size == 0:
             return "%d %s" % (n // size, unit)
     return "%d bytes" % n
+
+
+def check_path(v: Optional[str], required: bool = False, file: bool = False) -> Optional[str]:
+    """A path setting: never a NUL byte (a YAML "\\0" escape; every system call refuses it),
+    not empty when the key needs a path, and naming a file (not "/" or "dir/") when file."""
+    if v is None:
+        return v
+    if "\0" in v:
+        raise ValueError("a path cannot contain a NUL byte")
+    if required and not v.strip():
+        raise ValueError("expected a path, found an empty string")
+    if file and v.strip() and (v.endswith("/") or os.path.basename(os.path.normpath(v)) in ("", ".", "..")):
+        raise ValueError("expected the path of a file, found a directory path")
+    return v
 
 
 def open_input(path: PathLike, what: str, error: Type[KsmctlError] = UsageError) -> BinaryIO:

@@ -12,6 +12,11 @@ from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple, Union
 
 from ksmctl.errors import ErrorSource, StrEnum
 
+# What a recorded reading may hold (the state file, a trace): no host has a page outside
+# these sizes, and no clock wrote a wall time past 1e11 s (year ~5138; localtime() fails).
+PAGE_SIZE_MIN, PAGE_SIZE_MAX = 512, 2 ** 30
+MAX_WALL = 1e11
+
 # The attributes of /sys/kernel/mm/ksm, their kinds and ranges: ksmctl/kernel/knobs.py.
 
 

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ksmctl.extras import require
-from ksmctl.fsutil import open_input, read_input
+from ksmctl.fsutil import check_path, open_input, read_input
 from ksmctl.errors import ConfigError
 from ksmctl.yamlload import NoBoolNumbers, YamlProblem, load_yaml, validate
 
@@ -90,11 +90,7 @@ class TlsServerConfig(_Model):
     @field_validator("cert_file", "key_file", "client_ca_file")
     @classmethod
     def _path(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and "\0" in v:
-            raise ValueError("a path cannot contain a NUL byte")
-        if v is not None and not v.strip():
-            raise ValueError("expected a file path, found an empty string")
-        return v
+        return check_path(v, required=True)
 
 
 class HttpServerConfig(_Model):

@@ -124,10 +124,9 @@ class Daemon:
         self.transition = UnmergedOnlyChanges(writer, wrote=self._wrote)  # max_page_sharing, merge_across_nodes
         self._unsupported_reported: set = set()
         self.unmergeable = LiveReasons(collector.procfs.cmdline)  # why guests cannot merge
-        self.trace: Optional[TraceWriter] = None
+        self.trace: Optional[TraceWriter] = self._make_trace(self.config)
         self.on_shutdown: List[Callable[[], None]] = []  # e.g. stop the exporter's server
         self.guests: Any = None  # ksmctl.guests.control.GuestController (per-VM merge control), if wired
-        self._setup_trace()
 
     # -- one tick -------------------------------------------------------------------------
     def tick(self) -> TickRecord:
@@ -259,9 +258,6 @@ class Daemon:
             self.state_file.write(self.state_dict(rec, vms=False), rec.readings.vms if rec.readings else None)
         except OSError as e:
             log.error("cannot write state file %s: %s", self.state_file.path, e.strerror or e)
-
-    def _setup_trace(self) -> None:
-        self.trace = self._make_trace(self.config)
 
     @staticmethod
     def _make_trace(config: Config) -> Optional[TraceWriter]:

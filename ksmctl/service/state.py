@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ksmctl.errors import Refused, UsageError
 from ksmctl.fsutil import atomic_write, read_input
-from ksmctl.readings import KSM_FIELDS, VM_FIELDS, VmReading, ksm_cell, vm_dicts, vm_head
+from ksmctl.readings import (KSM_FIELDS, MAX_WALL, PAGE_SIZE_MAX, PAGE_SIZE_MIN, VM_FIELDS, VmReading, ksm_cell,
+                              vm_dicts, vm_head)
 
 STATE_FORMAT = "ksmctl-state"
 MAX_STATE_BYTES = 64 * 1024 * 1024  # ~100x the file of a 500-VM host
@@ -79,7 +80,7 @@ class _VmDoc(_Doc):
 
 class _KsmDoc(_Doc):
     values: Dict[str, int] = {}
-    page_size: int = Field(default=4096, ge=512, le=2 ** 30)
+    page_size: int = Field(default=4096, ge=PAGE_SIZE_MIN, le=PAGE_SIZE_MAX)
 
 
 class _ReadingsDoc(_Doc):
@@ -114,7 +115,7 @@ class ReloadDoc(_Doc):
 class _StateDoc(_Doc):
     format: Optional[Literal["ksmctl-state"]] = None
     pid: Optional[int] = Field(default=None, ge=1, le=PID_MAX)
-    updated: Optional[float] = Field(default=None, ge=0, le=1e11)
+    updated: Optional[float] = Field(default=None, ge=0, le=MAX_WALL)
     started: Optional[float] = None
     dry_run: bool = False
     status: Optional[str] = None

@@ -17,7 +17,8 @@ from ksmctl.policy.strategies.adaptive import AdaptiveState
 from ksmctl.policy.strategies.cpu_budget import BudgetState
 from ksmctl.policy.strategies.run import RunState
 from ksmctl.policy.strategies.step import StepState
-from ksmctl.readings import EstimateSummary, KsmStat, KsmState, MemInfo, Psi, Readings, VmReading, VmSource
+from ksmctl.readings import (MAX_WALL, PAGE_SIZE_MAX, PAGE_SIZE_MIN, EstimateSummary, KsmStat, KsmState, MemInfo, Psi,
+                             Readings, VmReading, VmSource)
 
 TRACE_VERSION = 1
 
@@ -162,9 +163,6 @@ def _no_constant(name: str) -> Any:
     raise ValueError("%s is not a number a trace holds" % name)
 
 
-MAX_WALL = 1e11  # seconds since 1970 (year ~5138): beyond it no clock wrote the record
-
-
 def _check_ranges(readings: Dict[str, Any]) -> None:
     """Values of the right type that no host records and the replay cannot use: a wall
     time localtime() overflows on, a page size that divides by zero."""
@@ -173,8 +171,8 @@ def _check_ranges(readings: Dict[str, Any]) -> None:
         raise ValueError("readings.wall: expected seconds since 1970, 0..%g" % MAX_WALL)
     ksm = readings.get("ksm")
     page_size = ksm.get("page_size", 4096) if isinstance(ksm, dict) else 4096
-    if not isinstance(page_size, int) or not 512 <= page_size <= 2 ** 30:
-        raise ValueError("readings.ksm.page_size: expected 512..%d bytes" % 2 ** 30)
+    if not isinstance(page_size, int) or not PAGE_SIZE_MIN <= page_size <= PAGE_SIZE_MAX:
+        raise ValueError("readings.ksm.page_size: expected %d..%d bytes" % (PAGE_SIZE_MIN, PAGE_SIZE_MAX))
 
 
 def read_trace(path: str, limit: Optional[int] = None) -> Iterator[Dict[str, Any]]:
