@@ -13,7 +13,8 @@ from ksmctl.policy.strategies.run import RunState
 from ksmctl.policy.loader import load_policy, parse_policy
 from ksmctl.policy.rules import AdaptiveMode
 from ksmctl.readings import KsmState, MemInfo, Psi, Readings, VmReading
-from ksmctl.service.trace import state_from_dict, state_to_dict
+from ksmctl.errors import PolicyError
+from ksmctl.service.trace import decision_to_dict, state_from_dict, state_to_dict
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -435,6 +436,106 @@ def test_a_sweeps_state_survives_the_trace():
     assert back.adaptive.idle_at == st.adaptive.idle_at and back.adaptive.pass_cpu == st.adaptive.pass_cpu
     with pytest.raises(ValueError, match="state_before: expected a finite number"):
         state_from_dict({**state_to_dict(st), "pass_cpu": "1"})
+
+
+PARKING = parse_policy(ADAPTIVE_TEXT.replace("resume_growth: 64MiB", "resume_growth: 64MiB, sweep_cpu: 0.01, park: true"))
+
+
+def _parked(policy=PARKING):
+    """Two passes over 400 MiB (one per 4 s: 256 pages per 10 ms), the second armed to park
+    and ended parked (the daemon wrote pages_to_scan 0 at full_scans 2)."""
+    merge = 400 * MIB
+    d, st = decide(policy, reading(t=0, mergeable=merge, pages_to_scan=100), EngineState())
+    assert d.park_at is None and st.adaptive.need_passes == 2   # two passes to go: not the last
+    d, st = decide(policy, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400, pages_to_scan=256,
+                                   ksmd_cpu=1.0), st)
+    # The last pass: armed, with a 50 ms sleep between batches (the daemon's window to
+    # write at the boundary) and the pages per batch scaled to keep the pace.
+    assert d.park_at == 2 and (d.targets["pages_to_scan"], d.targets["sleep_millisecs"]) == (1280, 50)
+    assert "park at full_scans 2" in d.reason
+    return d, st
+
+
+def test_park_stops_ksmd_where_the_last_pass_ends_with_no_check():
+    _, st = _parked()
+    d, st = decide(PARKING, reading(t=10, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
+                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    # The interval merged 488 per 1000 pages: without park that is a check at a tenth of the pace.
+    assert d.scan_rule == "park" and d.park_at is None
+    assert (d.targets["pages_to_scan"], d.targets["sleep_millisecs"], d.targets["run"]) == (0, 1000, 1)
+    assert "ksmd stopped where the last one ended (pages_to_scan 0): parked at the boundary" in d.reason
+    assert st.adaptive.parked and st.adaptive.mode is AdaptiveMode.idle
+    d, st = decide(PARKING, reading(t=20, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
+                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    assert d.scan_rule == "park" and d.targets["pages_to_scan"] == 0
+    # A guest starts: it joins the end of ksmd's list, so two passes, not three.
+    d, st = decide(PARKING, reading(t=25, mergeable=600 * MIB, full_scans=2, pages_scanned=204800,
+                                    pages_sharing=50000, pages_shared=100, pages_to_scan=0, ksmd_cpu=2.0), st)
+    assert d.scan_rule == "resume" and st.adaptive.need_passes == 2 and d.park_at is None
+    assert d.targets["pages_to_scan"] == 384 and not st.adaptive.parked
+
+
+def test_a_park_that_missed_the_boundary_goes_on_as_without_park():
+    _, st = _parked()
+    # The daemon could not write in time: pages_to_scan is as the armed tick set it.
+    d, st = decide(PARKING, reading(t=10, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
+                                    pages_sharing=50000, pages_to_scan=1280, ksmd_cpu=2.0), st)
+    assert d.scan_rule == "merging" and st.adaptive.verifying and d.park_at is None
+    assert "ksmd was not parked where the last pass ended (full_scans 2, pages_to_scan as it was)" in d.reason
+    # Idle from mid-list: a guest that starts later costs one pass more, as without park.
+    d, st = decide(PARKING, reading(t=12, mergeable=400 * MIB, full_scans=2, pages_scanned=215000,
+                                    pages_sharing=50001, pages_to_scan=26, ksmd_cpu=2.1), st)
+    assert d.scan_rule == "idle" and not st.adaptive.parked
+    d, st = decide(PARKING, reading(t=14, mergeable=600 * MIB, full_scans=2, pages_scanned=215100,
+                                    pages_sharing=50001, pages_shared=10, pages_to_scan=100, ksmd_cpu=2.1), st)
+    assert d.scan_rule == "resume" and st.adaptive.need_passes == 3
+
+
+def test_a_parked_ksmd_moved_by_someone_else_is_no_longer_at_a_boundary():
+    _, st = _parked()
+    _, st = decide(PARKING, reading(t=10, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
+                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    d, st = decide(PARKING, reading(t=12, mergeable=400 * MIB, full_scans=2, pages_scanned=205000,
+                                    pages_sharing=50000, pages_to_scan=100, ksmd_cpu=2.0), st)
+    assert d.scan_rule == "idle" and "ksmd left the boundary it was parked at" in d.reason
+    d, st = decide(PARKING, reading(t=14, mergeable=600 * MIB, full_scans=2, pages_scanned=205200,
+                                    pages_sharing=50000, pages_shared=10, pages_to_scan=100, ksmd_cpu=2.0), st)
+    assert st.adaptive.need_passes == 3
+
+
+def test_a_sweep_from_a_parked_ksmd_is_one_pass_armed_to_park_again():
+    _, st = _parked()
+    _, st = decide(PARKING, reading(t=10, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
+                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    # 2 CPU-s over 2 passes at 0.01 of a core: a sweep 100 s after parking.
+    d, st = decide(PARKING, reading(t=111, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
+                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    assert d.scan_rule == "sweep" and st.adaptive.need_passes == 1 and d.park_at == 3
+    assert (d.targets["pages_to_scan"], d.targets["sleep_millisecs"]) == (1280, 50)
+    d, st = decide(PARKING, reading(t=116, mergeable=400 * MIB, full_scans=3, pages_scanned=307200,
+                                    pages_sharing=50100, pages_to_scan=0, ksmd_cpu=3.0), st)
+    assert d.scan_rule == "park" and st.adaptive.parked
+
+
+def test_a_park_survives_the_trace_and_the_cpu_budget():
+    d, st = _parked()
+    back = state_from_dict(json.loads(json.dumps(state_to_dict(st))))
+    assert back.adaptive.park_at == 2 and back == st
+    assert decision_to_dict(d)["park_at"] == 2
+    with pytest.raises(ValueError, match="state_before: expected true or false"):
+        state_from_dict({**state_to_dict(st), "parked": 1})
+    capped = parse_policy(ADAPTIVE_TEXT.replace("resume_growth: 64MiB", "resume_growth: 64MiB, park: true")
+                          .replace("scan:\n", "scan:\n  cpu_budget: 10\n"))
+    d, st = decide(capped, reading(t=0, mergeable=400 * MIB, ksmd_cpu=0.0), EngineState())
+    d, st = decide(capped, reading(t=5, mergeable=400 * MIB, full_scans=1, pages_scanned=102400, ksmd_cpu=2.5),
+                   st)
+    assert d.scan_rule == "cpu_cap" and d.park_at == 2 and d.targets["pages_to_scan"] < 1280
+
+
+def test_park_is_true_or_false():
+    for bad in ("1", "yes", "'true'", "[]"):
+        with pytest.raises(PolicyError, match="park"):
+            parse_policy(ADAPTIVE_TEXT.replace("resume_growth: 64MiB", "resume_growth: 64MiB, park: %s" % bad))
 
 
 def test_the_default_policy_runs_a_pass_for_a_fifth_of_the_phase_yield_and_not_for_less():

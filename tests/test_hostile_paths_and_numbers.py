@@ -238,3 +238,12 @@ def test_an_empty_or_nul_policy_setting_names_the_config_and_key(tmp_path, text,
     with pytest.raises(ConfigError) as e:
         load_config(str(f), env={})
     assert str(f) in str(e.value) and "policy" in str(e.value) and says in str(e.value), str(e.value)
+
+
+def test_a_ksm_file_of_undecodable_bytes_is_unreadable_not_a_crash(tmp_path, host):
+    """One garbled attribute costs its own value, never the reading (or the scrape)."""
+    (Path(host["sys"]) / "kernel/mm/ksm/pages_shared").write_bytes(b"\xff\xfe\n")
+    state = KsmSysfs(host["sys"]).read()
+    assert "pages_shared" not in state.values and "undecodable" in state.unreadable["pages_shared"]
+    r = run(host, ["status"])
+    assert "Traceback" not in r.output

@@ -56,6 +56,8 @@ class KsmSysfs:
             return (self.dir / name).read_text().strip()
         except OSError as e:
             raise ReadError("cannot read %s: %s" % (self.dir / name, e.strerror or e)) from None
+        except UnicodeDecodeError:
+            raise ReadError("%s: not text (undecodable bytes)" % (self.dir / name)) from None
 
     def read_int(self, name: str) -> int:
         text = self.read_raw(name)

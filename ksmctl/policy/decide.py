@@ -37,6 +37,7 @@ class Decision:
     scan_rule: ScanRule
     reasons: Tuple[str, ...] = field(default_factory=tuple)
     ksmd_cpu_percent: Optional[float] = None
+    park_at: Optional[int] = None        # stop ksmd at this full_scans, between ticks (kernel/park.py)
 
     @property
     def reason(self) -> str:
@@ -71,7 +72,7 @@ def decide(policy: Policy, r: Readings, state: EngineState) -> Tuple[Decision, E
         if choice is None:
             return Decision(Targets({**settings, "run": 0}), run.rule, ScanRule.none, run.reasons, cpu)
         return Decision(Targets({**settings, **_paced(choice, advisor_ok)}), run.rule, choice.rule,
-                        run.reasons + choice.reasons, cpu)
+                        run.reasons + choice.reasons, cpu, choice.park_at)
 
     if not run.active:
         return decision(background(policy.run)), replace(st, adaptive=st.adaptive.stopped())
@@ -89,7 +90,7 @@ def _scan(scan: ScanSection, r: Readings, sig: SignalValues, total: Optional[int
         rmap = sum(r.ksm.get(n, 0) or 0 for n in _RMAP)
         assert st.last is not None, "decide() records this tick's counters first"
         tick = Tick(st.last, before.last, r.mergeable_rss, rmap, r.ksm.page_size, run.restarted,
-                    before.run.active is not None)
+                    before.run.active is not None, r.ksm.get("pages_to_scan") == 0)
         pace, ad = adaptive(scan.adaptive, scan.pages_to_scan, tick, sleep, st.adaptive)
         return pace, replace(st, adaptive=ad)
     if scan.strategy is Strategy.advisor:

@@ -11,7 +11,7 @@ import enum
 import math
 from typing import Any, Dict, List, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 from ksmctl.kernel.knobs import BY_NAME
 from ksmctl.policy.rules import Comparison, OnExternalChange, OnStop, RunMode, Strategy
@@ -267,6 +267,12 @@ class Adaptive(Model):
     them all wait for the next sweep, not for the idle scan's hours. Sweeps are spaced to
     cost at most sweep_cpu of one core, judged by what the last phase's passes cost in
     ksmd CPU (none where ksmd's CPU time is unknown).
+    With park, the last pass needed ends with ksmd stopped exactly at the pass boundary
+    (pages_to_scan 0) instead of the check and the idle scan: the kernel adds a guest
+    that starts later to the end of ksmd's list then, not behind a cursor part-way
+    through a pass, so min_passes passes merge it rather than one more. What the passes
+    left (a trickle, lost pairs) waits for the next sweep. When the daemon cannot stop
+    ksmd in time at the boundary, the policy goes on as without park.
     It resumes when mergeable memory grows by resume_growth (new guests: min_passes
     again), or when the start conditions become newly true. Kernels before Linux 6.7
     count no pages scanned: there each whole pass is judged at its boundary, and the last
@@ -284,6 +290,9 @@ class Adaptive(Model):
     # While idle, one full pass (a sweep) whenever sweeps so spaced cost at most this share of
     # one core on average, judged by the last phase's ksmd CPU per pass (0..1; 0: never).
     sweep_cpu: float = Field(default=0.0, ge=0, le=1)
+    # Stop ksmd exactly where the last pass needed ends (pages_to_scan 0), not check and
+    # idle-scan: guests that start later merge one pass sooner.
+    park: StrictBool = False
 
     @field_validator("min_pass_yield", "sweep_cpu", mode="before")
     @classmethod

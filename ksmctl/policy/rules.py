@@ -32,6 +32,7 @@ class ScanRule(Label):
     idle = "idle"
     resume = "resume"
     sweep = "sweep"
+    park = "park"
     cpu_cap = "cpu_cap"
     advisor = "advisor"
     background = "background"

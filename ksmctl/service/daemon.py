@@ -25,11 +25,12 @@ from ksmctl.errors import ConfigError, ErrorSource, KsmctlError, PermissionDenie
 from ksmctl.kernel import knobs
 from ksmctl.kernel.knobs import Targets
 from ksmctl.kernel.ownership import KnobOwnership, OnExternalChange
+from ksmctl.kernel.park import POLL_SECONDS, BoundaryPark, ParkOutcome
 from ksmctl.kernel.transition import UnmergedOnlyChanges
 from ksmctl.kernel.writer import Change, KsmWriter
 from ksmctl.policy.decide import Decision, EngineState, decide
 from ksmctl.policy.loader import LoadedPolicy, load_policy
-from ksmctl.readings import Readings
+from ksmctl.readings import KsmState, Readings
 from ksmctl.service.state import StateFile
 from ksmctl.service.trace import TraceWriter, decision_to_dict
 from ksmctl.units import format_bytes
@@ -127,6 +128,8 @@ class Daemon:
         self.trace: Optional[TraceWriter] = self._make_trace(self.config)
         self.on_shutdown: List[Callable[[], None]] = []  # e.g. stop the exporter's server
         self.guests: Any = None  # ksmctl.guests.control.GuestController (per-VM merge control), if wired
+        self.park: Optional[BoundaryPark] = None   # armed by a decision, polled between ticks
+        self._park_writes: List[Change] = []       # its write, counted with the next tick's changes
 
     # -- one tick -------------------------------------------------------------------------
     def tick(self) -> TickRecord:
@@ -159,7 +162,7 @@ class Daemon:
             rec.external.append(drift.knob)
             log.warning("%s; policy says %s", drift.message(),
                         "back off" if on_change is OnExternalChange.BACK_OFF else "re-assert")
-        self._written = []
+        self._written, self._park_writes = list(self._park_writes), []
         self._report_unsupported(decision.targets, readings)
         step = self.transition.step(plan.targets, readings.ksm, readings.meminfo)
         targets = dict(step.targets)
@@ -184,6 +187,7 @@ class Daemon:
             log.info("%s %s -> %s (%s)", c.knob, c.old, c.new, why)
         for c in rec.would_change:
             log.info("dry run: would set %s %s -> %s (%s)", c.knob, c.old, c.new, why)
+        self._arm_park(decision, targets, readings.ksm, rec.ok)
         if self.trace is not None:
             try:
                 self.trace.record(self.loaded.policy.name, self.loaded.sha256, readings, before, decision)
@@ -194,6 +198,39 @@ class Daemon:
     def _wrote(self, c: Change) -> None:
         self.ownership.wrote(c)
         self._written.append(c)
+
+    def _arm_park(self, decision: Decision, targets: Dict[str, Any], ksm: KsmState, ok: bool) -> None:
+        """Watch for the boundary the decision parks ksmd at, when ksmd runs as it said."""
+        earlier, self.park = self.park, None
+        at = decision.park_at
+        if at is None or not ok or targets.get("run") != 1 or not targets.get("pages_to_scan"):
+            return
+        if self.writer.dry_run:
+            log.info("dry run: would stop ksmd at the end of this pass (pages_to_scan 0 at full_scans %d)", at)
+            return
+        after = replace(ksm, values={**ksm.values, **{k: v for k, v in targets.items() if isinstance(v, int)}})
+        self.park = BoundaryPark(self.collector.sysfs, self.writer, after, at, int(targets["sleep_millisecs"]),
+                                 self._park_wrote).carry(earlier)
+
+    def _park_wrote(self, c: Change) -> None:
+        self.ownership.wrote(c)
+        self._park_writes.append(c)
+
+    def _poll_park(self) -> None:
+        park = self.park
+        if park is None:
+            return
+        outcome = park.poll()
+        if outcome is None:
+            return
+        self.park = None
+        if outcome is ParkOutcome.parked:
+            log.info("ksmd stopped at the pass boundary (full_scans %d): pages_to_scan 0", park.target)
+        elif outcome is ParkOutcome.late:
+            log.warning("ksmd's pass ended (full_scans %d) before pages_to_scan 0 could be written in time; "
+                        "not parked", park.target)
+        else:
+            log.error("could not park ksmd at full_scans %d: %s", park.target, park.error)
 
     def _report_unsupported(self, targets: Any, readings: Readings) -> None:
         """A policy key this kernel has no file for: said once, the rest of the policy applies."""
@@ -379,6 +416,7 @@ class Daemon:
             while not self._stop:
                 start = time.monotonic()
                 self.tick()
+                pinged = time.monotonic()   # _finish pinged the watchdog
                 if max_ticks is not None and self.ticks >= max_ticks:
                     break
                 while not self._stop:
@@ -388,13 +426,20 @@ class Daemon:
                     if self._tick_now:
                         self._tick_now = False
                         break
-                    remaining = self.interval - (time.monotonic() - start)
+                    now = time.monotonic()
+                    remaining = self.interval - (now - start)
                     if remaining <= 0:
                         break
                     # Long intervals still ping systemd's watchdog (every half WatchdogSec).
                     wd = self.notifier.watchdog_interval()
-                    if not self._sleep(min(remaining, wd) if wd else remaining) and wd:
+                    wait = min(remaining, max(0.0, pinged + wd - now)) if wd else remaining
+                    if self.park is not None:
+                        wait = min(wait, POLL_SECONDS)
+                    self._sleep(wait)
+                    self._poll_park()
+                    if wd and time.monotonic() - pinged >= wd:
                         self.notifier.watchdog()
+                        pinged = time.monotonic()
         finally:
             self.shutdown()
             for fd in (self._wake_r, self._wake_w):

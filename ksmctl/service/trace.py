@@ -58,6 +58,10 @@ def state_to_dict(s: EngineState) -> Dict[str, Any]:
         out["idle_at"] = asdict(ad.idle_at)
     if ad.pass_cpu is not None:
         out["pass_cpu"] = ad.pass_cpu
+    if ad.park_at is not None:
+        out["park_at"] = ad.park_at
+    if ad.parked:
+        out["parked"] = True
     return out
 
 
@@ -102,7 +106,8 @@ def state_from_dict(d: Dict[str, Any]) -> EngineState:
                            _field(d, "last_pass_yield", _num, None), _field(d, "need_passes", _int, 0),
                            _field(d, "verifying", _bool, False), _field(d, "idle_mergeable", _int, None),
                            _field(d, "phase_start", _mark, None), _field(d, "pass_start", _mark, None),
-                           _field(d, "idle_at", _mark, None), _field(d, "pass_cpu", _num, None))
+                           _field(d, "idle_at", _mark, None), _field(d, "pass_cpu", _num, None),
+                           _field(d, "park_at", _int, None), _field(d, "parked", _bool, False))
         history = tuple((_num(t), _int(v)) for t, v in d.get("available_history") or ())
         return EngineState(run=RunState(_field(d, "active", _bool, None)),
                            step=StepState(_field(d, "npages", _int, None)), adaptive=ad,
@@ -113,8 +118,11 @@ def state_from_dict(d: Dict[str, Any]) -> EngineState:
 
 
 def decision_to_dict(dec: Decision) -> Dict[str, Any]:
-    return {"targets": dict(dec.targets), "run_rule": str(dec.run_rule), "scan_rule": str(dec.scan_rule),
-            "reasons": list(dec.reasons), "ksmd_cpu_percent": dec.ksmd_cpu_percent}
+    out = {"targets": dict(dec.targets), "run_rule": str(dec.run_rule), "scan_rule": str(dec.scan_rule),
+           "reasons": list(dec.reasons), "ksmd_cpu_percent": dec.ksmd_cpu_percent}
+    if dec.park_at is not None:
+        out["park_at"] = dec.park_at
+    return out
 
 
 class TraceWriter:

@@ -5,7 +5,7 @@ kernel's advisor."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Tuple
+from typing import Mapping, Optional, Tuple
 
 from ksmctl.kernel.knobs import KnobValue
 from ksmctl.policy.rules import ScanRule
@@ -17,6 +17,7 @@ class Pace:
     pages_to_scan: int
     sleep_millisecs: int
     reasons: Tuple[str, ...] = ()
+    park_at: Optional[int] = None   # stop ksmd (pages_to_scan 0) when full_scans reaches this
 
 
 @dataclass(frozen=True)

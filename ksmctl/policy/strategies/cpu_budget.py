@@ -1,6 +1,7 @@
 """The CPU budget caps whatever rate the strategy chose: over budget, the rate shrinks
 in proportion (never below 2% or pages_to_scan.min); within it, it recovers by a quarter
-per tick. The idle scan point is not capped: it is already the floor."""
+per tick. The idle scan point is not capped: it is already the floor; nor is a parked
+ksmd, which scans nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ class BudgetState:
 
 def cap(scan: ScanSection, pace: Pace, cpu: Optional[float], state: BudgetState) -> Tuple[Pace, BudgetState]:
     budget = scan.cpu_budget
-    if budget is None or pace.rule is ScanRule.idle:
+    if budget is None or pace.rule in (ScanRule.idle, ScanRule.park):
         return pace, state
     scale = min(max(state.cpu_scale, MIN_SCALE), 1.0)
     rule, reasons = pace.rule, pace.reasons
@@ -31,4 +32,4 @@ def cap(scan: ScanSection, pace: Pace, cpu: Optional[float], state: BudgetState)
     elif scale < 1.0:
         scale = min(1.0, scale * 1.25)
     npages = max(scan.pages_to_scan.min, int(pace.pages_to_scan * scale))
-    return Pace(rule, npages, pace.sleep_millisecs, reasons), BudgetState(cpu_scale=scale)
+    return Pace(rule, npages, pace.sleep_millisecs, reasons, pace.park_at), BudgetState(cpu_scale=scale)

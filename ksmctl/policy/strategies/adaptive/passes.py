@@ -4,10 +4,12 @@ found fewer than idle_yield new merges per 1000 pages scanned goes idle. If that
 still merged (the end of the last pass falls in it), the next runs at verify_rate of the
 pace and decides: idle, or one more pass at full pace when it is worth it (worth.py).
 Kernels before Linux 6.7 do not count pages scanned: there the yield is judged over each
-whole pass, at the tick that sees its boundary, and the last pass itself is the check."""
+whole pass, at the tick that sees its boundary, and the last pass itself is the check.
+With park, the last pass ends parked (park.py) and there is no check: sweeps look again."""
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Tuple
 
 from ksmctl.policy.model import Adaptive
 from ksmctl.policy.rules import AdaptiveMode, ScanRule
@@ -36,14 +38,22 @@ def count(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Step:
     st = replace(st, last_pass_yield=y)
     span = round(now.monotonic - since.monotonic, 1)
     done = passes >= st.need_passes
+    missed: Tuple[str, ...] = ()
+    if done and st.park_at is not None:
+        if tick.parked and now.full_scans == st.park_at:
+            why = ("%d full passes since merging started, and ksmd stopped where the last one ended "
+                   "(pages_to_scan 0): parked at the boundary" % passes)
+            return _idle(replace(st, verifying=False, parked=True), tick), ScanRule.park, (why,)
+        missed = ("ksmd was not parked where the last pass ended (full_scans %d, pages_to_scan %s)"
+                  % (now.full_scans, "0" if tick.parked else "as it was"),)
     if done and y < ad.idle_yield:
         why = ("%d full passes since merging started, and the last %gs found %.2f new merges per 1000 pages "
                "scanned (< %g): idle" % (passes, span, y, ad.idle_yield))
-        return _idle(replace(st, verifying=False), tick), ScanRule.idle, (why,)
+        return _idle(replace(st, verifying=False), tick), ScanRule.idle, missed + (why,)
     if done and counted and not st.verifying:
         why = ("%d full passes done, the last %gs still found %.2f new merges per 1000 pages: checking at %g "
                "of the pace" % (passes, span, y, ad.verify_rate))
-        return replace(st, verifying=True), ScanRule.merging, (why,)
+        return replace(st, verifying=True), ScanRule.merging, missed + (why,)
     if st.verifying or done:   # the checking interval, or (no page counter) the last whole pass
         where, judged = (("while checking", "the last interval") if counted
                          else ("over the last pass (%gs)" % span, "the last pass"))

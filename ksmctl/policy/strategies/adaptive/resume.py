@@ -5,7 +5,8 @@ restart, pages behind the cursor changed unseen; on growth, the kernel adds a ne
 process just behind the cursor (mm/ksm.c __ksm_enter, "insert just behind the scanning
 cursor"), so the first boundary after it started comes before ksmd has seen its memory
 at all (tests/test_kernel_list_order.py shows it on the real kernel); a sweep is one
-whole pass, which starts at that boundary."""
+whole pass, which starts at that boundary. Not so when ksmd is parked at a boundary
+(park.py): the new process joins the end of the list and the next pass is a whole one."""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -21,8 +22,9 @@ from ksmctl.units import format_bytes
 def restart(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Optional[Step]:
     """The phase after a (re)start or growth; None when neither happened."""
     fresh = replace(state, passes=0, verifying=False, last_pass_yield=None, idle_mergeable=tick.mergeable,
-                    phase_start=tick.now, pass_start=tick.now)
-    behind = 1 if tick.rmap_pages > 0 else 0   # the cursor is somewhere in a pass
+                    phase_start=tick.now, pass_start=tick.now, parked=False)
+    # The cursor is somewhere in a pass, unless ksmd is parked at a boundary still.
+    behind = 1 if tick.rmap_pages > 0 and not state.at_boundary(tick) else 0
     if tick.restarted or tick.last is None:
         need = ad.min_passes + behind
         rule = ScanRule.resume if tick.resumed else ScanRule.merging
@@ -34,8 +36,13 @@ def restart(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Optional[Step]:
             sweep = sweep_due(ad, tick, state)
             if sweep is not None:
                 return replace(fresh, mode=AdaptiveMode.merging, need_passes=1 + behind), ScanRule.sweep, (sweep,)
-            return replace(state, verifying=False, last_pass_yield=None), ScanRule.idle, \
-                ("no new merges to find; idle scan",)
+            if state.at_boundary(tick):
+                return replace(state, verifying=False, last_pass_yield=None), ScanRule.park, \
+                    ("no new merges to find; parked at a pass boundary",)
+            left = ("pages_to_scan is no longer 0: ksmd left the boundary it was parked at; ",) \
+                if state.parked else ()
+            return replace(state, verifying=False, last_pass_yield=None, parked=False), ScanRule.idle, \
+                left + ("no new merges to find; idle scan",)
         why = "mergeable memory grew by %s since idle (> %s)" % (format_bytes(grown or 0),
                                                                   format_bytes(ad.resume_growth))
         return replace(fresh, mode=AdaptiveMode.merging, need_passes=ad.min_passes + behind), ScanRule.resume, \

@@ -20,10 +20,17 @@ class AdaptiveState:
     pass_start: Optional[Mark] = None        # the counters at the tick that saw the last pass boundary
     idle_at: Optional[Mark] = None           # the counters when it last went idle (sweep.py)
     pass_cpu: Optional[float] = None         # ksmd CPU-seconds per pass of the phase before that
+    park_at: Optional[int] = None            # full_scans at which ksmd is to stop (park.py)
+    parked: bool = False                     # ksmd was stopped exactly at a pass boundary
+
+    def at_boundary(self, tick: "Tick") -> bool:
+        """ksmd is parked at a pass boundary still: a process that starts now joins the end
+        of its list, so the next pass sees it."""
+        return self.parked and tick.parked
 
     def stopped(self) -> "AdaptiveState":
         """While KSM is stopped: merging again from pass 0 when it restarts."""
-        return replace(self, mode=AdaptiveMode.merging, passes=0)
+        return replace(self, mode=AdaptiveMode.merging, passes=0, park_at=None, parked=False)
 
 
 @dataclass(frozen=True)
@@ -35,6 +42,7 @@ class Tick:
     page_size: int
     restarted: bool              # KSM starts this tick or was stopped by the policy before
     resumed: bool                # a restart after earlier ticks (not the very first tick)
+    parked: bool = False         # pages_to_scan reads 0: ksmd scans nothing (park.py)
 
     def list_pages(self) -> int:
         """The pages one full pass covers: ksmd's list, or the mergeable memory when larger
