@@ -295,3 +295,16 @@ def test_live_reasons_parse_once_per_process_and_follow_changed_inputs():
     grown = VmReading(uuid="u1", name="g1", pid=11, ksm=KsmStat(mergeable=True), excluded=True, rss=5 << 20)
     assert [r.value for r in live.current([grown])["u1"]] == ["nosharepages"] and calls == [10, 11]
     assert live.current([]) == {} and live._known == {}
+
+
+def test_a_ksmd_that_scans_nothing_is_parked_by_the_daemon_or_a_warning():
+    from ksmctl.doctor.host import HostFacts, host_findings
+    from ksmctl.readings import KsmState
+    ksm = KsmState(values={"run": 1, "pages_to_scan": 0, "sleep_millisecs": 1000, "full_scans": 12})
+    parked = {"pid": 4242, "policy": {"name": "default"}, "decision": {"scan_rule": "park", "reasons": ["parked"]}}
+    for daemon, severity, text in ((parked, "ok", "KSM is on and parked: the ksmctl daemon (pid 4242, policy default)"),
+                                   (None, "warning", "and no daemon parked it"),
+                                   ({**parked, "decision": {"scan_rule": "idle"}}, "warning", "nothing new merges")):
+        f = [x for x in host_findings(HostFacts(ksm=ksm, ksm_dir="/sys/kernel/mm/ksm", daemon=daemon))
+             if x.reason.value == "ksm_running"][0]
+        assert f.severity.name.lower() == severity and text in f.cause, f.cause

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
-from ksmctl.collectors.procfs import parse_ksm_stat
+from ksmctl.collectors.host import HostCollector
+from ksmctl.collectors.procfs import ProcFs, parse_ksm_stat
+from ksmctl.config import Config
 from ksmctl.kernel.park import BoundaryPark, ParkOutcome
 from ksmctl.kernel.sysfs import KsmSysfs
 from ksmctl.kernel.writer import KsmWriter
+from ksmctl.policy.loader import LoadedPolicy, parse_policy
+from ksmctl.service.daemon import Daemon
 
 from .daemon_proc import DaemonProc, wait_ticks
-from .fixtures import make_sys
+from .fixtures import make_proc, make_sys
 from .ksmlock import KSM, ksm_exclusive
 from .mergeable import Holder, release
 from .support import need_root, wait_for
@@ -106,6 +111,62 @@ def test_an_unreadable_full_scans_fails_with_its_path(tmp_path):
     park, ksm, wrote = _park(tmp_path, clock)
     (ksm / "full_scans").write_bytes(b"\xff\xfe garbage\n")
     assert park.poll() is ParkOutcome.failed and "full_scans" in park.error and wrote == []
+
+
+ONE_PASS = """
+name: one-pass
+interval: 3600
+run: {mode: always}
+scan:
+  strategy: adaptive
+  pages_to_scan: {min: 100, max: 100000}
+  sleep_millisecs: {base: 1000, floor: 1000}   # a 0.5 s window: a busy test host still polls in time
+  adaptive: {target_pass_seconds: 1, min_passes: 1, park: true}
+"""
+
+
+def _fixture_daemon(tmp_path, dry_run=False):
+    """The daemon on a fixture tree; the test plays ksmd by writing full_scans."""
+    empty = {n: "0" for n in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")}
+    sys_root = make_sys(tmp_path / "sys", {"run": "0", "full_scans": "7", "pages_to_scan": "100", **empty})
+    collector = HostCollector(KsmSysfs(str(sys_root)), ProcFs(str(make_proc(tmp_path / "proc"))))
+    lp = LoadedPolicy(parse_policy(ONE_PASS, "one-pass.yaml"), "one-pass.yaml", "0" * 64)
+    d = Daemon(Config(state_file=str(tmp_path / "state.json"), restore_on_exit=False), lp, collector,
+               KsmWriter(collector.sysfs, dry_run=dry_run))
+    return d, sys_root / "kernel/mm/ksm"
+
+
+def test_the_daemon_polls_between_ticks_and_counts_the_park_write_with_the_next_tick(tmp_path):
+    d, ksm = _fixture_daemon(tmp_path)
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: d.ticks == 1 and d.park is not None and d.park.clear is not None, 10,
+                 "the first tick, armed (one pass needed), and a poll that saw the pass running")
+        assert d.last.decision.park_at == 8 and (ksm / "sleep_millisecs").read_text() == "1000\n"
+        (ksm / "full_scans").write_text("8\n")          # the pass ends
+        wait_for(lambda: (ksm / "pages_to_scan").read_text() == "0\n", 10, "pages_to_scan 0")
+        assert d.park is None
+        d.request_tick()
+        wait_for(lambda: d.ticks == 2, 10, "the next tick")
+        rec = d.last
+        assert rec.decision.scan_rule == "park" and rec.decision.targets["pages_to_scan"] == 0
+        assert [(c.knob, c.new) for c in rec.changes][:1] == [("pages_to_scan", 0)]
+        assert rec.external == []                      # the park's write is ours, not drift
+    finally:
+        d.request_stop()
+        t.join(10)
+
+
+def test_a_dry_run_arms_no_park_and_says_what_it_would_do(tmp_path, caplog):
+    d, ksm = _fixture_daemon(tmp_path, dry_run=True)
+    with caplog.at_level("INFO", logger="ksmctl"):
+        rec = d.tick()
+    assert rec.decision.park_at == 8 and d.park is None
+    assert "dry run: would stop ksmd at the end of this pass (pages_to_scan 0 at full_scans 8)" in caplog.text
+    (ksm / "full_scans").write_text("8\n")
+    d._poll_park()
+    assert (ksm / "pages_to_scan").read_text() == "100\n"
 
 
 PARK_POLICY = """

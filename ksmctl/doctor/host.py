@@ -72,7 +72,17 @@ def _run_state(h: HostFacts) -> List[Finding]:
     who = ("the ksmctl daemon (pid %s, policy %s%s)" % (d.get("pid"), (d.get("policy") or {}).get("name"),
                                                         ", dry run: it only watches" if d.get("dry_run") else "")
            if d else "no ksmctl daemon runs")
-    evid = (_k(h, "run"), ev("daemon", who, "ksmctl state file"))
+    evid: Tuple[Evidence, ...] = (_k(h, "run"), ev("daemon", who, "ksmctl state file"))
+    if run == 1 and k.get("pages_to_scan") == 0:
+        # ksmd wakes but scans nothing: the adaptive policy's park, or a stall nobody chose.
+        evid += (_k(h, "pages_to_scan"), _k(h, "full_scans"))
+        if d and decision.get("scan_rule") == "park":
+            return [Finding(Reason.KSM_RUNNING, Severity.OK, "KSM is on and parked: %s stopped ksmd where a pass "
+                            "ended (pages_to_scan 0); it scans again when mergeable memory grows or a sweep is due"
+                            % who, evid)]
+        return [Finding(Reason.KSM_RUNNING, Severity.WARNING, "KSM is on but ksmd scans nothing (pages_to_scan "
+                        "0), and %s parked it: nothing new merges" % ("no daemon" if not d else who), evid,
+                        "let the policy set the rate, or `ksmctl set pages_to_scan=100`")]
     if run == 1:
         return [Finding(Reason.KSM_RUNNING, Severity.OK, "KSM is running: %s pages every %s ms; %s" % (
             k.get("pages_to_scan"), k.get("sleep_millisecs"), who), evid + (_k(h, "pages_to_scan"),
