@@ -517,6 +517,15 @@ def test_a_sweep_from_a_parked_ksmd_is_one_pass_armed_to_park_again():
     assert d.scan_rule == "park" and st.adaptive.parked
 
 
+def test_a_policy_without_park_does_not_keep_ksmd_parked():
+    _, st = _parked()
+    _, st = decide(PARKING, reading(t=10, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
+                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    d, _ = decide(SWEEPING, reading(t=20, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
+                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    assert d.scan_rule == "idle" and d.targets["pages_to_scan"] == 100
+
+
 def test_a_park_survives_the_trace_and_the_cpu_budget():
     d, st = _parked()
     back = state_from_dict(json.loads(json.dumps(state_to_dict(st))))

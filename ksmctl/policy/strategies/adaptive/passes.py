@@ -24,7 +24,8 @@ def count(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Step:
     boundary = now.full_scans > last.full_scans
     passes = state.passes + max(0, now.full_scans - last.full_scans)
     st = replace(state, passes=passes, last_pass_yield=None, pass_start=now if boundary else state.pass_start)
-    if passes >= st.need_passes and st.park_at is not None and tick.parked and now.full_scans == st.park_at:
+    if ad.park and passes >= st.need_passes and st.park_at is not None and tick.parked \
+            and now.full_scans == st.park_at:
         why = ("%d full passes since merging started, and ksmd stopped where the last one ended "
                "(pages_to_scan 0): parked at the boundary" % passes)
         return _idle(replace(st, verifying=False, parked=True), tick), ScanRule.park, (why,)

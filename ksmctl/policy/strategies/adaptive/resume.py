@@ -36,11 +36,11 @@ def restart(ad: Adaptive, tick: Tick, state: AdaptiveState) -> Optional[Step]:
             sweep = sweep_due(ad, tick, state)
             if sweep is not None:
                 return replace(fresh, mode=AdaptiveMode.merging, need_passes=1 + behind), ScanRule.sweep, (sweep,)
-            if state.at_boundary(tick):
+            if ad.park and state.at_boundary(tick):
                 return replace(state, verifying=False, last_pass_yield=None), ScanRule.park, \
                     ("no new merges to find; parked at a pass boundary",)
             left = ("pages_to_scan is no longer 0: ksmd left the boundary it was parked at; ",) \
-                if state.parked else ()
+                if state.parked and not tick.parked else ()
             return replace(state, verifying=False, last_pass_yield=None, parked=False), ScanRule.idle, \
                 left + ("no new merges to find; idle scan",)
         why = "mergeable memory grew by %s since idle (> %s)" % (format_bytes(grown or 0),
