@@ -13,9 +13,12 @@ import sys
 import threading
 from pathlib import Path
 
+from prometheus_client.registry import CollectorRegistry
+
 from ksmctl.collectors.host import HostCollector
 from ksmctl.collectors.procfs import ProcFs, parse_ksm_stat
 from ksmctl.config import Config
+from ksmctl.export.metrics import MetricsCollector, render_text
 from ksmctl.kernel.park import BoundaryPark, ParkOutcome
 from ksmctl.kernel.sysfs import KsmSysfs
 from ksmctl.kernel.writer import KsmWriter
@@ -125,13 +128,13 @@ scan:
 """
 
 
-def _fixture_daemon(tmp_path, dry_run=False):
+def _fixture_daemon(tmp_path, dry_run=False, restore=False):
     """The daemon on a fixture tree; the test plays ksmd by writing full_scans."""
     empty = {n: "0" for n in ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")}
     sys_root = make_sys(tmp_path / "sys", {"run": "0", "full_scans": "7", "pages_to_scan": "100", **empty})
     collector = HostCollector(KsmSysfs(str(sys_root)), ProcFs(str(make_proc(tmp_path / "proc"))))
     lp = LoadedPolicy(parse_policy(ONE_PASS, "one-pass.yaml"), "one-pass.yaml", "0" * 64)
-    d = Daemon(Config(state_file=str(tmp_path / "state.json"), restore_on_exit=False), lp, collector,
+    d = Daemon(Config(state_file=str(tmp_path / "state.json"), restore_on_exit=restore), lp, collector,
                KsmWriter(collector.sysfs, dry_run=dry_run))
     return d, sys_root / "kernel/mm/ksm"
 
@@ -153,9 +156,50 @@ def test_the_daemon_polls_between_ticks_and_counts_the_park_write_with_the_next_
         assert rec.decision.scan_rule == "park" and rec.decision.targets["pages_to_scan"] == 0
         assert [(c.knob, c.new) for c in rec.changes][:1] == [("pages_to_scan", 0)]
         assert rec.external == []                      # the park's write is ours, not drift
+        assert rec.parks == [ParkOutcome.parked]
+        reg = CollectorRegistry(auto_describe=False)
+        MetricsCollector(reg, build={"version": "x", "python": "x"}).observe(rec)
+        text = render_text(reg).decode()
+        assert 'ksmctl_parks_total{outcome="parked"} 1.0' in text
+        assert 'ksmctl_parks_total{outcome="late"} 0.0' in text
     finally:
         d.request_stop()
         t.join(10)
+
+
+def test_a_stop_after_the_park_restores_pages_to_scan_and_a_stop_while_armed_writes_nothing_later(tmp_path):
+    d, ksm = _fixture_daemon(tmp_path, restore=True)
+    d.tick()
+    assert d.park is not None and (ksm / "run").read_text() == "1\n"
+    (ksm / "full_scans").write_text("8\n")
+    d.park.clear = d.park.clock()          # the last poll saw the pass running just now
+    d._poll_park()
+    assert (ksm / "pages_to_scan").read_text() == "0\n"
+    d.shutdown()                            # SIGTERM right after the park
+    assert [(ksm / n).read_text() for n in ("run", "pages_to_scan")] == ["0\n", "100\n"]
+
+    d, ksm = _fixture_daemon(tmp_path / "armed", restore=True)
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    wait_for(lambda: d.park is not None and d.park.clear is not None, 10, "armed, the pass running")
+    d.request_stop()                        # SIGTERM while armed
+    t.join(10)
+    assert not t.is_alive()
+    (ksm / "full_scans").write_text("8\n")  # the pass ends after the daemon stopped
+    assert [(ksm / n).read_text() for n in ("run", "pages_to_scan")] == ["0\n", "100\n"]
+
+
+def test_a_reload_to_another_policy_disarms_the_park(tmp_path):
+    d, ksm = _fixture_daemon(tmp_path)
+    d.tick()
+    assert d.park is not None
+    other = ONE_PASS.replace("park: true", "park: false")
+    d.policy_loader = lambda path: LoadedPolicy(parse_policy(other, "one-pass.yaml"), "one-pass.yaml", "1" * 64)
+    assert d.reload()
+    assert d.park is None
+    (ksm / "full_scans").write_text("8\n")
+    d._poll_park()
+    assert (ksm / "pages_to_scan").read_text() != "0\n"
 
 
 def test_a_dry_run_arms_no_park_and_says_what_it_would_do(tmp_path, caplog):

@@ -35,6 +35,7 @@ from ksmctl.guests.metrics import merge_families
 from ksmctl.policy.decide import RUN_RULES, SCAN_RULES
 from ksmctl.kernel import knobs
 from ksmctl.kernel.knobs import Kind, MetricType
+from ksmctl.kernel.park import ParkOutcome
 from ksmctl.readings import KsmState, Readings, VmReading, VmSource
 
 log = logging.getLogger("ksmctl.metrics")
@@ -78,6 +79,7 @@ class MetricsCollector(Collector):
         self._external: Dict[str, float] = {k: 0.0 for k in _knob_labels()}
         self._write_failures: Dict[str, float] = {k: 0.0 for k in _knob_labels() + ("other",)}
         self._ticks: Dict[str, float] = {"ok": 0.0, "failed": 0.0}
+        self._parks: Dict[ParkOutcome, float] = {o: 0.0 for o in ParkOutcome}
         self._buckets = [0] * (len(TICK_BUCKETS) + 1)
         self._dur_sum = 0.0
         self._last_ok: Optional[float] = None
@@ -108,6 +110,8 @@ class MetricsCollector(Collector):
                     self._external[knob] += 1
             for knob in rec.failed_writes:
                 self._write_failures[knob if knob in self._write_failures else "other"] += 1
+            for outcome in rec.parks:
+                self._parks[outcome] += 1
             self._ticks["ok" if rec.ok else "failed"] += 1
             self._buckets[bisect.bisect_left(TICK_BUCKETS, rec.duration)] += 1
             self._dur_sum += rec.duration
@@ -159,7 +163,7 @@ class MetricsCollector(Collector):
         return {"decisions": dict(self._decisions), "errors": dict(self._errors),
                 "changes": dict(self._changes), "external": dict(self._external),
                 "write_failures": dict(self._write_failures),
-                "ticks": dict(self._ticks), "buckets": list(self._buckets), "sum": self._dur_sum,
+                "ticks": dict(self._ticks), "parks": dict(self._parks), "buckets": list(self._buckets), "sum": self._dur_sum,
                 "last_ok": self._last_ok, "last_tick": self._last_tick}
 
     @staticmethod
@@ -210,7 +214,11 @@ class MetricsCollector(Collector):
                                  "(the log says why).", labels=["knob"])
         for k, v in st["write_failures"].items():
             wf.add_metric([k], v)
-        out += [ch, ex, wf]
+        pk = CounterMetricFamily("ksmctl_parks", "Parks (ksmd stopped where its last pass ends) by how they "
+                                 "ended: parked in time, late (not parked), failed.", labels=["outcome"])
+        for o in ParkOutcome:
+            pk.add_metric([o.value], st["parks"][o])
+        out += [ch, ex, wf, pk]
         t = CounterMetricFamily("ksmctl_ticks", "Controller ticks by result (ok: decided and applied; "
                                 "failed: skipped or write failed).", labels=["result"])
         for r in ("ok", "failed"):

@@ -56,6 +56,7 @@ class TickRecord:
     ok: bool = False
     wall: float = 0.0
     merge: Any = None  # ksmctl.guests.control.MergeReport when per-VM merge control runs
+    parks: List[ParkOutcome] = field(default_factory=list)  # parks that ended since the last tick
 
 
 class NullNotifier:
@@ -130,6 +131,7 @@ class Daemon:
         self.guests: Any = None  # ksmctl.guests.control.GuestController (per-VM merge control), if wired
         self.park: Optional[BoundaryPark] = None   # armed by a decision, polled between ticks
         self._park_writes: List[Change] = []       # its write, counted with the next tick's changes
+        self._park_outcomes: List[ParkOutcome] = []  # how parks ended, reported with the next tick
 
     # -- one tick -------------------------------------------------------------------------
     def tick(self) -> TickRecord:
@@ -137,6 +139,7 @@ class Daemon:
         rec = TickRecord(policy=self.loaded, wall=time.time(), dry_run=self.writer.dry_run)
         rec.errors.extend(self._pending_errors)
         self._pending_errors.clear()
+        rec.parks, self._park_outcomes = self._park_outcomes, []
         try:
             readings = self.collector.collect()
         except CollectionFailed as e:
@@ -224,6 +227,7 @@ class Daemon:
         if outcome is None:
             return
         self.park = None
+        self._park_outcomes.append(outcome)
         if outcome is ParkOutcome.parked:
             log.info("ksmd stopped at the pass boundary (full_scans %d): pages_to_scan 0", park.target)
         elif outcome is ParkOutcome.late:
@@ -334,6 +338,7 @@ class Daemon:
         self.trace = trace
         if changed:
             self.engine = self.engine.after_policy_change()
+            self.park = None   # armed by the old policy's decision: the new one decides afresh
         log.info("reloaded: policy %s from %s (sha256 %s)%s", loaded.policy.name, loaded.path,
                  loaded.short_hash, "" if changed else ", unchanged")
         self._reloaded(True, "")
