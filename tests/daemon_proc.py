@@ -32,6 +32,17 @@ STOP_POLICY = ALWAYS_ON_POLICY.replace("name: test-on", "name: test-stop").repla
 ).replace("start_when: [{signal: memory_available, below: 100%}]", "start_when: [{signal: memory_available, below: 0%}]")
 
 
+def adaptive_on_policy(name: str, adaptive: str) -> str:
+    """A policy whose start condition holds on any host, scanning with `adaptive` (the
+    flow mapping's inside) at up to 20000 pages per 10 ms, idling at 100 per second."""
+    return ("name: %s\ninterval: 0.5s\nrun:\n  mode: conditional\n"
+            "  start_when: [{signal: memory_available, below: 100%%}]\n"
+            "  stop_when: [{signal: memory_available, above: 100%%}]\n"
+            "scan:\n  strategy: adaptive\n  pages_to_scan: {min: 100, max: 20000}\n"
+            "  sleep_millisecs: {base: 10, floor: 10}\n"
+            "  adaptive: {idle: {pages_to_scan: 100, sleep_millisecs: 1000}, %s}\n" % (name, adaptive))
+
+
 class DaemonProc:
     def __init__(self, tmp: Path, policy_text: str, extra_config: Optional[Dict[str, Any]] = None,
                  args: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None) -> None:

@@ -8,7 +8,7 @@ import signal
 
 from ksmctl.kernel.sysfs import KsmSysfs
 
-from .daemon_proc import ALWAYS_ON_POLICY, STOP_POLICY, DaemonProc, wait_ticks
+from .daemon_proc import ALWAYS_ON_POLICY, STOP_POLICY, DaemonProc, adaptive_on_policy, wait_ticks
 from .ksmlock import ksm_exclusive
 from .mergeable import Holder
 from .support import need_root, wait_for
@@ -96,19 +96,7 @@ def test_periodic_estimate_feeds_state_and_policy_signal(tmp_path):
             assert "merge_potential" in d.state()["decision"]["reasons"][0]
 
 
-SWEEP_POLICY = """
-name: test-sweep
-interval: 0.5s
-run:
-  mode: conditional
-  start_when: [{signal: memory_available, below: 100%}]
-  stop_when: [{signal: memory_available, above: 100%}]
-scan:
-  strategy: adaptive
-  pages_to_scan: {min: 100, max: 20000}
-  sleep_millisecs: {base: 10, floor: 10}
-  adaptive: {target_pass_seconds: 0.5, idle: {pages_to_scan: 100, sleep_millisecs: 1000}, sweep_cpu: 0.5}
-"""
+SWEEP_POLICY = adaptive_on_policy("test-sweep", "target_pass_seconds: 0.5, sweep_cpu: 0.5")
 
 
 def test_an_idle_daemon_sweeps_with_one_full_pass_at_the_merging_pace(tmp_path):

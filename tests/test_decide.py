@@ -456,17 +456,21 @@ def _parked(policy=PARKING):
     return d, st
 
 
+def _at_park(t: float):
+    """A tick of the parked ksmd _parked() leaves: full_scans 2, pages_to_scan 0, no new merge."""
+    return reading(t=t, mergeable=400 * MIB, full_scans=2, pages_scanned=204800, pages_sharing=50000,
+                   pages_to_scan=0, ksmd_cpu=2.0)
+
+
 def test_park_stops_ksmd_where_the_last_pass_ends_with_no_check():
     _, st = _parked()
-    d, st = decide(PARKING, reading(t=10, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
-                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    d, st = decide(PARKING, _at_park(10), st)
     # The interval merged 488 per 1000 pages: without park that is a check at a tenth of the pace.
     assert d.scan_rule == "park" and d.park_at is None
     assert (d.targets["pages_to_scan"], d.targets["sleep_millisecs"], d.targets["run"]) == (0, 1000, 1)
     assert "ksmd stopped where the last one ended (pages_to_scan 0): parked at the boundary" in d.reason
     assert st.adaptive.parked and st.adaptive.mode is AdaptiveMode.idle
-    d, st = decide(PARKING, reading(t=20, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
-                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    d, st = decide(PARKING, _at_park(20), st)
     assert d.scan_rule == "park" and d.targets["pages_to_scan"] == 0
     # A guest starts: it joins the end of ksmd's list, so two passes, not three.
     d, st = decide(PARKING, reading(t=25, mergeable=600 * MIB, full_scans=2, pages_scanned=204800,
@@ -493,8 +497,7 @@ def test_a_park_that_missed_the_boundary_goes_on_as_without_park():
 
 def test_a_parked_ksmd_moved_by_someone_else_is_no_longer_at_a_boundary():
     _, st = _parked()
-    _, st = decide(PARKING, reading(t=10, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
-                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    _, st = decide(PARKING, _at_park(10), st)
     d, st = decide(PARKING, reading(t=12, mergeable=400 * MIB, full_scans=2, pages_scanned=205000,
                                     pages_sharing=50000, pages_to_scan=100, ksmd_cpu=2.0), st)
     assert d.scan_rule == "idle" and "ksmd left the boundary it was parked at" in d.reason
@@ -505,11 +508,9 @@ def test_a_parked_ksmd_moved_by_someone_else_is_no_longer_at_a_boundary():
 
 def test_a_sweep_from_a_parked_ksmd_is_one_pass_armed_to_park_again():
     _, st = _parked()
-    _, st = decide(PARKING, reading(t=10, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
-                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    _, st = decide(PARKING, _at_park(10), st)
     # 2 CPU-s over 2 passes at 0.01 of a core: a sweep 100 s after parking.
-    d, st = decide(PARKING, reading(t=111, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
-                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    d, st = decide(PARKING, _at_park(111), st)
     assert d.scan_rule == "sweep" and st.adaptive.need_passes == 1 and d.park_at == 3
     assert (d.targets["pages_to_scan"], d.targets["sleep_millisecs"]) == (1280, 50)
     d, st = decide(PARKING, reading(t=116, mergeable=400 * MIB, full_scans=3, pages_scanned=307200,
@@ -519,10 +520,8 @@ def test_a_sweep_from_a_parked_ksmd_is_one_pass_armed_to_park_again():
 
 def test_a_policy_without_park_does_not_keep_ksmd_parked():
     _, st = _parked()
-    _, st = decide(PARKING, reading(t=10, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
-                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
-    d, _ = decide(SWEEPING, reading(t=20, mergeable=400 * MIB, full_scans=2, pages_scanned=204800,
-                                    pages_sharing=50000, pages_to_scan=0, ksmd_cpu=2.0), st)
+    _, st = decide(PARKING, _at_park(10), st)
+    d, _ = decide(SWEEPING, _at_park(20), st)
     assert d.scan_rule == "idle" and d.targets["pages_to_scan"] == 100
 
 

@@ -25,7 +25,7 @@ from ksmctl.kernel.writer import KsmWriter
 from ksmctl.policy.loader import LoadedPolicy, parse_policy
 from ksmctl.service.daemon import Daemon
 
-from .daemon_proc import DaemonProc, wait_ticks
+from .daemon_proc import DaemonProc, adaptive_on_policy, wait_ticks
 from .fixtures import make_proc, make_sys
 from .ksmlock import KSM, ksm_exclusive
 from .mergeable import Holder, release
@@ -213,20 +213,7 @@ def test_a_dry_run_arms_no_park_and_says_what_it_would_do(tmp_path, caplog):
     assert (ksm / "pages_to_scan").read_text() == "100\n"
 
 
-PARK_POLICY = """
-name: test-park
-interval: 0.5s
-run:
-  mode: conditional
-  start_when: [{signal: memory_available, below: 100%}]
-  stop_when: [{signal: memory_available, above: 100%}]
-scan:
-  strategy: adaptive
-  pages_to_scan: {min: 100, max: 20000}
-  sleep_millisecs: {base: 10, floor: 10}
-  adaptive: {target_pass_seconds: 1, idle: {pages_to_scan: 100, sleep_millisecs: 1000}, resume_growth: 8MiB,
-             park: true}
-"""
+PARK_POLICY = adaptive_on_policy("test-park", "target_pass_seconds: 1, resume_growth: 8MiB, park: true")
 LATE = 4096   # 16 MiB
 
 
