@@ -186,6 +186,8 @@ def test_a_stop_after_the_park_restores_pages_to_scan_and_a_stop_while_armed_wri
     t.join(10)
     assert not t.is_alive()
     (ksm / "full_scans").write_text("8\n")  # the pass ends after the daemon stopped
+    d._poll_park()                          # a poll after the stop: the park is gone with the daemon
+    assert d.park is None
     assert [(ksm / n).read_text() for n in ("run", "pages_to_scan")] == ["0\n", "100\n"]
 
 

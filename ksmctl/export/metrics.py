@@ -163,7 +163,8 @@ class MetricsCollector(Collector):
         return {"decisions": dict(self._decisions), "errors": dict(self._errors),
                 "changes": dict(self._changes), "external": dict(self._external),
                 "write_failures": dict(self._write_failures),
-                "ticks": dict(self._ticks), "parks": dict(self._parks), "buckets": list(self._buckets), "sum": self._dur_sum,
+                "ticks": dict(self._ticks), "parks": dict(self._parks),
+                "buckets": list(self._buckets), "sum": self._dur_sum,
                 "last_ok": self._last_ok, "last_tick": self._last_tick}
 
     @staticmethod

@@ -454,6 +454,7 @@ class Daemon:
 
     def shutdown(self) -> None:
         self.notifier.stopping()
+        self.park = None   # nothing writes pages_to_scan 0 after the restore below
         if self.config.restore_on_exit and self.ownership.has_original and not self.writer.dry_run:
             try:
                 state = self.collector.sysfs.read()
