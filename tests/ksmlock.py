@@ -32,7 +32,7 @@ def _read(name: str) -> str:
 
 
 def snapshot() -> Dict[str, str]:
-    return {n: _read(n) for n in RESTORE_KNOBS + ("run",) if (KSM / n).exists()}
+    return {n: _read(n) for n in RESTORE_KNOBS + ("merge_across_nodes", "run") if (KSM / n).exists()}
 
 
 def _write(name: str, value: str) -> None:
@@ -58,6 +58,10 @@ def restore(saved: Dict[str, str]) -> None:
     for name in RESTORE_KNOBS:
         if name in saved and _read(name) != saved[name]:
             _write(name, saved[name])
+    if "merge_across_nodes" in saved and _read("merge_across_nodes") != saved["merge_across_nodes"]:
+        # The kernel takes it only with nothing merged (EBUSY otherwise).
+        unmerge_and_wait()
+        _write("merge_across_nodes", saved["merge_across_nodes"])
     if "run" in saved and _read("run") != saved["run"]:
         if saved["run"] == "0" and _read("run") == "1":
             # Leave nothing merged behind us when the host had KSM off.

@@ -15,7 +15,7 @@ from ksmctl.kernel.writer import KsmWriter, validate_value
 from ksmctl.readings import MemInfo
 
 from .fixtures import make_sys
-from .ksmlock import ksm_exclusive
+from .ksmlock import ksm_exclusive, unmerge_and_wait
 from .mergeable import Holder
 from .support import need_root, wait_for
 
@@ -123,12 +123,32 @@ def test_kernel_refuses_merge_across_nodes_while_merged():
     sysfs = KsmSysfs()
     with ksm_exclusive(), Holder(pages=2000, distinct=4):
         KsmWriter(sysfs).apply({"pages_to_scan": 5000, "sleep_millisecs": 10, "run": 1}, sysfs.read())
-        wait_for(lambda: sysfs.read().get("pages_shared") > 0, 30, "pages to merge")
+        # The holder's own merges (about 1990 pages sharing), not a stable node an earlier
+        # test left behind that ksmd may prune before the write below.
+        wait_for(lambda: sysfs.read().get("pages_sharing") > 1500, 30, "pages to merge")
         state = sysfs.read()
         flip = 1 - state.get("merge_across_nodes")
         with pytest.raises(KernelWriteError) as e:
             KsmWriter(sysfs).apply({"merge_across_nodes": flip}, state)
         assert "cannot change while pages are merged" in str(e.value) and "ksmctl unmerge" in str(e.value)
+
+
+def test_the_test_lock_puts_merge_across_nodes_back():
+    """A test that flips merge_across_nodes leaves the host as it found it: the kernel
+    takes the value back only with nothing merged, so the restore unmerges first."""
+    need_root()
+    with ksm_exclusive() as saved, Holder(pages=2000, distinct=4):
+        sysfs = KsmSysfs()
+        unmerge_and_wait()
+        flip = 1 - sysfs.read().get("merge_across_nodes")
+        KsmWriter(sysfs).apply({"merge_across_nodes": flip}, sysfs.read())
+        assert sysfs.read().get("merge_across_nodes") == flip
+        # Something merged under the flipped value, as a failed test would leave it.
+        KsmWriter(sysfs).apply({"pages_to_scan": 5000, "sleep_millisecs": 10, "run": 1}, sysfs.read())
+        wait_for(lambda: sysfs.read().get("pages_sharing") > 1500, 30, "pages to merge")
+    after = KsmSysfs().read()
+    assert str(after.get("merge_across_nodes")) == saved["merge_across_nodes"]
+    assert str(after.get("run")) == saved["run"]
 
 
 def test_non_root_gets_requires_root():
