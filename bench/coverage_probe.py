@@ -20,42 +20,40 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.ksm_bench import controllers as ctl  # noqa: E402
 from bench.ksm_bench.guests import GuestPool, default_guest_workload  # noqa: E402
-from ksmctl.collectors.procfs import parse_ksm_stat  # noqa: E402
+from ksmctl.collectors.procfs import ProcFs  # noqa: E402
 from tests.ksmlock import KSM, ksm_exclusive  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def anon_by_flag(pid: int) -> Dict[str, int]:
-    """Anonymous bytes in mergeable (mg) mappings and in the others, from smaps."""
+def anon_by_flag(text: str) -> Dict[str, int]:
+    """Anonymous bytes in mergeable (mg) mappings and in the others, from smaps' text."""
     out = {"mg": 0, "other": 0}
-    anon, kind = 0, "other"
-    with open("/proc/%d/smaps" % pid) as f:
-        for line in f:
-            if line.startswith("Anonymous:"):
-                anon = int(line.split()[1]) * 1024
-            elif line.startswith("VmFlags:"):
-                kind = "mg" if "mg" in line.split()[1:] else "other"
-                out[kind] += anon
-                anon = 0
+    anon = 0
+    for line in text.splitlines():
+        if line.startswith("Anonymous:"):
+            anon = int(line.split()[1]) * 1024
+        elif line.startswith("VmFlags:"):
+            out["mg" if "mg" in line.split()[1:] else "other"] += anon
+            anon = 0
     return out
 
 
-def reading(pid: int) -> Dict[str, int]:
-    with open("/proc/%d/statm" % pid) as f:
-        f_ = f.read().split()
-    resident, shared = int(f_[1]), int(f_[2])
-    by = anon_by_flag(pid)
-    with open("/proc/%d/ksm_stat" % pid, "rb") as f:
-        rmap = parse_ksm_stat(f.read().decode()).rmap_items or 0
-    return {"statm_anon": resident - shared, "mg": by["mg"] // PAGE, "other": by["other"] // PAGE,
-            "rmap": rmap}
+def reading(pid: int, proc: Optional[ProcFs] = None) -> Dict[str, int]:
+    """In pages; the process must be alive (a probe of our own guests)."""
+    proc = proc or ProcFs()
+    statm, stat, smaps = proc.statm_bytes(pid), proc.ksm_stat(pid), proc.smaps(pid)
+    if statm is None or stat is None or smaps is None:
+        raise SystemExit("process %d is gone, or this kernel has no /proc/<pid>/ksm_stat (Linux 6.1+)" % pid)
+    by = anon_by_flag(smaps)
+    return {"statm_anon": statm.anon // PAGE, "mg": by["mg"] // PAGE, "other": by["other"] // PAGE,
+            "rmap": stat.rmap_items or 0}
 
 
 def show(title: str, pids: List[int]) -> None:
@@ -89,7 +87,10 @@ def main() -> int:
             for k, v in (("pages_to_scan", 100000), ("sleep_millisecs", 10), ("run", 1)):
                 (KSM / k).write_text(str(v))
             end = time.monotonic() + 300
-            while int((KSM / "full_scans").read_text()) < start + 2 and time.monotonic() < end:
+            while int((KSM / "full_scans").read_text()) < start + 2:
+                if time.monotonic() > end:
+                    print("ksmd did not finish two passes in 300 s", file=sys.stderr)
+                    return 1
                 time.sleep(0.05)
             (KSM / "pages_to_scan").write_text("0")
             show("\nAfter two full passes (full_scans %s):" % (KSM / "full_scans").read_text().strip(), pids)

@@ -152,6 +152,26 @@ def test_processes_lists_user_processes_with_argv_and_comm(tmp_path):
     assert p.ksm_stat(999) is None and p.statm_bytes(999) is None and p.smaps(999) is None
 
 
+def test_smaps_is_read_whole_on_the_real_proc():
+    """smaps is a seq_file of one record per mapping: each read() hands out one buffer
+    (about a page), so a short read is not its end. A process with many mappings (a
+    Python that imported a few modules) has every mapping read, the last one included."""
+    import subprocess
+    import sys
+    code = "import json, decimal, sqlite3, ssl, sys; print('ready', flush=True); sys.stdin.read()"
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ready\n"   # imported: its mappings are settled
+        text = ProcFs().smaps(child.pid)
+        with open("/proc/%d/maps" % child.pid) as f:
+            mappings = len(f.read().splitlines())
+        assert text is not None and len(text) > 16384
+        assert text.count("VmFlags:") == mappings
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+
+
 def test_unlistable_proc_names_the_directory(tmp_path):
     with pytest.raises(ReadError, match=str(tmp_path / "nope")):
         list(ProcFs(str(tmp_path / "nope")).pids())

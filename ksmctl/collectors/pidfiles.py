@@ -10,9 +10,31 @@ from typing import Dict, Hashable, List, Optional, Tuple
 
 def read_proc_bytes(path: str) -> Optional[bytes]:
     """A /proc file's bytes, or None when the process is gone. Plain os calls on str
-    paths: this runs for every process every tick, where pathlib's overhead shows."""
+    paths: this runs for every process every tick, where pathlib's overhead shows.
+    For files of one record (statm, ksm_stat, comm, cmdline): a short read is taken as the
+    whole file. A file of many records (smaps, maps) is handed out a seq_file buffer per
+    read, short long before its end: read_proc_to_eof."""
     got = _read(path, False)
     return None if got is None else got[0]
+
+
+def read_proc_to_eof(path: str) -> Optional[bytes]:
+    """A /proc file read until read() returns nothing; None when the process is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        chunks: List[bytes] = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def read_proc_identified(path: str) -> Optional[Tuple[bytes, Tuple[int, int]]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Container, Dict, Iterator, NamedTuple, Optional, Tuple, Union
 
 from ksmctl.collectors.pidfiles import (FileBudget, KeptFiles, default_kept_files, is_procfs, read_proc_bytes,
-                                        read_proc_identified)
+                                        read_proc_identified, read_proc_to_eof)
 from ksmctl.errors import ReadError
 from ksmctl.readings import KsmStat, MemInfo, Psi
 
@@ -275,7 +275,7 @@ class ProcFs:
 
     def smaps(self, pid: int) -> Optional[str]:
         """/proc/<pid>/smaps (walks the page tables: costly, read it only when needed)."""
-        raw = self._pid_bytes(pid, "smaps")
+        raw = read_proc_to_eof("%s/%d/smaps" % (self._root, pid))
         return None if raw is None else raw.decode("utf-8", "replace")
 
     def mergeable_rss(self, skip: Container[int] = ()) -> int:
