@@ -20,7 +20,8 @@ ways: not at all; the last bytes of the page (its place in the tree does not mov
 header decides every comparison); or the last bytes and the header, which it sets to one
 among the pairs' headers (as the benchmark's fill workload turns unique pages into copies
 of OS content), so the page now sorts among the pairs while it sits among the unique pages. It prints, per way, the
-pairs merged after the two passes (pages_shared: nothing else merges) out of `pairs`.
+pairs merged after the two passes (process B's pages that map a KSM page: its others are
+unique) out of `pairs`.
 
 Needs root, writes /sys/kernel/mm/ksm and puts back the run, pages_to_scan and
 sleep_millisecs it found; takes the KSM test lock. Each run starts from run=2 (unmerge),
@@ -117,6 +118,17 @@ def reset() -> None:
     ksm_set("run", "0")
 
 
+def merged_pairs(quiet_pid: int) -> int:
+    """Pairs merged: the pages of process B (which rewrites nothing, and whose other pages
+    are unique) that map a KSM page. Not pages_shared, which also counts the merges of any
+    other mergeable process on the host (a lab guest that a test session keeps up)."""
+    from ksmctl.collectors.procfs import ProcFs
+    stat = ProcFs().ksm_stat(quiet_pid)
+    if stat is None or stat.merging_pages is None:
+        raise SystemExit("no ksm_merging_pages in /proc/%d/ksm_stat (Linux 6.1+ needed)" % quiet_pid)
+    return stat.merging_pages
+
+
 def one(args: argparse.Namespace, way: str, seed: int) -> Dict[str, float]:
     procs: List[subprocess.Popen] = []
     try:
@@ -141,7 +153,7 @@ def one(args: argparse.Namespace, way: str, seed: int) -> Dict[str, float]:
                 raise SystemExit("two passes took more than 600 s")
             time.sleep(0.02)
         ksm_set("run", "0")
-        return {"merged": int(ksm("pages_shared")), "seconds": time.monotonic() - t0}
+        return {"merged": merged_pairs(procs[1].pid), "seconds": time.monotonic() - t0}
     finally:
         for p in procs:
             try:

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+from ksmctl.collectors.pidfiles import read_proc_to_eof
+
 _SELECTED = re.compile(r"\[([^\]]+)\]")
 
 
@@ -144,16 +146,8 @@ def parse_smaps(text: str) -> List[Mapping]:
 
 
 def read_smaps(proc_root: str, pid: int) -> Optional[List[Mapping]]:
-    text = _read_all(os.path.join(proc_root, str(pid), "smaps"))
-    return None if text is None else parse_smaps(text)
-
-
-def _read_all(path: str) -> Optional[str]:
-    try:
-        with open(path, "rb") as f:
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return None
+    raw = read_proc_to_eof(os.path.join(proc_root, str(pid), "smaps"))
+    return None if raw is None else parse_smaps(raw.decode("utf-8", "replace"))
 
 
 def guest_ram(mappings: List[Mapping], memory: Optional[int]) -> List[Mapping]:

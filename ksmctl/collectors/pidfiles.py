@@ -20,21 +20,8 @@ def read_proc_bytes(path: str) -> Optional[bytes]:
 
 def read_proc_to_eof(path: str) -> Optional[bytes]:
     """A /proc file read until read() returns nothing; None when the process is gone."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        chunks: List[bytes] = []
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return b"".join(chunks)
-            chunks.append(chunk)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    got = _read(path, False, whole=True)
+    return None if got is None else got[0]
 
 
 def read_proc_identified(path: str) -> Optional[Tuple[bytes, Tuple[int, int]]]:
@@ -48,7 +35,7 @@ def read_proc_identified(path: str) -> Optional[Tuple[bytes, Tuple[int, int]]]:
     return _read(path, True)
 
 
-def _read(path: str, identify: bool) -> Optional[Tuple[bytes, Tuple[int, int]]]:
+def _read(path: str, identify: bool, whole: bool = False) -> Optional[Tuple[bytes, Tuple[int, int]]]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
@@ -59,8 +46,8 @@ def _read(path: str, identify: bool) -> Optional[Tuple[bytes, Tuple[int, int]]]:
             st = os.fstat(fd)
             ident = (st.st_ino, st.st_ctime_ns)
         data = os.read(fd, 16384)
-        if len(data) < 16384:   # procfs hands a file out whole when it fits, as regular files do
-            return data, ident
+        if not data or (len(data) < 16384 and not whole):
+            return data, ident   # one record: procfs hands it out whole when it fits
         chunks = [data]
         while True:
             chunk = os.read(fd, 65536)
