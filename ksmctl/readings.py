@@ -172,6 +172,21 @@ class EstimateSummary:
 
 
 @dataclass(frozen=True)
+class Coverage:
+    """Has ksmd looked at the memory that grew? Read at a pass boundary when the policy asks
+    (collectors/coverage.py), for the processes whose anonymous memory grew since the tick
+    before the boundary before: the Anonymous pages of their mergeable mappings (smaps)
+    against the rmap items ksmd holds for them (ksm_stat). The kernel does not say where its
+    cursor is; this says whether the pass that ended went past the new memory."""
+
+    processes: int        # processes read (smaps and ksm_stat)
+    mergeable_pages: int  # Anonymous pages in their mergeable mappings
+    rmap_items: int       # their ksm_rmap_items
+    unseen_pages: int     # per process max(0, mergeable - rmap items), plus smaller growth not read
+    unreadable: int = 0   # grown processes whose smaps could not be read (ptrace access)
+
+
+@dataclass(frozen=True)
 class Readings:
     """One tick's view of the host. Optional parts are None when their source failed
     this tick (the error is in `errors`); the policy treats a missing signal as unknown."""
@@ -187,6 +202,7 @@ class Readings:
     estimate: Optional[EstimateSummary] = None  # the last periodic estimate, if enabled
     errors: Tuple[Tuple[ErrorSource, str], ...] = ()  # (source, message)
     vm_source: Optional[VmSource] = None  # where `vms` came from (None: no VM collector)
+    coverage: Optional[Coverage] = None  # at a pass boundary, when the policy asked for it
 
     @property
     def merge_potential(self) -> Optional[int]:
@@ -211,6 +227,7 @@ class Readings:
             "estimate": dict(vars(self.estimate)) if self.estimate is not None else None,
             "errors": [list(e) for e in self.errors],
             "vm_source": self.vm_source,
+            "coverage": dict(vars(self.coverage)) if self.coverage is not None else None,
         }
 
 

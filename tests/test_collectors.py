@@ -279,3 +279,120 @@ def test_vm_table_round_trips_to_the_dicts_traces_hold():
     assert vm_dicts(r.to_dict(vm_table=True)["vms"]) == r.to_dict()["vms"]
     assert vm_dicts(vms_table(())) == []
     assert vm_dicts({"fields": ["uuid"]}) is None and vm_dicts("x") is None
+
+
+def _smaps_text(mg_anon_kib: int, other_anon_kib: int = 65536) -> str:
+    """Two mappings as QEMU has them: guest RAM (mergeable) and its own heap."""
+    return ("7f0000000000-7f0040000000 rw-p 00000000 00:00 0\nRss: %d kB\nAnonymous: %d kB\n"
+            "VmFlags: rd wr mr mw me ac sd mg\n"
+            "55d000000000-55d004000000 rw-p 00000000 00:00 0 [heap]\nRss: %d kB\nAnonymous: %d kB\n"
+            "VmFlags: rd wr mr mw me ac sd\n" % (mg_anon_kib, mg_anon_kib, other_anon_kib, other_anon_kib))
+
+
+def _coverage_host(tmp_path, rmap_items: int, mg_anon_kib: int):
+    page = os.sysconf("SC_PAGE_SIZE")
+    stat = KSM_STAT_NEW.replace("ksm_rmap_items 2048", "ksm_rmap_items %d" % rmap_items)
+    procs = {100: {"ksm_stat": stat, "statm": "5000 1000 10 1 0 900 0\n", "smaps": _smaps_text(mg_anon_kib)}}
+    sys_root, proc_root = make_sys(tmp_path / "sys"), make_proc(tmp_path / "proc", processes=procs)
+    collector = HostCollector(KsmSysfs(str(sys_root)), ProcFs(str(proc_root)))
+    return collector, sys_root / "kernel/mm/ksm/full_scans", proc_root / "100", page
+
+
+def test_coverage_is_read_at_a_boundary_when_wanted_for_the_processes_that_grew(tmp_path):
+    """The pass more for growth behind ksmd's cursor (policy resume.py) is dropped only on
+    this reading, so it is read at the tick that sees full_scans move, when the daemon
+    asks, for the processes whose memory grew since the tick before the boundary before."""
+    collector, full_scans, proc, page = _coverage_host(tmp_path, rmap_items=2000, mg_anon_kib=8192)
+    collector.coverage_wanted = True
+    assert collector.collect().coverage is None                       # the first tick (full_scans 9): none known
+    full_scans.write_text("11\n")
+    c = collector.collect().coverage                                  # a boundary; everything new since
+    assert c is not None and (c.processes, c.mergeable_pages, c.rmap_items) == (1, 8192 * 1024 // page, 2000)
+    assert c.unseen_pages == 8192 * 1024 // page - 2000
+    assert collector.collect().coverage is None                       # no boundary this tick
+    full_scans.write_text("12\n")
+    c = collector.collect().coverage                                  # nothing grew since the tick before 11
+    assert c is not None and (c.processes, c.unseen_pages) == (0, 0)
+    (proc / "statm").write_text("5000 1010 10 1 0 900 0\n")           # +10 pages: too little to read, unseen
+    collector.collect()
+    full_scans.write_text("13\n")
+    c = collector.collect().coverage
+    assert c is not None and (c.processes, c.unseen_pages) == (0, 10)
+    (proc / "statm").write_text("5000 4000 10 1 0 900 0\n")
+    collector.collect()
+    collector.coverage_wanted = False
+    full_scans.write_text("14\n")
+    assert collector.collect().coverage is None                        # not asked: smaps is not walked
+
+
+@pytest.mark.parametrize("breakage", ["no_rmap_items", "too_many"])
+def test_coverage_that_cannot_tell_is_none(tmp_path, monkeypatch, breakage):
+    """None keeps the pass more: a kernel before 6.1 (no ksm_rmap_items), more grown
+    processes than are worth walking."""
+    import ksmctl.collectors.coverage as coverage
+    collector, full_scans, proc, page = _coverage_host(tmp_path, rmap_items=2000, mg_anon_kib=8192)
+    if breakage == "no_rmap_items":
+        (proc / "ksm_stat").write_text("ksm_merging_pages 1500\nksm_mergeable: yes\n")
+    else:
+        monkeypatch.setattr(coverage, "MAX_PROCESSES", 0)
+    collector.coverage_wanted = True
+    collector.collect()
+    full_scans.write_text("11\n")
+    r = collector.collect()
+    assert r.coverage is None and r.mergeable_rss is not None and r.errors == ()
+
+
+@pytest.mark.parametrize("smaps", ["directory", "fifo", "device", "unreadable"])
+def test_a_grown_process_whose_smaps_cannot_be_read_is_counted_unreadable(tmp_path, smaps):
+    """The shipped unit's daemon cannot read another user's smaps (no CAP_SYS_PTRACE): the
+    reading says so, and no error is counted, since that is the unit as shipped. A FIFO
+    or a device where the file belongs must not hang the tick."""
+    collector, full_scans, proc, page = _coverage_host(tmp_path, rmap_items=2000, mg_anon_kib=8192)
+    (proc / "smaps").unlink()
+    if smaps == "directory":
+        (proc / "smaps").mkdir()
+    elif smaps == "fifo":
+        os.mkfifo(str(proc / "smaps"))
+    elif smaps == "device":
+        (proc / "smaps").symlink_to("/dev/zero")
+    else:
+        (proc / "smaps").write_text("x")
+        (proc / "smaps").chmod(0)
+        if os.geteuid() == 0:   # root reads a mode-0 file: make it a dangling link instead
+            (proc / "smaps").unlink()
+            (proc / "smaps").symlink_to(tmp_path / "nowhere")
+    collector.coverage_wanted = True
+    collector.collect()
+    full_scans.write_text("11\n")
+    r = collector.collect()
+    assert r.coverage is not None and (r.coverage.processes, r.coverage.unreadable) == (0, 1) and r.errors == ()
+
+
+def test_a_grown_process_that_exited_is_left_out(tmp_path):
+    collector, full_scans, proc, page = _coverage_host(tmp_path, rmap_items=2000, mg_anon_kib=8192)
+    collector.coverage_wanted = True
+    collector.collect()
+    full_scans.write_text("11\n")
+    gone = collector.coverage.read({100: 4000 * page, 555: 9000 * page}, {})
+    assert gone is not None and gone.processes == 1 and gone.unseen_pages == 8192 * 1024 // page - 2000
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_device_where_a_process_file_belongs_does_not_hang_a_tick(tmp_path, kind):
+    """statm and ksm_stat are kept open and read every tick; a FIFO would block the open,
+    /dev/zero would never end."""
+    procs = {100: {"ksm_stat": KSM_STAT_NEW, "statm": "5000 1000 10 1 0 900 0\n"},
+             101: {"ksm_stat": KSM_STAT_NEW}}
+    proc_root = make_proc(tmp_path / "proc", processes=procs)
+    for name in ("statm",):
+        target = proc_root / "101" / name
+        if kind == "fifo":
+            os.mkfifo(str(target))
+        else:
+            target.symlink_to("/dev/zero")
+    (proc_root / "102").mkdir()
+    (proc_root / "102" / "ksm_stat").symlink_to("/dev/zero")
+    p = ProcFs(str(proc_root))
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert p.mergeable_anon() == {100: 990 * page, 101: 0}
+    assert p.statm_bytes(101) is None and p.smaps(101) is None

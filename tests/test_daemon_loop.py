@@ -50,3 +50,48 @@ def test_unreadable_meminfo_skips_the_tick(tmp_path):
     assert not rec.ok and rec.decision is None and rec.errors[0][0] == "proc"
     assert (sys_root / "kernel/mm/ksm/run").read_text() == "0\n"  # nothing written on a skipped tick
     assert "last tick failed" in d.state_dict(rec)["status"]
+
+
+GROWING = """
+name: growing
+run: {mode: always}
+scan:
+  strategy: adaptive
+  adaptive: {target_pass_seconds: 4, min_passes: 2, resume_growth: 64MiB}
+"""
+
+
+def test_the_daemon_asks_for_coverage_after_growth_and_the_next_boundary_answers(tmp_path):
+    """Growth while ksmd holds pages counts a pass more; the daemon then has the collector
+    read, at the next boundary, whether ksmd saw the grown memory, and the decision that
+    drops the pass says so. Only then: the smaps walk is not for every tick."""
+    import os
+    page = os.sysconf("SC_PAGE_SIZE")
+    mg_kib = 150 * 1024
+    procs = {100: {"ksm_stat": "ksm_rmap_items %d\nksm_mergeable: yes\n" % (mg_kib * 1024 // page),
+                   "statm": "50000 1000 10 1 0 900 0\n",
+                   "smaps": "7f0000000000-7f0040000000 rw-p 00000000 00:00 0\nAnonymous: %d kB\n"
+                            "VmFlags: rd wr mr mw me ac sd mg\n" % mg_kib}}
+    held = ("pages_shared", "pages_sharing", "pages_unshared", "pages_volatile")
+    sys_root = make_sys(tmp_path / "sys", {name: "0" for name in held})   # ksmd holds nothing yet
+    proc_root = make_proc(tmp_path / "proc", processes=procs)
+    collector = HostCollector(KsmSysfs(str(sys_root)), ProcFs(str(proc_root)))
+    lp = LoadedPolicy(parse_policy(GROWING, "growing.yaml"), "growing.yaml", "0" * 64)
+    d = Daemon(Config(state_file=str(tmp_path / "state.json")), lp, collector, KsmWriter(collector.sysfs))
+    ksm = sys_root / "kernel/mm/ksm"
+    d.tick()
+    assert not collector.coverage_wanted and d.engine.adaptive.need_passes == 2
+    for name in held:                                   # part-way through a pass now
+        (ksm / name).write_text("1000\n")
+    grown = 1000 + 100 * 1024 * 1024 // page
+    (proc_root / "100/statm").write_text("50000 %d 10 1 0 900 0\n" % grown)
+    rec = d.tick()
+    assert "grew by" in rec.decision.reason and d.engine.adaptive.need_passes == 3
+    assert collector.coverage_wanted
+    (ksm / "full_scans").write_text("10\n")
+    (ksm / "pages_scanned").write_text("200000\n")
+    rec = d.tick()
+    assert rec.readings.coverage is not None and rec.readings.coverage.processes == 1
+    assert "it counts, 2 passes, not 3" in rec.decision.reason and d.engine.adaptive.need_passes == 2
+    assert not collector.coverage_wanted
+    d.shutdown()

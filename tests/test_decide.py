@@ -12,7 +12,7 @@ from ksmctl.policy.decide import EngineState, decide, sleep_millisecs
 from ksmctl.policy.strategies.run import RunState
 from ksmctl.policy.loader import load_policy, parse_policy
 from ksmctl.policy.rules import AdaptiveMode
-from ksmctl.readings import KsmState, MemInfo, Psi, Readings, VmReading
+from ksmctl.readings import Coverage, KsmState, MemInfo, Psi, Readings, VmReading
 from ksmctl.errors import PolicyError
 from ksmctl.service.trace import decision_to_dict, state_from_dict, state_to_dict
 
@@ -30,12 +30,13 @@ def ksm(**values) -> KsmState:
 
 def reading(t: float = 0.0, total_kib: int = 8388608, free_kib: int = 0, committed_kib: int = 0,
             available: Optional[int] = None, psi10: float = 0.0, ksmd_cpu: Optional[float] = 0.0,
-            mergeable: Optional[int] = None, **ksm_values) -> Readings:
+            mergeable: Optional[int] = None, coverage: Optional[Coverage] = None, **ksm_values) -> Readings:
     mi = MemInfo(total=total_kib * KIB, available=available if available is not None else free_kib * KIB,
                  free=free_kib * KIB)
     vms = (VmReading(uuid="u1", name="g1", rss=committed_kib * KIB),)
     return Readings(monotonic=t, wall=1e9 + t, ksm=ksm(**ksm_values), meminfo=mi,
-                    psi=Psi(psi10, 0.0, 0.0, 0.0), ksmd_cpu_seconds=ksmd_cpu, vms=vms, mergeable_rss=mergeable)
+                    psi=Psi(psi10, 0.0, 0.0, 0.0), ksmd_cpu_seconds=ksmd_cpu, vms=vms, mergeable_rss=mergeable,
+                    coverage=coverage)
 
 
 # ksmtuned on an 8 GiB host (MemTotal 8388608 KiB):
@@ -214,6 +215,94 @@ def test_adaptive_counts_passes_again_when_memory_grows_while_merging():
     d, st = decide(ADAPTIVE, reading(t=19, mergeable=merge + 100 * MIB, full_scans=5, pages_scanned=563200,
                                      pages_sharing=75000, pages_unshared=2000), st)
     assert d.scan_rule == "idle" and st.adaptive.passes == 3
+
+
+def _grown_while_merging(policy=ADAPTIVE):
+    """test_adaptive_counts_passes_again_when_memory_grows_while_merging up to the growth:
+    three passes to go, one of them for memory behind ksmd's cursor."""
+    merge = 400 * MIB
+    st = EngineState()
+    d, st = decide(policy, reading(t=0, mergeable=merge), st)
+    d, st = decide(policy, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400), st)
+    d, st = decide(policy, reading(t=10, mergeable=merge + 100 * MIB, full_scans=2, pages_scanned=204800,
+                                   pages_sharing=50000, pages_unshared=2000), st)
+    assert st.adaptive.need_passes == 3 and st.adaptive.behind_growth
+    return st
+
+
+def _next_boundary(coverage: Optional[Coverage], t: float = 12, full_scans: int = 3, **extra):
+    return reading(t=t, mergeable=500 * MIB, full_scans=full_scans, pages_scanned=256000 + 51200 * (full_scans - 3),
+                   pages_sharing=50000, pages_unshared=2000, coverage=coverage, **extra)
+
+
+# The grown guest's 25600 pages (100 MiB), every one with an rmap item; the list is 128000
+# pages (500 MiB), so 640 may be unseen.
+SEEN = Coverage(processes=1, mergeable_pages=25600, rmap_items=25600, unseen_pages=0)
+
+
+def test_growth_ksmd_has_looked_at_costs_no_pass_more():
+    d, st = decide(ADAPTIVE, _next_boundary(SEEN), _grown_while_merging())
+    assert st.adaptive.passes == 1 and st.adaptive.need_passes == 2 and not st.adaptive.behind_growth
+    assert ("the pass that ended looked at the memory that grew (1 grown processes: 0 of their 25600 mergeable "
+            "pages unseen by ksmd (25600 rmap items), at most 640 allowed): it counts, 2 passes, not 3") in d.reason
+    # The next pass is the last: quiet, so idle at 2 passes instead of a third.
+    d, st = decide(ADAPTIVE, _next_boundary(None, t=17, full_scans=4), st)
+    assert d.scan_rule == "idle" and st.adaptive.passes == 2
+
+
+@pytest.mark.parametrize("coverage, why", [
+    (Coverage(1, 25600, 24900, 700), "the pass that ended missed memory that grew (1 grown processes: 700 of"),
+    (Coverage(1, 25600, 0, 25600), "the pass that ended missed memory that grew"),
+    (None, "the pass that ended may have missed the memory that grew (no reading of which pages ksmd has seen)"),
+    (Coverage(0, 0, 0, 0, unreadable=2), "(the smaps of 2 grown processes is unreadable: another user's need "
+                                         "CAP_SYS_PTRACE)"),
+])
+def test_growth_ksmd_may_not_have_looked_at_keeps_the_pass_more(coverage, why):
+    d, st = decide(ADAPTIVE, _next_boundary(coverage), _grown_while_merging())
+    assert st.adaptive.passes == 1 and st.adaptive.need_passes == 3 and not st.adaptive.behind_growth
+    assert why in d.reason and "3 passes stay" in d.reason
+    # Judged once, at the first boundary: a later reading changes nothing.
+    d, st = decide(ADAPTIVE, _next_boundary(SEEN, t=17, full_scans=4), st)
+    assert st.adaptive.need_passes == 3 and "memory that grew" not in d.reason
+
+
+def test_a_reading_between_boundaries_is_not_judged():
+    st = _grown_while_merging()
+    d, st = decide(ADAPTIVE, _next_boundary(SEEN, full_scans=2), st)
+    assert st.adaptive.need_passes == 3 and st.adaptive.behind_growth and "memory that grew" not in d.reason
+
+
+def test_a_restarts_pass_more_is_not_for_growth():
+    """Pages behind the cursor may have changed while KSM was stopped: rmap items do not
+    tell that, so the restart's pass more stays."""
+    p = parse_policy(ADAPTIVE_TEXT.replace("run: {mode: always}", """run:
+  mode: conditional
+  start_when: [{signal: memory_available, below: 50%}]
+  stop_when: [{signal: memory_available, above: 60%}]"""))
+    _, st = decide(p, reading(t=0, available=7 * GIB, mergeable=400 * MIB, pages_sharing=1000), EngineState())
+    _, st = decide(p, reading(t=2, available=3 * GIB, mergeable=400 * MIB, pages_sharing=1000), st)
+    assert st.adaptive.need_passes == 3 and not st.adaptive.behind_growth
+    _, st = decide(p, reading(t=4, available=3 * GIB, mergeable=400 * MIB, pages_sharing=1000, full_scans=1,
+                              pages_scanned=100000, coverage=SEEN), st)
+    assert st.adaptive.need_passes == 3
+
+
+def test_growth_from_idle_mid_list_and_seen_parks_one_pass_sooner():
+    """With park, the pass that counts arms the park at the next boundary."""
+    _, st = _parked()
+    _, st = decide(PARKING, _at_park(10), st)
+    # Moved off the boundary (someone wrote pages_to_scan): idle mid-list.
+    _, st = decide(PARKING, reading(t=12, mergeable=400 * MIB, full_scans=2, pages_scanned=205000,
+                                    pages_sharing=50000, pages_to_scan=100, ksmd_cpu=2.0), st)
+    d, st = decide(PARKING, reading(t=14, mergeable=600 * MIB, full_scans=2, pages_scanned=205200,
+                                    pages_sharing=50000, pages_shared=10, pages_to_scan=100, ksmd_cpu=2.0), st)
+    assert d.scan_rule == "resume" and st.adaptive.need_passes == 3 and st.adaptive.behind_growth
+    assert state_from_dict(json.loads(json.dumps(state_to_dict(st)))) == st
+    seen = Coverage(processes=2, mergeable_pages=51200, rmap_items=51300, unseen_pages=12)
+    d, st = decide(PARKING, reading(t=19, mergeable=600 * MIB, full_scans=3, pages_scanned=360800,
+                                    pages_sharing=50000, pages_shared=10, pages_to_scan=384, ksmd_cpu=3.0,
+                                    coverage=seen), st)
+    assert st.adaptive.need_passes == 2 and d.park_at == 4 and "it counts, 2 passes, not 3" in d.reason
 
 
 def test_cpu_budget_caps_scan_rate():

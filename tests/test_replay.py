@@ -91,7 +91,7 @@ def test_trace_rotation_bounds_size(tmp_path):
 def test_readings_to_dict_matches_asdict_and_round_trips():
     import dataclasses
 
-    from ksmctl.readings import EstimateSummary, KsmStat, Psi, VmReading
+    from ksmctl.readings import Coverage, EstimateSummary, KsmStat, Psi, VmReading
     from ksmctl.service.trace import readings_from_dict
     sys_root = make_sys(__import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "sys")
     proc_root = make_proc(sys_root.parent / "proc")
@@ -99,7 +99,7 @@ def test_readings_to_dict_matches_asdict_and_round_trips():
     r = dataclasses.replace(r, psi=Psi(1.0, 2.0, 0.5, 0.25), errors=(("libvirt", "x"),),
                             vms=(VmReading(uuid="u", name="n", rss=5, guest_swap_in=4096,
                                            ksm=KsmStat(rmap_items=3, mergeable=True)),),
-                            estimate=EstimateSummary(1, 2, 3, 4.0, 5.0))
+                            estimate=EstimateSummary(1, 2, 3, 4.0, 5.0), coverage=Coverage(1, 2, 3, 4))
     fast = json.loads(json.dumps(r.to_dict()))
     slow = dataclasses.asdict(r)
     slow["ksm"]["unsupported"] = sorted(slow["ksm"]["unsupported"])
@@ -152,6 +152,16 @@ def test_bad_state_value_in_a_trace_is_named(tmp_path):
     t.write_text(json.dumps(rec) + "\n")
     out = CliRunner().invoke(cli, ["policy", "replay", "--policy", "default", "--trace", str(t)])
     assert out.exit_code == 2 and "t.jsonl:1: not a ksmctl trace record" in out.output and "sleepy" in out.output
+
+
+def test_a_bad_coverage_reading_in_a_trace_is_named(tmp_path):
+    rec = json.loads((DATA / "trace-before-split-default.jsonl").read_text().splitlines()[1])
+    rec["readings"]["coverage"] = {"processes": 1, "mergeable_pages": "many", "rmap_items": 3, "unseen_pages": 0}
+    t = tmp_path / "t.jsonl"
+    t.write_text(json.dumps(rec) + "\n")
+    out = CliRunner().invoke(cli, ["policy", "replay", "--policy", "default", "--trace", str(t)])
+    assert out.exit_code == 2 and "t.jsonl:1: not a ksmctl trace record" in out.output
+    assert "readings.coverage.mergeable_pages" in out.output and "Traceback" not in out.output
 
 
 def test_replay_explains_a_pass_not_worth_running(tmp_path):

@@ -12,7 +12,8 @@ import time
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, TypeVar
 
 from ksmctl.errors import ErrorSource, KsmctlError, ReadError
-from ksmctl.readings import EstimateSummary, Readings, VmReading, VmSource
+from ksmctl.readings import Coverage, EstimateSummary, Readings, VmReading, VmSource
+from ksmctl.collectors.coverage import CoverageCollector
 from ksmctl.collectors.procfs import ProcFs
 from ksmctl.kernel.sysfs import KsmSysfs
 
@@ -52,6 +53,8 @@ class HostCollector:
         self.wall = wall
         self.track_mergeable = track_mergeable
         self.estimate: Optional[EstimateSummary] = None  # set by the periodic estimator
+        self.coverage = CoverageCollector(procfs)
+        self.coverage_wanted = False  # set by the daemon from the policy's state (a pass more pending for growth)
         self._reported: Errors = []  # errors from background work, for the next tick
 
     def report_error(self, source: ErrorSource, message: str) -> None:
@@ -79,20 +82,28 @@ class HostCollector:
             vms = self._optional(ErrorSource.LIBVIRT, self.vms.collect, errors)
             errors.extend(self.vms.errors)  # per-domain problems, libvirt outages
             vm_source = self.vms.source if vms is not None else None
-        mergeable = self._mergeable(vms, errors) if self.track_mergeable else None
+        mergeable: Optional[int] = None
+        coverage: Optional[Coverage] = None
+        if self.track_mergeable:
+            by_pid = self._mergeable(vms, errors)
+            if by_pid is not None:
+                mergeable = sum(by_pid.values())
+                coverage = self._optional(ErrorSource.PROC, lambda: self.coverage.observe(
+                    ksm.get("full_scans"), by_pid, self.coverage_wanted), errors)
         return Readings(monotonic=self.clock(), wall=self.wall(), ksm=ksm, meminfo=meminfo, psi=psi,
                         ksmd_cpu_seconds=cpu, vms=tuple(vms) if vms is not None else None,
                         mergeable_rss=mergeable, estimate=self.estimate,
-                        errors=tuple(errors), vm_source=vm_source)
+                        errors=tuple(errors), vm_source=vm_source, coverage=coverage)
 
-    def _mergeable(self, vms: Optional[Tuple[VmReading, ...]], errors: Errors) -> Optional[int]:
-        """Mergeable memory of all processes, as their anonymous RSS (Statm.anon); guests'
+    def _mergeable(self, vms: Optional[Tuple[VmReading, ...]], errors: Errors) -> Optional[Dict[int, int]]:
+        """Mergeable memory of each process, as its anonymous RSS (Statm.anon); guests'
         own figures come from the VM readings."""
         guests: Dict[int, VmReading] = {v.pid: v for v in (vms or ()) if v.pid is not None}
-        rest = self._optional(ErrorSource.PROC, lambda: self.procfs.mergeable_rss(skip=guests), errors)
+        rest = self._optional(ErrorSource.PROC, lambda: self.procfs.mergeable_anon(skip=guests), errors)
         if rest is None:
             return None
-        return rest + sum(v.anon_rss or 0 for v in guests.values() if guest_mergeable(v))
+        rest.update((pid, v.anon_rss or 0) for pid, v in guests.items() if guest_mergeable(v))
+        return rest
 
     @staticmethod
     def _optional(source: ErrorSource, fn: Callable[[], T], errors: Errors) -> Optional[T]:

@@ -93,6 +93,7 @@ class Mapping:
     flags: Tuple[str, ...]    # VmFlags: mg mergeable, ht hugetlb, sh shared, lo locked, hg/nh THP advice
     ksm: Optional[int] = None  # bytes mapping a KSM page now (Linux 6.7+; None: no such line)
     swap: int = 0              # bytes swapped out
+    anon: int = 0              # bytes of anonymous pages resident (what ksmd can scan)
 
     @property
     def size(self) -> int:
@@ -112,7 +113,7 @@ class Mapping:
 
 
 _SMAPS_KEYS = {"Rss:": "rss", "AnonHugePages:": "anon_huge", "Locked:": "locked", "KSM:": "ksm",
-               "Swap:": "swap"}
+               "Swap:": "swap", "Anonymous:": "anon"}
 
 
 def parse_smaps(text: str) -> List[Mapping]:
@@ -133,7 +134,7 @@ def parse_smaps(text: str) -> List[Mapping]:
                 continue
             parts = line.split(None, 5)
             cur = {"start": start, "end": end, "path": parts[5].strip() if len(parts) > 5 else "",
-                   "rss": 0, "anon_huge": 0, "locked": 0, "ksm": None, "swap": 0}
+                   "rss": 0, "anon_huge": 0, "locked": 0, "ksm": None, "swap": 0, "anon": 0}
         elif cur is not None and key in _SMAPS_KEYS:
             try:
                 cur[_SMAPS_KEYS[key]] = int(head[1].split()[0]) * 1024

@@ -3,8 +3,10 @@ files kept open from tick to tick (KeptFiles). Apart from procfs.py, which parse
 these read."""
 from __future__ import annotations
 
+import errno
 import os
 import resource
+import stat
 from typing import Dict, Hashable, List, Optional, Tuple
 
 
@@ -35,9 +37,18 @@ def read_proc_identified(path: str) -> Optional[Tuple[bytes, Tuple[int, int]]]:
     return _read(path, True)
 
 
+# A FIFO where a /proc file belongs (a fixture tree, a hostile --proc-root) must not block
+# the open; a device (/dev/zero) must not be read without end: procfs files are regular.
+_OPEN = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0)
+
+
+def _regular(fd: int) -> bool:
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
 def _read(path: str, identify: bool, whole: bool = False) -> Optional[Tuple[bytes, Tuple[int, int]]]:
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, _OPEN)
     except OSError:
         return None
     try:
@@ -45,9 +56,13 @@ def _read(path: str, identify: bool, whole: bool = False) -> Optional[Tuple[byte
         if identify:
             st = os.fstat(fd)
             ident = (st.st_ino, st.st_ctime_ns)
+        if whole and not _regular(fd):
+            return None
         data = os.read(fd, 16384)
         if not data or (len(data) < 16384 and not whole):
             return data, ident   # one record: procfs hands it out whole when it fits
+        if not whole and not _regular(fd):
+            return None
         chunks = [data]
         while True:
             chunk = os.read(fd, 65536)
@@ -64,6 +79,8 @@ def _pread_all(fd: int) -> bytes:
     data = os.pread(fd, 16384, 0)
     if len(data) < 16384:
         return data
+    if not _regular(fd):
+        raise OSError(errno.EINVAL, "not a regular file")
     chunks = [data]
     while True:
         chunk = os.pread(fd, 65536, sum(len(c) for c in chunks))
@@ -133,7 +150,7 @@ class KeptFiles:
         if self._budget.free <= 0:
             return read_proc_identified(path)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(path, _OPEN)
         except OSError:
             return None
         first = self._pread(fd, verify)

@@ -284,12 +284,16 @@ class ProcFs:
 
         Growth of this sum is how the policy notices new mergeable memory (a guest
         started) without waiting for ksmd to scan it. Kernel threads have no ksm_stat."""
-        total = 0
+        return sum(self.mergeable_anon(skip).values())
+
+    def mergeable_anon(self, skip: Container[int] = ()) -> Dict[int, int]:
+        """mergeable_rss by pid (collectors/coverage.py asks which processes grew)."""
+        out: Dict[int, int] = {}
         for pid in self.pids():
             if pid in skip:
                 continue
             raw = self.ksm_stat_bytes(pid)
             if raw and is_mergeable(raw):
                 m = self.statm_bytes(pid)
-                total += m.anon if m is not None else 0
-        return total
+                out[pid] = m.anon if m is not None else 0
+        return out

@@ -90,7 +90,7 @@ def _scan(scan: ScanSection, r: Readings, sig: SignalValues, total: Optional[int
         rmap = sum(r.ksm.get(n, 0) or 0 for n in _RMAP)
         assert st.last is not None, "decide() records this tick's counters first"
         tick = Tick(st.last, before.last, r.mergeable_rss, rmap, r.ksm.page_size, run.restarted,
-                    before.run.active is not None, r.ksm.get("pages_to_scan") == 0)
+                    before.run.active is not None, r.ksm.get("pages_to_scan") == 0, r.coverage)
         pace, ad = adaptive(scan.adaptive, scan.pages_to_scan, tick, sleep, st.adaptive)
         return pace, replace(st, adaptive=ad)
     if scan.strategy is Strategy.advisor:

@@ -152,6 +152,7 @@ class Daemon:
             rec.unmergeable = self.unmergeable.current(readings.vms)
         before = self.engine
         decision, self.engine = decide(self.loaded.policy, readings, before)
+        self.collector.coverage_wanted = self.engine.adaptive.behind_growth  # read at the next boundary
         if self.guests is not None:
             rec.merge = self.guests.tick(readings.vms, readings.meminfo, self.loaded.policy.vms, readings.ksm)
             rec.errors.extend(rec.merge.errors)

@@ -17,7 +17,7 @@ from ksmctl.policy.strategies.adaptive import AdaptiveState
 from ksmctl.policy.strategies.cpu_budget import BudgetState
 from ksmctl.policy.strategies.run import RunState
 from ksmctl.policy.strategies.step import StepState
-from ksmctl.readings import (MAX_WALL, PAGE_SIZE_MAX, PAGE_SIZE_MIN, EstimateSummary, KsmStat, KsmState, MemInfo, Psi,
+from ksmctl.readings import (MAX_WALL, PAGE_SIZE_MAX, PAGE_SIZE_MIN, Coverage, EstimateSummary, KsmStat, KsmState, MemInfo, Psi,
                              Readings, VmReading, VmSource)
 
 TRACE_VERSION = 1
@@ -38,7 +38,8 @@ def readings_from_dict(d: Dict[str, Any]) -> Readings:
         ksmd_cpu_seconds=d.get("ksmd_cpu_seconds"), vms=vms, mergeable_rss=d.get("mergeable_rss"),
         estimate=EstimateSummary(**d["estimate"]) if d.get("estimate") else None,
         errors=tuple(tuple(e) for e in d.get("errors") or ()),  # type: ignore[misc]
-        vm_source=VmSource.parse(d.get("vm_source")))
+        vm_source=VmSource.parse(d.get("vm_source")),
+        coverage=Coverage(**d["coverage"]) if d.get("coverage") else None)
 
 
 def state_to_dict(s: EngineState) -> Dict[str, Any]:
@@ -62,6 +63,8 @@ def state_to_dict(s: EngineState) -> Dict[str, Any]:
         out["park_at"] = ad.park_at
     if ad.parked:
         out["parked"] = True
+    if ad.behind_growth:
+        out["behind_growth"] = True
     return out
 
 
@@ -107,7 +110,8 @@ def state_from_dict(d: Dict[str, Any]) -> EngineState:
                            _field(d, "verifying", _bool, False), _field(d, "idle_mergeable", _int, None),
                            _field(d, "phase_start", _mark, None), _field(d, "pass_start", _mark, None),
                            _field(d, "idle_at", _mark, None), _field(d, "pass_cpu", _num, None),
-                           _field(d, "park_at", _int, None), _field(d, "parked", _bool, False))
+                           _field(d, "park_at", _int, None), _field(d, "parked", _bool, False),
+                           _field(d, "behind_growth", _bool, False))
         history = tuple((_num(t), _int(v)) for t, v in d.get("available_history") or ())
         return EngineState(run=RunState(_field(d, "active", _bool, None)),
                            step=StepState(_field(d, "npages", _int, None)), adaptive=ad,

@@ -6,6 +6,7 @@ from typing import Optional, Tuple
 
 from ksmctl.policy.rules import AdaptiveMode, ScanRule
 from ksmctl.policy.signals import Mark
+from ksmctl.readings import Coverage
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class AdaptiveState:
     pass_cpu: Optional[float] = None         # ksmd CPU-seconds per pass of the phase before that
     park_at: Optional[int] = None            # full_scans at which ksmd is to stop (park.py)
     parked: bool = False                     # ksmd was stopped exactly at a pass boundary
+    behind_growth: bool = False              # need_passes holds one more for growth behind the cursor (resume.py)
 
     def at_boundary(self, tick: "Tick") -> bool:
         """ksmd is parked at a pass boundary still: a process that starts now joins the end
@@ -43,6 +45,7 @@ class Tick:
     restarted: bool              # KSM starts this tick or was stopped by the policy before
     resumed: bool                # a restart after earlier ticks (not the very first tick)
     parked: bool = False         # pages_to_scan reads 0: ksmd scans nothing (park.py)
+    coverage: Optional[Coverage] = None  # at a boundary: did the pass see the grown memory (passes.py)
 
     def list_pages(self) -> int:
         """The pages one full pass covers: ksmd's list, or the mergeable memory when larger
