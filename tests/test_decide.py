@@ -194,17 +194,24 @@ def test_adaptive_does_not_idle_while_passes_still_find_merges():
         assert d.scan_rule == "merging"
 
 
-def test_adaptive_counts_passes_again_when_memory_grows_while_merging():
+def _grown_while_merging():
+    """A pass over 400 MiB, then a guest starts (+100 MiB) during the merge pass: its pages
+    need two passes of their own, after the boundary that ends the pass in which it joined
+    (behind ksmd's cursor). The decision and state at the growth."""
     merge = 400 * MIB
     st = EngineState()
     d, st = decide(ADAPTIVE, reading(t=0, mergeable=merge), st)
     d, st = decide(ADAPTIVE, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400), st)
-    # A guest starts (+100 MiB) during the merge pass: its pages need two passes of their own,
-    # after the boundary that ends the pass in which it joined (behind ksmd's cursor).
     d, st = decide(ADAPTIVE, reading(t=10, mergeable=merge + 100 * MIB, full_scans=2, pages_scanned=204800,
                                      pages_sharing=50000, pages_unshared=2000), st)
+    return d, st
+
+
+def test_adaptive_counts_passes_again_when_memory_grows_while_merging():
+    merge = 400 * MIB
+    d, st = _grown_while_merging()
     assert d.scan_rule == "merging" and st.adaptive.passes == 0 and st.adaptive.need_passes == 3
-    assert "grew by 100.0 MiB while merging" in d.reason
+    assert "grew by 100.0 MiB while merging" in d.reason and st.adaptive.behind_growth
     # A quiet interval now is not enough: only 1 of 2 passes since the growth.
     d, st = decide(ADAPTIVE, reading(t=12, mergeable=merge + 100 * MIB, full_scans=3, pages_scanned=256000,
                                      pages_sharing=50000, pages_unshared=2000), st)
@@ -215,19 +222,6 @@ def test_adaptive_counts_passes_again_when_memory_grows_while_merging():
     d, st = decide(ADAPTIVE, reading(t=19, mergeable=merge + 100 * MIB, full_scans=5, pages_scanned=563200,
                                      pages_sharing=75000, pages_unshared=2000), st)
     assert d.scan_rule == "idle" and st.adaptive.passes == 3
-
-
-def _grown_while_merging(policy=ADAPTIVE):
-    """test_adaptive_counts_passes_again_when_memory_grows_while_merging up to the growth:
-    three passes to go, one of them for memory behind ksmd's cursor."""
-    merge = 400 * MIB
-    st = EngineState()
-    d, st = decide(policy, reading(t=0, mergeable=merge), st)
-    d, st = decide(policy, reading(t=5, mergeable=merge, full_scans=1, pages_scanned=102400), st)
-    d, st = decide(policy, reading(t=10, mergeable=merge + 100 * MIB, full_scans=2, pages_scanned=204800,
-                                   pages_sharing=50000, pages_unshared=2000), st)
-    assert st.adaptive.need_passes == 3 and st.adaptive.behind_growth
-    return st
 
 
 def _next_boundary(coverage: Optional[Coverage], t: float = 12, full_scans: int = 3, **extra):
@@ -241,7 +235,7 @@ SEEN = Coverage(processes=1, mergeable_pages=25600, rmap_items=25600, unseen_pag
 
 
 def test_growth_ksmd_has_looked_at_costs_no_pass_more():
-    d, st = decide(ADAPTIVE, _next_boundary(SEEN), _grown_while_merging())
+    d, st = decide(ADAPTIVE, _next_boundary(SEEN), _grown_while_merging()[1])
     assert st.adaptive.passes == 1 and st.adaptive.need_passes == 2 and not st.adaptive.behind_growth
     assert ("the pass that ended looked at the memory that grew (1 grown processes: 0 of their 25600 mergeable "
             "pages unseen by ksmd (25600 rmap items), at most 640 allowed): it counts, 2 passes, not 3") in d.reason
@@ -258,7 +252,7 @@ def test_growth_ksmd_has_looked_at_costs_no_pass_more():
                                          "CAP_SYS_PTRACE)"),
 ])
 def test_growth_ksmd_may_not_have_looked_at_keeps_the_pass_more(coverage, why):
-    d, st = decide(ADAPTIVE, _next_boundary(coverage), _grown_while_merging())
+    d, st = decide(ADAPTIVE, _next_boundary(coverage), _grown_while_merging()[1])
     assert st.adaptive.passes == 1 and st.adaptive.need_passes == 3 and not st.adaptive.behind_growth
     assert why in d.reason and "3 passes stay" in d.reason
     # Judged once, at the first boundary: a later reading changes nothing.
@@ -267,7 +261,7 @@ def test_growth_ksmd_may_not_have_looked_at_keeps_the_pass_more(coverage, why):
 
 
 def test_a_reading_between_boundaries_is_not_judged():
-    st = _grown_while_merging()
+    _, st = _grown_while_merging()
     d, st = decide(ADAPTIVE, _next_boundary(SEEN, full_scans=2), st)
     assert st.adaptive.need_passes == 3 and st.adaptive.behind_growth and "memory that grew" not in d.reason
 
