@@ -26,23 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.ksm_bench import controllers as ctl  # noqa: E402
 from bench.ksm_bench.guests import GuestPool, default_guest_workload  # noqa: E402
+from ksmctl.collectors.memlayout import parse_smaps  # noqa: E402
 from ksmctl.collectors.procfs import ProcFs  # noqa: E402
 from tests.ksmlock import KSM, ksm_exclusive  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def anon_by_flag(text: str) -> Dict[str, int]:
-    """Anonymous bytes in mergeable (mg) mappings and in the others, from smaps' text."""
-    out = {"mg": 0, "other": 0}
-    anon = 0
-    for line in text.splitlines():
-        if line.startswith("Anonymous:"):
-            anon = int(line.split()[1]) * 1024
-        elif line.startswith("VmFlags:"):
-            out["mg" if "mg" in line.split()[1:] else "other"] += anon
-            anon = 0
-    return out
 
 
 def reading(pid: int, proc: Optional[ProcFs] = None) -> Dict[str, int]:
@@ -51,9 +39,10 @@ def reading(pid: int, proc: Optional[ProcFs] = None) -> Dict[str, int]:
     statm, stat, smaps = proc.statm_bytes(pid), proc.ksm_stat(pid), proc.smaps(pid)
     if statm is None or stat is None or smaps is None:
         raise SystemExit("process %d is gone, or this kernel has no /proc/<pid>/ksm_stat (Linux 6.1+)" % pid)
-    by = anon_by_flag(smaps)
-    return {"statm_anon": statm.anon // PAGE, "mg": by["mg"] // PAGE, "other": by["other"] // PAGE,
-            "rmap": stat.rmap_items or 0}
+    maps = parse_smaps(smaps)
+    mg = sum(m.anon for m in maps if m.mergeable)
+    other = sum(m.anon for m in maps if not m.mergeable)
+    return {"statm_anon": statm.anon // PAGE, "mg": mg // PAGE, "other": other // PAGE, "rmap": stat.rmap_items or 0}
 
 
 def show(title: str, pids: List[int]) -> None:

@@ -17,8 +17,8 @@ from ksmctl.policy.strategies.adaptive import AdaptiveState
 from ksmctl.policy.strategies.cpu_budget import BudgetState
 from ksmctl.policy.strategies.run import RunState
 from ksmctl.policy.strategies.step import StepState
-from ksmctl.readings import (MAX_WALL, PAGE_SIZE_MAX, PAGE_SIZE_MIN, Coverage, EstimateSummary, KsmStat, KsmState, MemInfo, Psi,
-                             Readings, VmReading, VmSource)
+from ksmctl.readings import (MAX_WALL, PAGE_SIZE_MAX, PAGE_SIZE_MIN, Coverage, EstimateSummary, KsmStat, KsmState,
+                             MemInfo, Psi, Readings, VmReading, VmSource)
 
 TRACE_VERSION = 1
 
