@@ -228,9 +228,12 @@ def test_a_policy_with_a_setting_changed_is_a_controller():
 def test_a_setting_the_policy_file_leaves_at_its_default_can_be_changed_by_its_dotted_path():
     c = ctl.make("ksmctl:default:scan.adaptive.verify_rate=0.01")
     assert parse_policy(c.text).scan.adaptive.verify_rate == 0.01
+    assert parse_policy(ctl.make("ksmctl:default:kernel.smart_scan=false").text).kernel.smart_scan is False
     for bad, says in (("ksmctl:default:verify_rate=0.01", "give its dotted path"),
                       ("ksmctl:default:scan.nosuch.x=1", "the policy has no scan.nosuch"),
                       ("ksmctl:default:name.x=1", "name is not a section"),
+                      ("ksmctl:default:kernel.nosuch=1", "kernel: unknown key 'nosuch'"),
+                      ("ksmctl:default:nosection.x=1", "the policy has no nosection"),
                       ("ksmctl:default:scan.adaptive.verify_rate=abc", "scan.adaptive.verify_rate")):
         with pytest.raises(Exception, match=says):
             ctl.make(bad)

@@ -345,11 +345,15 @@ class FloorController(Controller):
 
 
 def _policy_key(data: dict, key: str) -> List[str]:
-    """The path of `key` in a policy: a dotted path whose parent exists (a setting the file
-    leaves at its default may be added: the policy loader then judges it), or the one place a
-    bare key occurs."""
+    """The path of `key` in a policy: a dotted path whose parent exists or is a top-level
+    section the file leaves out (kernel.smart_scan; a setting the file leaves at its
+    default may be added: the policy loader then judges it), or the one place a bare key
+    occurs."""
     if "." in key:
+        from ksmctl.policy.model import Policy
         path, node = key.split("."), data
+        if path[0] not in data and path[0] in Policy.model_fields and len(path) == 2:
+            data[path[0]] = {}
         for k in path[:-1]:
             if not isinstance(node, dict) or k not in node:
                 raise ValueError("the policy has no %s" % ".".join(path[:path.index(k) + 1]))
