@@ -463,6 +463,31 @@ def test_a_high_yield_while_checking_is_worth_another_pass():
     assert "one more pass at full pace" in d.reason and "(50.0%)" in d.reason
 
 
+FOLLOWING = parse_policy(ADAPTIVE_TEXT.replace("idle_yield: 1.0", "idle_yield: 0")
+                         .replace("resume_growth: 64MiB", "resume_growth: 64MiB, min_pass_yield: 0, park: false")
+                         + "kernel: {smart_scan: false}\n")
+
+
+def test_the_settings_that_follow_a_growing_saving_keep_ksmd_at_full_pace():
+    """README "Following a saving that keeps growing": idle_yield 0, min_pass_yield 0, park
+    false and smart_scan off keep ksmd passing at the pace, however little a pass finds
+    (with the check at a tenth of it after each pass: 100, the policy's min, here)."""
+    merge = 400 * MIB
+    st = _two_passes_then_check(FOLLOWING, merge)
+    sharing, scanned, cpu, paces = 40000, 204800, 2.0, []
+    for i in range(1, 9):
+        sharing, scanned, cpu = sharing + 3, scanned + 51200, cpu + 0.5   # 0.06 per 1000: a thin trickle
+        d, st = decide(FOLLOWING, reading(t=10 + 2 * i, mergeable=merge, full_scans=2 + i // 2, pages_scanned=scanned,
+                                          pages_sharing=sharing, ksmd_cpu=cpu), st)
+        assert d.scan_rule == "merging" and d.targets["smart_scan"] == 0, (i, d.reason)
+        paces.append(d.targets["pages_to_scan"])
+    assert set(paces) == {256, 100} and paces.count(256) >= 4, paces
+    # The shipped idle_yield idles on the same trickle.
+    d, _ = decide(ADAPTIVE, reading(t=12, mergeable=merge, full_scans=2, pages_scanned=256000, pages_sharing=40003,
+                                    ksmd_cpu=2.5), _two_passes_then_check(ADAPTIVE, merge))
+    assert d.scan_rule == "idle"
+
+
 SWEEPING = parse_policy(ADAPTIVE_TEXT.replace("resume_growth: 64MiB", "resume_growth: 64MiB, sweep_cpu: 0.01"))
 
 
