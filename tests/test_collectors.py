@@ -1,6 +1,7 @@
 """Readers on fixture trees: new and old kernels, odd values, garbage."""
 from __future__ import annotations
 
+import functools
 import os
 import re
 
@@ -303,24 +304,23 @@ def test_coverage_is_read_at_a_boundary_when_wanted_for_the_processes_that_grew(
     this reading, so it is read at the tick that sees full_scans move, when the daemon
     asks, for the processes whose memory grew since the tick before the boundary before."""
     collector, full_scans, proc, page = _coverage_host(tmp_path, rmap_items=2000, mg_anon_kib=8192)
-    collector.coverage_wanted = True
-    assert collector.collect().coverage is None                       # the first tick (full_scans 9): none known
+    tick = functools.partial(collector.collect, coverage_wanted=True)   # the daemon asks
+    assert tick().coverage is None                                    # the first tick (full_scans 9): none known
     full_scans.write_text("11\n")
-    c = collector.collect().coverage                                  # a boundary; everything new since
+    c = tick().coverage                                               # a boundary; everything new since
     assert c is not None and (c.processes, c.mergeable_pages, c.rmap_items) == (1, 8192 * 1024 // page, 2000)
     assert c.unseen_pages == 8192 * 1024 // page - 2000
-    assert collector.collect().coverage is None                       # no boundary this tick
+    assert tick().coverage is None                                    # no boundary this tick
     full_scans.write_text("12\n")
-    c = collector.collect().coverage                                  # nothing grew since the tick before 11
+    c = tick().coverage                                               # nothing grew since the tick before 11
     assert c is not None and (c.processes, c.unseen_pages) == (0, 0)
     (proc / "statm").write_text("5000 1010 10 1 0 900 0\n")           # +10 pages: too little to read, unseen
-    collector.collect()
+    tick()
     full_scans.write_text("13\n")
-    c = collector.collect().coverage
+    c = tick().coverage
     assert c is not None and (c.processes, c.unseen_pages) == (0, 10)
     (proc / "statm").write_text("5000 4000 10 1 0 900 0\n")
-    collector.collect()
-    collector.coverage_wanted = False
+    tick()
     full_scans.write_text("14\n")
     assert collector.collect().coverage is None                        # not asked: smaps is not walked
 
@@ -335,10 +335,9 @@ def test_coverage_that_cannot_tell_is_none(tmp_path, monkeypatch, breakage):
         (proc / "ksm_stat").write_text("ksm_merging_pages 1500\nksm_mergeable: yes\n")
     else:
         monkeypatch.setattr(coverage, "MAX_PROCESSES", 0)
-    collector.coverage_wanted = True
-    collector.collect()
+    collector.collect(coverage_wanted=True)
     full_scans.write_text("11\n")
-    r = collector.collect()
+    r = collector.collect(coverage_wanted=True)
     assert r.coverage is None and r.mergeable_rss is not None and r.errors == ()
 
 
@@ -361,17 +360,15 @@ def test_a_grown_process_whose_smaps_cannot_be_read_is_counted_unreadable(tmp_pa
         if os.geteuid() == 0:   # root reads a mode-0 file: make it a dangling link instead
             (proc / "smaps").unlink()
             (proc / "smaps").symlink_to(tmp_path / "nowhere")
-    collector.coverage_wanted = True
-    collector.collect()
+    collector.collect(coverage_wanted=True)
     full_scans.write_text("11\n")
-    r = collector.collect()
+    r = collector.collect(coverage_wanted=True)
     assert r.coverage is not None and (r.coverage.processes, r.coverage.unreadable) == (0, 1) and r.errors == ()
 
 
 def test_a_grown_process_that_exited_is_left_out(tmp_path):
     collector, full_scans, proc, page = _coverage_host(tmp_path, rmap_items=2000, mg_anon_kib=8192)
-    collector.coverage_wanted = True
-    collector.collect()
+    collector.collect(coverage_wanted=True)
     full_scans.write_text("11\n")
     gone = collector.coverage.read({100: 4000 * page, 555: 9000 * page}, {})
     assert gone is not None and gone.processes == 1 and gone.unseen_pages == 8192 * 1024 // page - 2000

@@ -78,20 +78,29 @@ def test_the_daemon_asks_for_coverage_after_growth_and_the_next_boundary_answers
     collector = HostCollector(KsmSysfs(str(sys_root)), ProcFs(str(proc_root)))
     lp = LoadedPolicy(parse_policy(GROWING, "growing.yaml"), "growing.yaml", "0" * 64)
     d = Daemon(Config(state_file=str(tmp_path / "state.json")), lp, collector, KsmWriter(collector.sysfs))
+    asked = []   # coverage_wanted, as the daemon passes it to each tick's collect()
+    real = collector.collect
+
+    def collect(coverage_wanted=False):
+        asked.append(coverage_wanted)
+        return real(coverage_wanted)
+    collector.collect = collect
     ksm = sys_root / "kernel/mm/ksm"
     d.tick()
-    assert not collector.coverage_wanted and d.engine.adaptive.need_passes == 2
+    assert asked == [False] and d.engine.adaptive.need_passes == 2
     for name in held:                                   # part-way through a pass now
         (ksm / name).write_text("1000\n")
     grown = 1000 + 100 * 1024 * 1024 // page
     (proc_root / "100/statm").write_text("50000 %d 10 1 0 900 0\n" % grown)
     rec = d.tick()
     assert "grew by" in rec.decision.reason and d.engine.adaptive.need_passes == 3
-    assert collector.coverage_wanted
+    assert asked == [False, False]
     (ksm / "full_scans").write_text("10\n")
     (ksm / "pages_scanned").write_text("200000\n")
     rec = d.tick()
+    assert asked == [False, False, True]
     assert rec.readings.coverage is not None and rec.readings.coverage.processes == 1
     assert "it counts, 2 passes, not 3" in rec.decision.reason and d.engine.adaptive.need_passes == 2
-    assert not collector.coverage_wanted
+    d.tick()
+    assert asked == [False, False, True, False]
     d.shutdown()

@@ -54,13 +54,14 @@ class HostCollector:
         self.track_mergeable = track_mergeable
         self.estimate: Optional[EstimateSummary] = None  # set by the periodic estimator
         self.coverage = CoverageCollector(procfs)
-        self.coverage_wanted = False  # set by the daemon from the policy's state (a pass more pending for growth)
         self._reported: Errors = []  # errors from background work, for the next tick
 
     def report_error(self, source: ErrorSource, message: str) -> None:
         self._reported.append((source, message))
 
-    def collect(self) -> Readings:
+    def collect(self, coverage_wanted: bool = False) -> Readings:
+        """coverage_wanted: the policy holds a pass more for growth (AdaptiveState.behind_growth),
+        so a boundary this tick reads whether ksmd saw the grown memory (Readings.coverage)."""
         errors: Errors = []
         while self._reported:
             errors.append(self._reported.pop(0))
@@ -89,7 +90,7 @@ class HostCollector:
             if by_pid is not None:
                 mergeable = sum(by_pid.values())
                 coverage = self._optional(ErrorSource.PROC, lambda: self.coverage.observe(
-                    ksm.get("full_scans"), by_pid, self.coverage_wanted), errors)
+                    ksm.get("full_scans"), by_pid, coverage_wanted), errors)
         return Readings(monotonic=self.clock(), wall=self.wall(), ksm=ksm, meminfo=meminfo, psi=psi,
                         ksmd_cpu_seconds=cpu, vms=tuple(vms) if vms is not None else None,
                         mergeable_rss=mergeable, estimate=self.estimate,

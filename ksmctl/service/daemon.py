@@ -141,7 +141,7 @@ class Daemon:
         self._pending_errors.clear()
         rec.parks, self._park_outcomes = self._park_outcomes, []
         try:
-            readings = self.collector.collect()
+            readings = self.collector.collect(coverage_wanted=self.engine.adaptive.behind_growth)
         except CollectionFailed as e:
             rec.errors.append((e.source, e.message))
             log.error("skipping this tick: %s", e.message)
@@ -152,7 +152,6 @@ class Daemon:
             rec.unmergeable = self.unmergeable.current(readings.vms)
         before = self.engine
         decision, self.engine = decide(self.loaded.policy, readings, before)
-        self.collector.coverage_wanted = self.engine.adaptive.behind_growth  # read at the next boundary
         if self.guests is not None:
             rec.merge = self.guests.tick(readings.vms, readings.meminfo, self.loaded.policy.vms, readings.ksm)
             rec.errors.extend(rec.merge.errors)
